@@ -1,0 +1,332 @@
+"""The decoder: prefill -> propose -> verify/accept -> commit, as a stream of steps.
+
+One forward pass per step. Modes (SPEC §3):
+
+- ``ar``: plain causal decoding, one token per step (the baseline).
+- ``confidence``: one block per step; commit the longest prefix of block
+  predictions whose confidence is above the threshold (lossy, fastest).
+- ``speculative``: the block's predictions are drafts that the next forward
+  verifies with the model's own causal logits; output == AR output (lossless).
+
+:class:`Decoder` keeps an exact KV cache of committed tokens only: every step
+appends its new tokens' KV and crops what must not stay (block KV is computed
+over masks; rejected drafts are wrong). With ``use_cache=False`` every step
+recomputes everything from scratch: the slow reference the tests compare with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .accept import confident_prefix, cut_at_eos, greedy_accept, speculative_accept
+from .errors import SDLMError
+from .layout import ar_step, confidence_step, speculative_step
+from .model import SDLM
+from .sampling import Sampler, confidence
+
+logger = logging.getLogger(__name__)
+
+MODES = ("ar", "confidence", "speculative")
+CONFIDENCES = ("prob", "entropy")
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. Defaults: lossless speculative decoding, greedy."""
+
+    mode: str = "speculative"
+    """``ar``, ``confidence`` or ``speculative`` (lossless: the model's own AR output, faster)."""
+    block_size: int | None = None
+    """Block size D at decoding time; default: the size the model was trained with (4 if untrained)."""
+    threshold: float = 0.9
+    """Confidence threshold tau in [0, 1] for mode ``confidence``."""
+    confidence: str = "prob"
+    """``prob`` (probability of the chosen token) or ``entropy`` (1 - H/log V)."""
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends when the text contains one (it is cut from the text)."""
+    use_cache: bool = True
+    """False recomputes every step from scratch (the reference decoder)."""
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise SDLMError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.confidence not in CONFIDENCES:
+            raise SDLMError(f"unknown confidence {self.confidence!r}: use 'prob' or 'entropy'")
+        if self.block_size is not None and self.block_size < 1:
+            raise SDLMError(f"block size must be >= 1, got {self.block_size}: use --block-size 4 (or any D >= 1)")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise SDLMError(f"threshold must be in [0, 1], got {self.threshold}: try --threshold 0.9")
+        if self.max_new_tokens < 1:
+            raise SDLMError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise SDLMError(f"temperature must be >= 0, got {self.temperature} (0 = greedy)")
+        if self.top_k < 0:
+            raise SDLMError(f"top-k must be >= 0, got {self.top_k} (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SDLMError(f"top-p must be in (0, 1], got {self.top_p} (1 = off)")
+
+
+@dataclass
+class Step:
+    """What one forward pass committed."""
+
+    tokens: list[int]
+    """Tokens committed by this step (at least one)."""
+    proposed: int
+    """Block predictions on offer: drafts verified (speculative) or block slots (confidence); 0 for AR."""
+    finish_reason: str | None = None
+    """``eos``, ``stop`` or ``length`` on the last step, else None."""
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Generation:
+    """The result of one generation, with its speed statistics."""
+
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    forwards: int
+    seconds: float
+    finish_reason: str
+    accept_histogram: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(self.forwards, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "new_tokens": self.new_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "forwards": self.forwards,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "finish_reason": self.finish_reason,
+            "accept_histogram": {str(k): v for k, v in sorted(self.accept_histogram.items())},
+            "tokens": self.tokens,
+        }
+
+
+class Decoder:
+    """Decode prompts with one SDLM under one :class:`GenerationConfig`."""
+
+    def __init__(self, sdlm: SDLM, config: GenerationConfig | None = None):
+        config = config or GenerationConfig()
+        config.validate()
+        if config.mode == "confidence" and not sdlm.is_retrofitted:
+            raise SDLMError(
+                f"mode 'confidence' needs a retrofitted model, and {sdlm.name or 'this model'} has no SDLM "
+                "settings: use --mode ar or --mode speculative, or retrofit and train it first (sdlm train)"
+            )
+        if config.mode == "speculative" and not sdlm.is_retrofitted:
+            logger.warning("no SDLM settings: adding an untrained mask token; output stays exact, ~1 token/forward")
+            sdlm.retrofit(block_size=config.block_size or 4)
+        self.sdlm = sdlm
+        self.config = config
+        self.block_size = config.block_size or (sdlm.config.block_size if sdlm.config else 1)
+        mask_id = sdlm.config.mask_token_id if sdlm.config else None
+        self.mask_token_id = mask_id
+        self.sampler = Sampler(
+            config.temperature, config.top_k, config.top_p, suppress=(mask_id,) if mask_id is not None else ()
+        )
+        self.eos_ids = sdlm.eos_token_ids()
+
+    # ------------------------------------------------------------ public
+
+    def stream(self, prompt_ids: Sequence[int]) -> Iterator[Step]:
+        """Yield one :class:`Step` per forward pass until EOS, a stop string or the length limit."""
+        cfg = self.config
+        ids = [int(t) for t in prompt_ids]
+        n_prompt = len(ids)
+        self._check_prompt(n_prompt)
+        max_new = self._max_new(n_prompt)
+        generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        cache = self._new_cache() if cfg.use_cache else None
+        cached = 0  # committed tokens whose KV is in the cache
+        drafts: list[int] = []  # speculative: proposals for the positions after the next bonus token
+        draft_q: torch.Tensor | None = None  # their draft distributions (sampling only)
+        text_before = ""
+
+        while True:
+            n = len(ids)
+            remaining = max_new - (n - n_prompt)
+            first = cached if cfg.use_cache else 0
+            uncached = ids[first:]
+
+            if cfg.mode == "ar":
+                new, proposed, keep = self._ar(uncached, first, cache, cached, generator)
+            elif cfg.mode == "confidence":
+                new, proposed, keep = self._confidence(uncached, first, cache, cached, generator)
+            else:
+                drafts = drafts[: max(remaining - 1, 0)]  # the bonus token needs one slot of the budget
+                if draft_q is not None:
+                    draft_q = draft_q[: len(drafts)]
+                new, proposed, keep, drafts, draft_q = self._speculative(
+                    uncached, first, drafts, draft_q, cache, cached, generator
+                )
+            if cfg.use_cache:
+                cached = keep
+
+            new, reason = cut_at_eos(new, self.eos_ids, remaining)
+            if cfg.stop:
+                new, text_before, stopped = self._cut_at_stop(ids[n_prompt:], new, text_before)
+                reason = "stop" if stopped else reason
+            ids.extend(new)
+            yield Step(new, proposed, reason)
+            if reason is not None:
+                return
+
+    def generate(self, prompt_ids: Sequence[int]) -> Generation:
+        """Decode to the end and return tokens, text and statistics."""
+        start = time.perf_counter()
+        tokens: list[int] = []
+        hist: Counter[int] = Counter()
+        forwards = 0
+        reason = "length"
+        for step in self.stream(prompt_ids):
+            tokens.extend(step.tokens)
+            hist[step.count] += 1
+            forwards += 1
+            reason = step.finish_reason or reason
+        seconds = time.perf_counter() - start
+        return Generation(len(prompt_ids), tokens, self.decode_text(tokens), forwards, seconds, reason, dict(hist))
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        text = self.sdlm.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        for s in self.config.stop:
+            i = text.find(s)
+            if i >= 0:
+                text = text[:i]
+        return text
+
+    # ------------------------------------------------------------ the three steps
+
+    def _ar(self, uncached, first, cache, cached, generator):
+        """One causal token. The cache ends holding every committed token."""
+        logits = self.sdlm.step_logits(ar_step(uncached, first), cache, cached)  # (1, V)
+        tok, _ = self.sampler.choose(logits, generator)
+        return [int(tok[0])], 0, first + len(uncached)
+
+    def _confidence(self, uncached, first, cache, cached, generator):
+        """SPEC §3.1: one block after the committed tokens; commit its confident prefix."""
+        D = self.block_size
+        step = confidence_step(uncached, first, D, self.mask_token_id)
+        logits = self.sdlm.step_logits(step, cache, cached)  # (D, V): slot j predicts x_{n+j}
+        toks, probs = self.sampler.choose(logits, generator)
+        a = confident_prefix(confidence(probs, toks, self.config.confidence), self.config.threshold)
+        n = first + len(uncached)
+        if cache is not None:
+            SDLM.crop(cache, D)  # the block's KV was computed over masks: it must not stay
+        return toks[:a].tolist(), D, n
+
+    def _speculative(self, uncached, first, drafts, draft_q, cache, cached, generator):
+        """SPEC §3.2: verify the drafts causally, commit the accepted ones and a bonus token,
+        and take the next drafts from the candidate block that follows the accepted ones."""
+        D, k = self.block_size, len(drafts)
+        step = speculative_step(uncached, first, drafts, D, self.mask_token_id)
+        logits = self.sdlm.step_logits(step, cache, cached)  # ((k+1) + (k+1)*D, V)
+        causal = logits[: k + 1]  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
+        blocks = logits[k + 1 :].view(k + 1, D, -1)  # (k+1, D, V): candidate blocks B_0 .. B_k
+
+        if self.sampler.greedy:
+            targets, _ = self.sampler.choose(causal)  # (k+1,)
+            a = greedy_accept(drafts, targets.tolist())
+            bonus = int(targets[a])
+        else:
+            p = self.sampler.probs(causal)
+            a, bonus = speculative_accept(drafts, draft_q, p, generator)
+
+        n = first + len(uncached)
+        if cache is not None:
+            # keep x_0..x_{n-1} and the accepted drafts (exact causal KV); drop rejected drafts and blocks
+            SDLM.crop(cache, (k - a) + (k + 1) * D)
+        # B_a starts at position n+a-1; its slot j predicts n+a+j. Slot 0 is replaced by the bonus
+        # token, slots 1..D-1 are the drafts for n+a+1 .. n+a+D-1.
+        next_drafts, next_q = [], None
+        if D > 1:
+            toks, probs = self.sampler.choose(blocks[a, 1:], generator)
+            next_drafts, next_q = toks.tolist(), probs
+        return list(drafts[:a]) + [bonus], k, n + a, next_drafts, next_q
+
+    # ------------------------------------------------------------ helpers
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def _check_prompt(self, n_prompt: int) -> None:
+        if n_prompt == 0:
+            raise SDLMError("the prompt is empty: give at least one token of text")
+        limit = self.sdlm.max_positions
+        if limit is not None and n_prompt + self.block_size > limit:
+            raise SDLMError(
+                f"the prompt has {n_prompt} tokens, more than the model's context of {limit} allows "
+                f"(with a block of {self.block_size}): shorten the prompt"
+            )
+
+    def _max_new(self, n_prompt: int) -> int:
+        limit = self.sdlm.max_positions
+        max_new = self.config.max_new_tokens
+        if limit is not None:
+            # the last block reaches position n+D-2 (speculative: n+a+D-1); stay inside the context
+            room = limit - n_prompt - self.block_size
+            if room < max_new:
+                logger.warning("max new tokens cut from %d to %d by the model's context of %d", max_new, room, limit)
+                max_new = max(room, 1)
+        return max_new
+
+    def _cut_at_stop(self, generated: list[int], new: list[int], text_before: str) -> tuple[list[int], str, bool]:
+        """Cut ``new`` after the token that completes a stop string. Returns (tokens kept, text, stopped)."""
+        tok = self.sdlm.tokenizer
+        for m in range(1, len(new) + 1):
+            text = tok.decode(generated + new[:m], skip_special_tokens=True)
+            if any(s in text for s in self.config.stop):
+                return new[:m], text, True
+        return new, text_before, False
+
+
+def reference_decode(sdlm: SDLM, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:
+    """The slow oracle: the same decoding, every step recomputed from scratch without a cache."""
+    cfg = GenerationConfig(**{**config.__dict__, "use_cache": False})
+    return Decoder(sdlm, cfg).generate(prompt_ids)
+
+
+def encode_prompt(sdlm: SDLM, text: str, chat: bool | None = None) -> list[int]:
+    """Prompt text -> token ids; with the chat template when the tokenizer has one (``chat=None``)."""
+    if not text or not text.strip():
+        raise SDLMError("the prompt is empty: give some text to continue")
+    tok = sdlm.tokenizer
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        if not getattr(tok, "chat_template", None):
+            raise SDLMError("this tokenizer has no chat template: drop --chat (prompts are used as plain text)")
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tok(rendered, add_special_tokens=False)["input_ids"]
+    return tok(text)["input_ids"]

@@ -1,0 +1,156 @@
+"""Token layouts: where every token sits, which position it takes, what it predicts.
+
+Pure tensor functions; the only place where off-by-one decisions live.
+
+Notation (SPEC §2-3): committed tokens ``x_0 .. x_{n-1}``; ``M`` is the mask
+token; a block of size ``D`` that starts at position ``p`` is
+``[x_p, M x (D-1)]`` at positions ``p .. p+D-1`` and its slot ``j`` predicts
+``x_{p+j+1}``. Slot 0 is therefore the ordinary next-token task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .masks import TokenInfo
+
+IGNORE = -100
+
+
+def block(first_token: int, start: int, block_size: int, mask_token_id: int, block_id: int) -> tuple[torch.Tensor, TokenInfo]:
+    """One block ``[first_token, M x (D-1)]`` at positions ``start .. start+D-1``."""
+    ids = torch.full((block_size,), mask_token_id, dtype=torch.long)
+    ids[0] = first_token
+    pos = torch.arange(start, start + block_size)
+    return ids, TokenInfo(pos, torch.full_like(pos, block_id), torch.full_like(pos, start))
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingLayout:
+    """Clean sequence followed by K appended blocks; all fields have shape (T,) with T = L + K*D."""
+
+    input_ids: torch.Tensor
+    info: TokenInfo
+    block_labels: torch.Tensor  # target of each block slot, IGNORE elsewhere
+    slot: torch.Tensor  # slot index 0..D-1 of block tokens, -1 for clean tokens
+    ar_labels: torch.Tensor  # next token for clean tokens whose next token is in the loss span
+    n_clean: int
+
+
+def block_start_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Positions ``p`` where a block may start: its slot 0 target ``x_{p+1}`` carries loss.
+
+    This is "from the token just before the first response token up to the
+    last response token that still has a target" (SPEC §2).
+    """
+    return torch.nonzero(loss_mask[1:], as_tuple=False).flatten()  # index i means p = i (target i+1)
+
+
+def sample_block_starts(loss_mask: torch.Tensor, n_blocks: int, generator: torch.Generator | None = None) -> list[int]:
+    """Draw ``n_blocks`` distinct block starts from the loss span, sorted."""
+    cand = block_start_candidates(loss_mask)
+    n = min(n_blocks, len(cand))
+    pick = torch.randperm(len(cand), generator=generator)[:n]
+    return sorted(cand[pick].tolist())
+
+
+def training_layout(
+    ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    block_starts: Sequence[int],
+    block_size: int,
+    mask_token_id: int,
+) -> TrainingLayout:
+    """Build ``[x_0 .. x_{L-1}] ++ [x_{p1}, M x (D-1)] ++ ... ++ [x_{pK}, M x (D-1)]``.
+
+    ids: (L,) token ids; loss_mask: (L,) bool, True on tokens that are targets
+    (assistant responses incl. their end-of-turn token, or all of a plain text).
+    Slot ``j`` of a block at ``p`` gets the label ``x_{p+j+1}`` only if every
+    token ``x_{p+1} .. x_{p+j+1}`` is in the loss span: targets past the end
+    of a response are ignored, never taken from the next turn.
+    """
+    L, D = ids.shape[0], block_size
+    if D < 1:
+        raise ValueError("block_size must be >= 1")
+    loss_mask = loss_mask.bool()
+    parts_ids, parts_info, labels, slots = [ids], [TokenInfo.clean(torch.arange(L))], [], []
+    for b, p in enumerate(block_starts):
+        if not 0 <= p < L:
+            raise ValueError(f"block start {p} outside the sequence of length {L}")
+        bids, binfo = block(int(ids[p]), p, D, mask_token_id, b)
+        parts_ids.append(bids)
+        parts_info.append(binfo)
+        lab = torch.full((D,), IGNORE, dtype=torch.long)
+        for j in range(D):
+            t = p + j + 1
+            if t >= L or not loss_mask[t]:
+                break  # past the end of the response: this and later slots are ignored
+            lab[j] = ids[t]
+        labels.append(lab)
+        slots.append(torch.arange(D))
+
+    ar_labels = torch.full((L,), IGNORE, dtype=torch.long)
+    ar_labels[:-1] = torch.where(loss_mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
+    block_labels = torch.cat([torch.full((L,), IGNORE, dtype=torch.long)] + labels)
+    slot = torch.cat([torch.full((L,), -1, dtype=torch.long)] + slots)
+    return TrainingLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), block_labels, slot, ar_labels, L)
+
+
+# ---------------------------------------------------------------- inference
+
+
+@dataclass
+class StepLayout:
+    """The new tokens of one decoding forward (fields (T,)) and which logits the step reads.
+
+    The step needs the logits of the last ``n_logits`` tokens only.
+    """
+
+    input_ids: torch.Tensor
+    info: TokenInfo
+    n_logits: int
+
+
+def ar_step(uncached: Sequence[int], first_pos: int) -> StepLayout:
+    """Plain causal step: the uncached committed tokens at ``first_pos ..``; read the last logit."""
+    ids = torch.tensor(list(uncached), dtype=torch.long)
+    return StepLayout(ids, TokenInfo.clean(torch.arange(first_pos, first_pos + len(ids))), 1)
+
+
+def confidence_step(uncached: Sequence[int], first_pos: int, block_size: int, mask_token_id: int) -> StepLayout:
+    """SPEC §3.1: uncached committed tokens, then one block ``[x_{n-1}, M x (D-1)]`` at ``n-1``.
+
+    Reads the D block logits; slot j predicts ``x_{n+j}``.
+    """
+    clean = ar_step(uncached, first_pos)
+    n = first_pos + len(uncached)
+    bids, binfo = block(int(clean.input_ids[-1]), n - 1, block_size, mask_token_id, 0)
+    return StepLayout(torch.cat([clean.input_ids, bids]), TokenInfo.cat([clean.info, binfo]), block_size)
+
+
+def speculative_step(
+    uncached: Sequence[int], first_pos: int, drafts: Sequence[int], block_size: int, mask_token_id: int
+) -> StepLayout:
+    """SPEC §3.2: uncached committed tokens, drafts ``d_0..d_{k-1}`` as causal tokens, then
+    k+1 candidate blocks ``B_i = [token at n+i-1, M x (D-1)]`` at positions ``n+i-1 ..``.
+
+    Reads ``(k+1) + (k+1)*D`` logits: the causal logits at ``x_{n-1}, d_0 .. d_{k-1}``
+    (the AR targets ``t_0 .. t_k``) followed by the blocks ``B_0 .. B_k``.
+    """
+    clean = ar_step(list(uncached) + list(drafts), first_pos)
+    n = first_pos + len(uncached)
+    k = len(drafts)
+    parts_ids, parts_info = [clean.input_ids], [clean.info]
+    for i in range(k + 1):
+        # B_i starts at the token in position n+i-1: x_{n-1} for i = 0, d_{i-1} after.
+        first = int(clean.input_ids[len(uncached) - 1 + i])
+        bids, binfo = block(first, n + i - 1, block_size, mask_token_id, i)
+        parts_ids.append(bids)
+        parts_info.append(binfo)
+    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + (k + 1) * block_size)

@@ -1,0 +1,101 @@
+"""The block attention rule, defined once (SPEC §2).
+
+Every token in a forward pass is described by three integers:
+
+- ``pos``:   its position id (clean tokens and blocks share the position axis);
+- ``block``: ``-1`` for a clean (causal) token, otherwise an id that is unique
+  per block within the forward pass;
+- ``start``: for a block token, the position ``p`` of the block's slot 0 (the
+  copy of the last committed token); ignored for clean tokens.
+
+Optionally ``seq`` separates packed samples: tokens of different samples never
+see each other.
+
+The rule, for query ``q`` and key ``k``:
+
+- clean -> clean: causal, ``pos[k] <= pos[q]``;
+- block -> clean: ``pos[k] < start[q]`` (the token at ``start`` itself is seen
+  through the block's own slot 0, never as the clean original);
+- block -> same block: all (bidirectional), or ``pos[k] <= pos[q]`` with
+  ``causal_within_block``;
+- never clean -> block, never block -> another block.
+
+Training (:mod:`sdlm.layout`), every decoding mode (:mod:`sdlm.decode`) and the
+tests build their masks from :func:`allowed`, so the views cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenInfo:
+    """Per-token descriptors of a forward pass; every field has shape (..., T)."""
+
+    pos: torch.Tensor
+    block: torch.Tensor
+    start: torch.Tensor
+    seq: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.pos.shape[-1]
+
+    @staticmethod
+    def clean(positions: torch.Tensor) -> "TokenInfo":
+        """Descriptors of plain causal tokens at ``positions``."""
+        minus = torch.full_like(positions, -1)
+        return TokenInfo(positions, minus, minus.clone())
+
+    @staticmethod
+    def cat(parts: list["TokenInfo"]) -> "TokenInfo":
+        seqs = [p.seq for p in parts]
+        seq = None
+        if any(s is not None for s in seqs):
+            seq = torch.cat([s if s is not None else torch.zeros_like(p.pos) for s, p in zip(seqs, parts)], -1)
+        return TokenInfo(
+            torch.cat([p.pos for p in parts], -1),
+            torch.cat([p.block for p in parts], -1),
+            torch.cat([p.start for p in parts], -1),
+            seq,
+        )
+
+    @property
+    def is_block(self) -> torch.Tensor:
+        return self.block >= 0
+
+
+def allowed(q: TokenInfo, k: TokenInfo, causal_within_block: bool = False) -> torch.Tensor:
+    """Boolean attention matrix, True = ``q`` may attend to ``k``.
+
+    Shapes: ``q`` fields (..., Tq), ``k`` fields (..., Tk) -> (..., Tq, Tk).
+    """
+    q_pos, q_block, q_start = q.pos[..., :, None], q.block[..., :, None], q.start[..., :, None]
+    k_pos, k_block = k.pos[..., None, :], k.block[..., None, :]
+    q_clean, k_clean = q_block < 0, k_block < 0
+
+    clean_to_clean = q_clean & k_clean & (k_pos <= q_pos)
+    block_to_clean = ~q_clean & k_clean & (k_pos < q_start)
+    same_block = ~q_clean & (k_block == q_block)
+    if causal_within_block:
+        same_block = same_block & (k_pos <= q_pos)
+    ok = clean_to_clean | block_to_clean | same_block
+    if q.seq is not None and k.seq is not None:
+        ok = ok & (q.seq[..., :, None] == k.seq[..., None, :])
+    return ok
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Tq, Tk) or (Tq, Tk) boolean -> (B, 1, Tq, Tk) float mask for HF models.
+
+    transformers uses a 4D mask as given. The additive float form (0 = attend,
+    dtype-min = blocked) behaves the same under ``eager`` and ``sdpa``; the
+    boolean form does not under ``eager``, so this is the one convention.
+    """
+    if mask.dim() == 2:
+        mask = mask[None]
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    out.masked_fill_(~mask, torch.finfo(dtype).min)
+    return out[:, None]  # (B, 1, Tq, Tk)

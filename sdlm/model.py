@@ -1,0 +1,252 @@
+"""An SDLM: any Hugging Face causal LM plus a mask token and the SDLM settings.
+
+No forked modeling code: the model is driven only through ``input_ids``,
+``position_ids``, a 4D attention mask built from :mod:`sdlm.masks` and a
+transformers ``Cache``. Any causal LM that accepts those works.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .errors import SDLMError
+from .layout import StepLayout
+from .masks import TokenInfo, additive, allowed
+
+logger = logging.getLogger(__name__)
+
+MASK_TOKEN = "<|mask|>"
+CONFIG_KEY = "sdlm"  # the SDLM settings live under this key in the model's config.json
+
+
+@dataclass
+class SDLMConfig:
+    """SDLM settings saved with every retrofitted checkpoint (``config.json`` key ``sdlm``)."""
+
+    block_size: int = 4
+    """Block size D the model was trained with (decoding may use another)."""
+    mask_token_id: int = -1
+    """Id of the mask token in the checkpoint's tokenizer; never hard-coded."""
+    mask_token: str = MASK_TOKEN
+    ar_loss_weight: float = 1.0
+    """Weight of the joint next-token loss on the clean response tokens (0 = the paper's loss)."""
+    causal_within_block: bool = False
+    """Causal instead of bidirectional attention inside a block."""
+    retrofit: str = "untrained"
+    """How the blocks were learned: ``untrained``, ``block-adapter``, ``lora`` or ``full``."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise SDLMError(f"block size must be >= 1, got {self.block_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SDLMConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _crop(cache, n_remove: int) -> None:
+    """Remove the last ``n_remove`` entries of a transformers cache.
+
+    ``crop`` takes a negative count in every transformers 5 release (5.17 also
+    read a positive number as a length, 5.23+ refuses it). ``crop(0)`` would
+    empty the cache in 5.17, hence the guard.
+    """
+    if n_remove > 0:
+        cache.crop(-n_remove)
+
+
+class SDLM:
+    """A causal LM with SDLM settings, and the one forward function every decoder uses."""
+
+    def __init__(self, model, tokenizer, config: SDLMConfig | None, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.name = name
+        self.gate: torch.Tensor | None = None  # (B, T) bool, True on block tokens; read by gated adapters
+        params = inspect.signature(model.forward).parameters
+        self._takes_logits_to_keep = "logits_to_keep" in params
+        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); 5.17 knows only the old one
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "SDLM":
+        """Load a model by name (see :func:`sdlm.zoo.load_base`) and restore its SDLM settings."""
+        from .zoo import load_base
+
+        model, tokenizer = load_base(name, dtype=dtype, device=device)
+        raw = getattr(model.config, CONFIG_KEY, None)
+        config = None
+        if raw:
+            config = SDLMConfig.from_dict(raw)
+            tok_id = tokenizer.convert_tokens_to_ids(config.mask_token)
+            if tok_id != config.mask_token_id:
+                raise SDLMError(
+                    f"cannot read checkpoint {name}: its SDLM settings name mask token "
+                    f"{config.mask_token!r} with id {config.mask_token_id}, but the tokenizer gives id {tok_id}; "
+                    "save the model and tokenizer together with `sdlm retrofit` or SDLM.save"
+                )
+        else:
+            logger.warning(
+                "%s has no SDLM settings (it has not been retrofitted): modes 'ar' and 'speculative' work "
+                "at about one token per forward; retrofit and train it for speed", name
+            )
+        return cls(model, tokenizer, config, name)
+
+    @property
+    def is_retrofitted(self) -> bool:
+        return self.config is not None
+
+    def retrofit(self, block_size: int = 4, **settings) -> SDLMConfig:
+        """Add the mask token (embedding row = mean of the others) and attach SDLM settings.
+
+        A model that already has settings keeps its mask token; only the block
+        size and the given settings change.
+        """
+        if block_size < 1:
+            raise SDLMError(f"block size must be >= 1, got {block_size}")
+        if self.config is not None:
+            for k, v in settings.items():
+                setattr(self.config, k, v)
+            self.config.block_size = block_size
+        else:
+            mask_id = add_mask_token(self.model, self.tokenizer)
+            self.config = SDLMConfig(block_size=block_size, mask_token_id=mask_id, **settings)
+        setattr(self.model.config, CONFIG_KEY, self.config.to_dict())
+        return self.config
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write model, tokenizer and SDLM settings as an HF folder, atomically."""
+        path = Path(path)
+        if self.config is not None:
+            setattr(self.model.config, CONFIG_KEY, self.config.to_dict())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            old = None
+            if path.exists():
+                old = path.parent / f".{path.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def eos_token_ids(self) -> set[int]:
+        """End-of-sequence ids: the generation config's (what ``generate`` stops at) and the tokenizer's."""
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos is not None:
+            ids.update(int(e) for e in eos)
+        return ids
+
+    # ------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def step_logits(self, step: StepLayout, cache=None, cached_len: int = 0) -> torch.Tensor:
+        """Run one decoding forward over ``step``'s new tokens; return the last ``n_logits`` logits.
+
+        The keys are the ``cached_len`` cached committed tokens (clean, positions
+        ``0 .. cached_len-1``) followed by the new tokens. Returns (n_logits, V) float32.
+        With a cache, the new tokens' KV is appended to it: the caller crops what
+        must not stay.
+        """
+        cached = TokenInfo.clean(torch.arange(cached_len))
+        keys = TokenInfo.cat([cached, step.info])
+        causal_within_block = self.config.causal_within_block if self.config else False
+        mask = additive(allowed(step.info, keys, causal_within_block), self.dtype)  # (1, 1, T, cached+T)
+        logits = self.forward(
+            step.input_ids[None], step.info.pos[None], mask, step.info.is_block[None], cache, step.n_logits
+        )
+        return logits[0, -step.n_logits :].float()
+
+    def forward(self, input_ids, position_ids, mask4d, gate, cache=None, logits_to_keep: int | torch.Tensor = 0):
+        """The one call into the HF model. ``gate`` (B, T) marks block tokens for gated adapters."""
+        dev = self.device
+        kwargs = {}
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        self.gate = gate.to(dev)
+        try:
+            out = self.model(
+                input_ids=input_ids.to(dev),
+                position_ids=position_ids.to(dev),
+                attention_mask=mask4d.to(dev),
+                use_cache=cache is not None,
+                **{self._cache_kwarg: cache},
+                **kwargs,
+            )
+        finally:
+            self.gate = None
+        return out.logits
+
+    @staticmethod
+    def crop(cache, n_remove: int) -> None:
+        _crop(cache, n_remove)
+
+
+def add_mask_token(model, tokenizer, token: str = MASK_TOKEN) -> int:
+    """Add ``token`` as a special token; give it the mean input (and output) embedding row.
+
+    The mean row makes the mask's output logit the mean of the others, so an
+    untrained mask token is never the greedy choice; decoders also suppress it.
+    """
+    existing = tokenizer.convert_tokens_to_ids(token)
+    if existing is not None and existing != tokenizer.unk_token_id and token in tokenizer.get_vocab():
+        mask_id = existing
+    else:
+        tokenizer.add_tokens([token], special_tokens=True)
+        mask_id = tokenizer.convert_tokens_to_ids(token)
+    emb = model.get_input_embeddings()
+    n_old = emb.weight.shape[0]
+    if mask_id >= n_old:
+        model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        rows = min(n_old, mask_id) if mask_id < n_old else n_old
+        inp = model.get_input_embeddings().weight
+        inp[mask_id] = inp[:rows].mean(0)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != inp.data_ptr():
+            out.weight[mask_id] = out.weight[:rows].mean(0)
+            bias = getattr(out, "bias", None)
+            if bias is not None:
+                bias[mask_id] = bias[:rows].mean()
+    return mask_id
