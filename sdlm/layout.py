@@ -39,7 +39,7 @@ class TrainingLayout:
     info: TokenInfo
     block_labels: torch.Tensor  # target of each block slot, IGNORE elsewhere
     slot: torch.Tensor  # slot index 0..D-1 of block tokens, -1 for clean tokens
-    ar_labels: torch.Tensor  # next token for clean tokens whose next token is in the loss span
+    ar_labels: torch.Tensor  # next token for clean tokens whose next token is in the loss span, IGNORE elsewhere
     n_clean: int
 
 
@@ -95,8 +95,9 @@ def training_layout(
         labels.append(lab)
         slots.append(torch.arange(D))
 
-    ar_labels = torch.full((L,), IGNORE, dtype=torch.long)
-    ar_labels[:-1] = torch.where(loss_mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
+    T = L + D * len(block_starts)
+    ar_labels = torch.full((T,), IGNORE, dtype=torch.long)
+    ar_labels[: L - 1] = torch.where(loss_mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
     block_labels = torch.cat([torch.full((L,), IGNORE, dtype=torch.long)] + labels)
     slot = torch.cat([torch.full((L,), -1, dtype=torch.long)] + slots)
     return TrainingLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), block_labels, slot, ar_labels, L)

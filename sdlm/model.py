@@ -75,6 +75,7 @@ class SDLM:
         self.tokenizer = tokenizer
         self.config = config
         self.name = name
+        self.adapter = None  # sdlm.adapter.Adapter when a LoRA adapter is attached
         self.gate: torch.Tensor | None = None  # (B, T) bool, True on block tokens; read by gated adapters
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
@@ -84,9 +85,18 @@ class SDLM:
     # ------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "SDLM":
-        """Load a model by name (see :func:`sdlm.zoo.load_base`) and restore its SDLM settings."""
+    def load(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", quiet: bool = False) -> "SDLM":
+        """Load a model by name and restore its SDLM settings.
+
+        ``name``: an adapter folder (``sdlm_adapter.json``: base model + block adapter), or
+        anything :func:`sdlm.zoo.load_base` takes (local HF folder, built-in name,
+        ``random:<arch>``, Hub id).
+        """
+        from .adapter import is_adapter_folder, load_adapter
         from .zoo import load_base
+
+        if is_adapter_folder(name):
+            return load_adapter(name, dtype=dtype, device=device)
 
         model, tokenizer = load_base(name, dtype=dtype, device=device)
         raw = getattr(model.config, CONFIG_KEY, None)
@@ -100,7 +110,7 @@ class SDLM:
                     f"{config.mask_token!r} with id {config.mask_token_id}, but the tokenizer gives id {tok_id}; "
                     "save the model and tokenizer together with `sdlm retrofit` or SDLM.save"
                 )
-        else:
+        elif not quiet:
             logger.warning(
                 "%s has no SDLM settings (it has not been retrofitted): modes 'ar' and 'speculative' work "
                 "at about one token per forward; retrofit and train it for speed", name

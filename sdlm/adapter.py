@@ -1,0 +1,223 @@
+"""The block-gated adapter (SPEC §2): LoRA that is active on block tokens only.
+
+LoRA layers come from ``peft`` (injected in place, so the model stays a plain
+transformers model). The gate is a forward hook on every ``lora_B``: it scales
+the low-rank update by the per-token gate that :meth:`sdlm.model.SDLM.forward`
+sets for each forward (1 on appended-block tokens, 0 on clean tokens). Clean
+tokens therefore get exactly the base model's hidden states and KV, so modes
+``ar`` and ``speculative`` reproduce the base model's output. Without a gate
+(a plain ``model(...)`` or ``generate`` call) the adapter is off.
+
+The mask token's embedding is a separate trained vector (a hook on the input
+embedding swaps it in during training; at load time it is written into the
+embedding row). The artifact is a small folder:
+
+- ``sdlm_adapter.json``: base model name, LoRA settings, SDLM settings;
+- ``adapter.safetensors``: LoRA weights and ``mask_embedding``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import SDLMError
+from .model import SDLM, SDLMConfig
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "sdlm_adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+KINDS = ("block-adapter", "lora")
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "block-adapter"
+    """``block-adapter`` (gated: block tokens only, the base output stays exact) or ``lora`` (ungated)."""
+    r: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    layers: list[int] | None = None
+    """Decoder layers to adapt (None = all)."""
+    base_model: str = ""
+    sdlm: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SDLMError(f"unknown adapter kind {self.kind!r}: use one of {', '.join(KINDS)}")
+        if self.r < 1:
+            raise SDLMError(f"LoRA rank must be >= 1, got {self.r}")
+
+
+class Adapter:
+    """Handles to the adapter inside an SDLM: LoRA parameters, mask embedding, gate hooks."""
+
+    def __init__(self, sdlm: SDLM, config: AdapterConfig):
+        self.sdlm, self.config = sdlm, config
+        self.mask_embedding = torch.nn.Parameter(
+            sdlm.model.get_input_embeddings().weight[sdlm.config.mask_token_id].detach().clone().float()
+        )
+        self._handles: list = []
+
+    def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.sdlm.model.named_parameters() if "lora_" in n}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.lora_parameters().values()) + [self.mask_embedding]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {n: p.detach().float().contiguous().clone() for n, p in self.lora_parameters().items()}
+        sd["mask_embedding"] = self.mask_embedding.detach().float().clone()
+        return sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        params = self.lora_parameters()
+        missing = set(params) - set(sd)
+        if missing or "mask_embedding" not in sd:
+            raise SDLMError(
+                f"adapter weights do not match the model ({len(missing)} LoRA tensors missing, e.g. "
+                f"{sorted(missing)[:1]}): the adapter was made for another base model or LoRA setting"
+            )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(sd[n])
+            self.mask_embedding.copy_(sd["mask_embedding"])
+
+    def write_mask_embedding(self) -> None:
+        """Copy the trained mask vector into the embedding row (for inference)."""
+        with torch.no_grad():
+            emb = self.sdlm.model.get_input_embeddings().weight
+            emb[self.sdlm.config.mask_token_id] = self.mask_embedding.to(emb.dtype)
+
+    def train_mask_embedding(self) -> None:
+        """During training, swap the trainable mask vector into the embedding output."""
+        mask_id = self.sdlm.config.mask_token_id
+        vec = self.mask_embedding
+
+        def hook(module, args, out):
+            ids = args[0]
+            return torch.where((ids == mask_id)[..., None], vec.to(out.dtype), out)
+
+        self._handles.append(self.sdlm.model.get_input_embeddings().register_forward_hook(hook))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the adapter folder atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.config.sdlm = self.sdlm.config.to_dict()
+            save_file(self.state_dict(), str(tmp / ADAPTER_WEIGHTS))
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            if path.exists():
+                old = path.parent / f".{path.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+
+def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
+    """Inject LoRA layers into ``sdlm.model`` in place and install the gate."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if sdlm.config is None:
+        raise SDLMError("the model has no mask token yet: call retrofit() before attaching an adapter")
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        layers_to_transform=config.layers,
+        bias="none",
+    )
+    if config.target_modules == "all-linear":
+        # "all-linear" is resolved by peft's wrapper only; inject_adapter_in_model needs names
+        lora.target_modules = _linear_names(sdlm.model)
+    inject_adapter_in_model(lora, sdlm.model)
+    for p in sdlm.model.parameters():
+        p.requires_grad_(False)
+    adapter = Adapter(sdlm, config)
+    for p in adapter.lora_parameters().values():
+        p.requires_grad_(True)
+    if config.kind == "block-adapter":
+        _install_gate(sdlm, adapter)
+    sdlm.adapter = adapter
+    if sdlm.config is not None:
+        sdlm.config.retrofit = config.kind
+    return adapter
+
+
+def _linear_names(model) -> list[str]:
+    """Names of the linear layers inside the decoder blocks (never the LM head)."""
+    out_emb = model.get_output_embeddings()
+    names = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod is not out_emb and ".layers." in f".{name}":
+            names.add(name.split(".")[-1])
+    if not names:
+        raise SDLMError("found no linear layers to adapt: give target_modules explicitly in the recipe")
+    return sorted(names)
+
+
+def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
+    def gate_hook(module, args, out):
+        gate = sdlm.gate
+        if gate is None:
+            return out * 0  # no gate set: the adapter is off (plain calls give the base model)
+        return out * gate[..., None].to(out.dtype)
+
+    for name, mod in sdlm.model.named_modules():
+        if name.endswith("lora_B.default") or (name.endswith("lora_B") and isinstance(mod, torch.nn.Linear)):
+            adapter._handles.append(mod.register_forward_hook(gate_hook))
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu", base: str | None = None) -> SDLM:
+    """Load the base model named in the adapter folder (or ``base``), apply the adapter."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        raw = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = AdapterConfig(**raw)
+        weights = load_file(str(path / ADAPTER_WEIGHTS))
+    except SDLMError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any read error becomes one clear line
+        raise SDLMError(f"cannot read adapter {path}: {type(e).__name__}: {e}; re-save it or train it again") from None
+    sdlm = SDLM.load(base or config.base_model, dtype=dtype, device=device, quiet=True)
+    s = SDLMConfig.from_dict(config.sdlm)
+    sdlm.retrofit(block_size=s.block_size, ar_loss_weight=s.ar_loss_weight, causal_within_block=s.causal_within_block)
+    if sdlm.config.mask_token_id != s.mask_token_id:
+        raise SDLMError(
+            f"adapter {path} expects mask token id {s.mask_token_id}, the base gives {sdlm.config.mask_token_id}: "
+            "it was trained on another base model"
+        )
+    adapter = attach(sdlm, config)
+    adapter.load_state_dict(weights)
+    adapter.write_mask_embedding()
+    sdlm.model.to(device=device, dtype=dtype)
+    for p in sdlm.model.parameters():
+        p.requires_grad_(False)
+    sdlm.name = str(path)
+    return sdlm

@@ -1,0 +1,1 @@
+"""Training: data, the SDLM loss (dense reference and the fast two-pass step), the loop."""
