@@ -145,7 +145,7 @@ class Decoder:
                 "settings: use --mode ar or --mode speculative, or retrofit and train it first (sdlm train)"
             )
         if config.mode == "speculative" and not sdlm.is_retrofitted:
-            logger.warning("no SDLM settings: adding an untrained mask token; output stays exact, ~1 token/forward")
+            logger.info("no SDLM settings: adding an untrained mask token; output stays exact, ~1 token/forward")
             sdlm.retrofit(block_size=config.block_size or 4)
         self.sdlm = sdlm
         self.config = config

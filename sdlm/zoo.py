@@ -264,6 +264,10 @@ def _from_pretrained(
         tok = AutoTokenizer.from_pretrained(src)
     except Exception as exc:
         raise SDLMError(fail("tokenizer", _reason(exc))) from exc
+    # Without tokenizer files transformers 5 may still build an empty tokenizer (e.g. a
+    # Qwen2Tokenizer of length 1) that silently encodes everything to [].
+    if not tok.encode("a", add_special_tokens=False):
+        raise SDLMError(fail("tokenizer", f"the {type(tok).__name__} found encodes text to nothing (no tokenizer files?)"))
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     except Exception as exc:

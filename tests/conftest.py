@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 ARCHS = ("llama", "qwen2")
 EOS = 256  # the byte tokenizer's end-of-text id (bytes are 0..255)

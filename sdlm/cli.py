@@ -1,0 +1,175 @@
+"""Command line: ``sdlm generate | retrofit | train``.
+
+Results go to stdout, diagnostics to stderr. A user mistake prints one line
+``sdlm: error: ...`` that names the problem and the fix, and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import SDLMError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="adapter folder, local HF folder, built-in name (smollm2-135m-instruct), random:<arch> "
+                        "(llama, qwen2, qwen3, mistral) or Hub id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdlm", description="Sequential Diffusion Language Models: several tokens per forward pass.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one or more prompts")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one generation each)")
+    _add_model_args(g)
+    g.add_argument("--mode", default="speculative", choices=["ar", "confidence", "speculative"],
+                   help="speculative: lossless, the model's own AR output, faster (default); confidence: faster, "
+                        "some quality cost (needs a retrofitted model); ar: one token per forward")
+    g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold tau in [0, 1] (mode confidence)")
+    g.add_argument("--confidence", default="prob", choices=["prob", "entropy"], help="confidence measure")
+    g.add_argument("--block-size", type=int, default=None, help="block size D (default: the model's trained D)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="use prompts as plain text even if the model has a chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    r = sub.add_parser("retrofit", help="add the mask token and SDLM settings to a model and save it as an HF folder")
+    _add_model_args(r)
+    r.add_argument("--block-size", type=int, default=4)
+    r.add_argument("--out", required=True, help="output folder")
+
+    t = sub.add_parser("train", help="train an SDLM from a YAML recipe (resumes from out_dir/checkpoint)")
+    t.add_argument("recipe", help="YAML recipe (see recipes/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    t.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from .decode import Decoder, GenerationConfig, encode_prompt
+    from .model import SDLM
+
+    cfg = GenerationConfig(
+        mode=args.mode, block_size=args.block_size, threshold=args.threshold, confidence=args.confidence,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    cfg.validate()  # before the model loads: bad flags fail fast
+    for p in args.prompts:
+        if not p.strip():
+            raise SDLMError("a prompt is empty: give some text to continue")
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device)
+    decoder = Decoder(sdlm, cfg)
+    for prompt in args.prompts:
+        ids = encode_prompt(sdlm, prompt, chat=False if args.no_chat else None)
+        if args.json:
+            gen = decoder.generate(ids)
+            print(json.dumps({"prompt": prompt, "mode": cfg.mode, "block_size": decoder.block_size, **gen.to_dict()}))
+        else:
+            gen = _stream_text(decoder, ids)
+            print(f"[{gen.new_tokens} tokens, {gen.forwards} forwards, {gen.tokens_per_forward:.2f} tokens/forward, "
+                  f"{gen.tokens_per_second:.1f} tokens/s, {cfg.mode}, D={decoder.block_size}]", file=sys.stderr)
+        sys.stdout.flush()
+    return 0
+
+
+def _stream_text(decoder, ids):
+    """Print committed text as it comes; return the :class:`Generation`."""
+    import time
+
+    from .decode import Generation
+
+    start = time.perf_counter()
+    tokens, hist, forwards, shown, reason = [], {}, 0, "", "length"
+    for step in decoder.stream(ids):
+        tokens.extend(step.tokens)
+        hist[step.count] = hist.get(step.count, 0) + 1
+        forwards += 1
+        reason = step.finish_reason or reason
+        text = decoder.decode_text(tokens)
+        if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    text = decoder.decode_text(tokens)
+    sys.stdout.write(text[len(shown):] + "\n")
+    return Generation(len(ids), tokens, text, forwards, time.perf_counter() - start, reason, hist)
+
+
+def cmd_retrofit(args) -> int:
+    from .model import SDLM
+
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True)
+    sdlm.retrofit(block_size=args.block_size)
+    path = sdlm.save(args.out)
+    print(json.dumps({"saved": str(path), **sdlm.config.to_dict()}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from .train.trainer import TrainConfig, Trainer
+
+    overrides = {}
+    for kv in args.set:
+        if "=" not in kv:
+            raise SDLMError(f"--set {kv!r}: write KEY=VALUE, e.g. --set steps=200")
+        k, v = kv.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    cfg = TrainConfig.from_yaml(args.recipe, overrides)
+    result = Trainer(cfg).run(progress=not args.no_progress)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="sdlm: %(levelname)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "peft"):
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+    _quiet_warnings()
+    try:
+        return {"generate": cmd_generate, "retrofit": cmd_retrofit, "train": cmd_train}[args.command](args)
+    except SDLMError as e:
+        print(f"sdlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdlm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_warnings() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gguf.*")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""``sdlm train RECIPE.yaml``: retrofit a causal LM into an SDLM.
+
+The loop: load base -> add mask token -> attach the adapter (or unfreeze all)
+-> for each step: draw samples, lay out blocks, pack, loss, step -> log,
+evaluate, checkpoint. Everything random is seeded from (seed, step), so a run
+killed and resumed from its last checkpoint ends exactly where an
+uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..adapter import AdapterConfig, attach
+from ..errors import SDLMError
+from ..layout import sample_block_starts, training_layout
+from ..model import SDLM
+from .data import Example, build_examples, read_records
+from .loss import LossOutput, dense_loss, pack, two_pass_loss
+
+logger = logging.getLogger(__name__)
+
+RETROFITS = ("block-adapter", "lora", "full")
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe. Every field can be set in the YAML file."""
+
+    model: str = "smollm2-135m-instruct"
+    """Base model: built-in name, local HF folder, random:<arch> or Hub id."""
+    data: str = ""
+    """JSONL file (messages / conversations / text records) or a Hub dataset id."""
+    out_dir: str = "runs/sdlm"
+    retrofit: str = "block-adapter"
+    """block-adapter (gated LoRA, base output unchanged), lora (ungated) or full (all weights)."""
+    block_size: int = 4
+    lora_r: int = 32
+    lora_alpha: float = 32.0
+    lora_layers: list[int] | None = None
+    ar_loss_weight: float = 1.0
+    """Joint next-token loss on clean response tokens (lora / full only; the gated adapter keeps the base)."""
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    """constant, linear or cosine (after warm-up)."""
+    warmup_steps: int = 20
+    steps: int = 100
+    samples_per_step: int = 8
+    grad_accum: int = 1
+    """Micro-batches per step; samples_per_step is split across them."""
+    block_density: float = 1.0
+    """Block tokens per response token: blocks per sample = ceil(density * targets / D)."""
+    max_length: int = 512
+    heldout: int = 0
+    """Samples kept out of training for evaluation."""
+    eval_every: int = 0
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    bf16: bool | None = None
+    """bf16 autocast; None = on where the device supports it."""
+    device: str = "cpu"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.retrofit not in RETROFITS:
+            raise SDLMError(f"unknown retrofit {self.retrofit!r}: use one of {', '.join(RETROFITS)}")
+        if self.block_size < 1:
+            raise SDLMError(f"block_size must be >= 1, got {self.block_size}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise SDLMError(f"unknown schedule {self.schedule!r}: use constant, linear or cosine")
+        if self.samples_per_step < self.grad_accum:
+            raise SDLMError("samples_per_step must be >= grad_accum (each micro-batch needs a sample)")
+        if not self.data:
+            raise SDLMError("the recipe names no data: set `data:` to a JSONL file")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict | None = None) -> "TrainConfig":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise SDLMError(f"recipe {path} not found: give a YAML file (see recipes/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SDLMError(f"recipe {path} is not valid YAML: {e}") from None
+        raw.update(overrides or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SDLMError(f"recipe {path}: unknown keys {unknown}; known keys: {sorted(known)}")
+        # a relative data path is read relative to the recipe when it exists there
+        data = raw.get("data", "")
+        if data and not Path(data).exists() and (p.parent / data).exists():
+            raw["data"] = str(p.parent / data)
+        return cls(**raw)
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - frac)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return 1.0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out_dir)
+        self.ckpt = self.out / "checkpoint"
+        self.sdlm = SDLM.load(cfg.model, dtype=torch.float32, device=cfg.device, quiet=True)
+        self.sdlm.retrofit(block_size=cfg.block_size, ar_loss_weight=cfg.ar_loss_weight)
+        self.sdlm.config.retrofit = cfg.retrofit
+        self.adapter = None
+        if cfg.retrofit == "full":
+            for p in self.sdlm.model.parameters():
+                p.requires_grad_(True)
+            params = [p for p in self.sdlm.model.parameters()]
+        else:
+            acfg = AdapterConfig(kind=cfg.retrofit, r=cfg.lora_r, alpha=cfg.lora_alpha, layers=cfg.lora_layers, base_model=cfg.model)
+            self.adapter = attach(self.sdlm, acfg)
+            self.adapter.train_mask_embedding()
+            params = self.adapter.parameters()
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
+
+        eos = self.sdlm.eos_token_ids()
+        records = read_records(cfg.data)
+        rng = random.Random(cfg.seed)
+        rng.shuffle(records)
+        examples, self.data_stats = build_examples(records, self.sdlm.tokenizer, eos, cfg.max_length)
+        if len(examples) <= cfg.heldout:
+            raise SDLMError(f"{cfg.data}: {len(examples)} usable samples, not more than heldout={cfg.heldout}")
+        self.heldout: list[Example] = examples[: cfg.heldout]
+        self.train: list[Example] = examples[cfg.heldout :]
+        self.step = 0
+        self.block_tokens = 0  # trained block targets so far
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------ data for one step
+
+    def _samples(self, step: int) -> list[Example]:
+        """The samples of ``step``: a seeded permutation per epoch, consumed in order."""
+        n, k = len(self.train), self.cfg.samples_per_step
+        out = []
+        for i in range(step * k, step * k + k):
+            epoch, j = divmod(i, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch))
+            out.append(self.train[int(perm[j])])
+        return out
+
+    def _layouts(self, examples: list[Example], generator: torch.Generator):
+        D = self.cfg.block_size
+        lays = []
+        for ex in examples:
+            n_blocks = max(1, math.ceil(self.cfg.block_density * ex.n_targets / D))
+            starts = sample_block_starts(ex.loss_mask, n_blocks, generator)  # drawn afresh every epoch
+            lays.append(training_layout(ex.ids, ex.loss_mask, starts, D, self.sdlm.config.mask_token_id))
+        return lays
+
+    def loss(self, examples: list[Example], generator: torch.Generator) -> LossOutput:
+        batch = pack(self._layouts(examples, generator))
+        with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.cfg.retrofit == "block-adapter":
+                return two_pass_loss(self.sdlm, batch, self.cfg.block_size)
+            return dense_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.ar_loss_weight)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, progress: bool = True) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._resume()
+        metrics_path = self.out / "metrics.jsonl"
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        last = {}
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            for g in self.opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(cfg, self.step)
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
+            samples = self._samples(self.step)
+            self.opt.zero_grad(set_to_none=True)
+            agg = None
+            for m in range(cfg.grad_accum):
+                out = self.loss(samples[m :: cfg.grad_accum], gen)
+                (out.loss / cfg.grad_accum).backward()
+                agg = _accumulate(agg, out)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            dt = time.perf_counter() - t0
+            self.train_seconds += dt
+            self.block_tokens += agg["n_block_targets"]
+            self.step += 1
+            last = self._record(agg, dt)
+            bar.update(1)
+            bar.set_postfix_str(
+                f"loss {last['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in last['slot_acc'][:4])} "
+                f"{last['block_tokens_per_s']:.0f} blk tok/s"
+            )
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                _append_jsonl(metrics_path, last)
+            if cfg.eval_every and self.heldout and self.step % cfg.eval_every == 0:
+                ev = self.evaluate()
+                _append_jsonl(metrics_path, ev)
+                logger.info("eval step %d: %s", self.step, ev)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        final = self.export()
+        _plot(metrics_path, self.out / "metrics.png")
+        return {"final": str(final), **last}
+
+    def _record(self, agg: dict, dt: float) -> dict:
+        acc = (agg["slot_correct"] / agg["slot_count"].clamp_min(1)).tolist()
+        sl = (agg["slot_loss_sum"] / agg["slot_count"].clamp_min(1)).tolist()
+        return {
+            "step": self.step,
+            "loss": agg["loss"] / self.cfg.grad_accum,
+            "slot_loss": [round(x, 4) for x in sl],
+            "slot_acc": [round(x, 4) for x in acc],
+            "block_tokens": agg["n_block_targets"],
+            "block_tokens_per_s": agg["n_block_targets"] / dt,
+            "lr": self.opt.param_groups[0]["lr"],
+            "seconds": round(self.train_seconds, 2),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss and per-slot accuracy (blocks at every position of the loss span)."""
+        gen = torch.Generator().manual_seed(12345)
+        agg = None
+        for i in range(0, len(self.heldout), 4):
+            agg = _accumulate(agg, self.loss(self.heldout[i : i + 4], gen))
+        acc = (agg["slot_correct"] / agg["slot_count"].clamp_min(1)).tolist()
+        return {"step": self.step, "eval_slot_acc": [round(x, 4) for x in acc],
+                "eval_block_loss": float(agg["slot_loss_sum"].sum() / agg["slot_count"].sum())}
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        """Trainable state, optimizer and counters, written to a temp folder then renamed."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.out))
+        try:
+            if self.adapter is not None:
+                self.adapter.save(tmp / "adapter")
+            else:
+                self.sdlm.save(tmp / "model")
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            state = {"step": self.step, "block_tokens": self.block_tokens, "train_seconds": self.train_seconds,
+                     "config": asdict(self.cfg)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            old = self.out / ".checkpoint.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.ckpt.exists():
+                os.replace(self.ckpt, old)
+            os.replace(tmp, self.ckpt)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _resume(self) -> None:
+        state_file = self.ckpt / "trainer_state.json"
+        if not state_file.is_file():
+            return
+        try:
+            state = json.loads(state_file.read_text())
+            if self.adapter is not None:
+                from safetensors.torch import load_file
+
+                self.adapter.load_state_dict(load_file(str(self.ckpt / "adapter" / "adapter.safetensors")))
+            else:
+                from safetensors.torch import load_file as lf
+
+                sd = {}
+                for f in sorted((self.ckpt / "model").glob("*.safetensors")):
+                    sd.update(lf(str(f)))
+                self.sdlm.model.load_state_dict(sd, strict=False)
+            self.opt.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
+        except SDLMError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SDLMError(f"cannot resume from {self.ckpt}: {type(e).__name__}: {e}; delete it to start over") from None
+        self.step, self.block_tokens = state["step"], state["block_tokens"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        logger.info("resumed from %s at step %d", self.ckpt, self.step)
+
+    def export(self) -> Path:
+        """The final artifact: ``out_dir/final`` (adapter folder, or a full HF folder)."""
+        final = self.out / "final"
+        if self.adapter is not None:
+            return self.adapter.save(final)
+        return self.sdlm.save(final)
+
+
+def _accumulate(agg: dict | None, out: LossOutput) -> dict:
+    cur = {"loss": float(out.loss.detach()), "slot_loss_sum": out.slot_loss_sum, "slot_correct": out.slot_correct,
+           "slot_count": out.slot_count, "n_block_targets": out.n_block_targets}
+    if agg is None:
+        return cur
+    return {k: agg[k] + cur[k] for k in agg}
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _bf16_supported(device: str) -> bool:
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read() or "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def _plot(metrics: Path, png: Path) -> None:
+    """Loss and per-slot accuracy over steps, if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib not installed: no %s", png)
+        return
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.exists() else []
+    train = [r for r in rows if "loss" in r]
+    if not train:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot([r["step"] for r in train], [r["loss"] for r in train])
+    a1.set_xlabel("step"); a1.set_ylabel("loss"); a1.set_title("training loss")
+    n_slots = len(train[-1]["slot_acc"])
+    for j in range(n_slots):
+        a2.plot([r["step"] for r in train], [r["slot_acc"][j] for r in train], label=f"slot {j}")
+    a2.set_xlabel("step"); a2.set_ylabel("top-1 accuracy"); a2.set_title("per-slot accuracy"); a2.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
