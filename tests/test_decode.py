@@ -1,0 +1,310 @@
+"""The decoder (sdlm/decode.py).
+
+1. Cached decoding == the uncached reference decoder, in every mode, on tiny random Llama/Qwen2
+   models (SPEC §3.5), also with drafts that really get accepted (oracle drafts).
+2. Scripted logits: a fake forward whose predictions we choose, so tokens per forward and the
+   KV-cache bookkeeping (what is cached, what is cropped) are checked exactly.
+3. Stopping (eos, stop strings, length), errors, and side effects.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_greedy, make_sdlm, random_prompt, use_oracle_drafts
+from sdlm.decode import Decoder, GenerationConfig, reference_decode
+from sdlm.errors import SDLMError
+
+# ---------------------------------------------------------------- 1. cached == uncached reference
+
+# Thresholds for the untrained random models, whose block confidences are ~0.02-0.07: 0.0 commits
+# every slot, the others a mix of 1 and more.
+MODES = {
+    "ar": dict(mode="ar"),
+    "confidence-prob": dict(mode="confidence", confidence="prob", threshold=0.03),
+    "confidence-prob-all": dict(mode="confidence", confidence="prob", threshold=0.0),
+    "confidence-entropy": dict(mode="confidence", confidence="entropy", threshold=0.06),
+    "speculative": dict(mode="speculative"),
+    "speculative-sampled": dict(mode="speculative", temperature=1.0, top_k=40, seed=7),
+    "confidence-sampled": dict(mode="confidence", temperature=0.8, top_p=0.9, threshold=0.02, seed=3),
+}
+# cold enough that sampling mostly follows the greedy path the oracle drafts are taken from
+COLD = dict(mode="speculative", temperature=0.01, seed=11)
+
+
+def assert_same_generation(got, ref):
+    assert got.tokens == ref.tokens
+    assert got.forwards == ref.forwards
+    assert got.accept_histogram == ref.accept_histogram
+    assert got.finish_reason == ref.finish_reason
+
+
+@pytest.mark.parametrize("D", [1, 2, 4, 8])
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_equals_reference(sdlm_model, mode, D):
+    cfg = GenerationConfig(block_size=D, max_new_tokens=20, **MODES[mode])
+    prompt = random_prompt(D, 7)
+    got = Decoder(sdlm_model, cfg).generate(prompt)
+    assert_same_generation(got, reference_decode(sdlm_model, prompt, cfg))
+    assert got.new_tokens == 20 or got.finish_reason == "eos"
+    if MODES[mode].get("threshold") == 0.0:
+        # every confidence is > 0: each step commits the whole block (the last one what is left)
+        assert set(got.accept_histogram) <= {D, 20 % D or D}
+
+
+@pytest.mark.parametrize("D", [2, 4, 8])
+@pytest.mark.parametrize("mode", ["speculative", "speculative-cold", "confidence-prob"])
+def test_cached_equals_reference_with_accepted_drafts(arch, monkeypatch, mode, D):
+    # block predictions come true at 2 of every 3 positions: steps accept runs of different lengths,
+    # so the cache is cropped by every possible amount
+    sdlm = make_sdlm(arch)
+    prompt = random_prompt(10 + D, 6)
+    use_oracle_drafts(sdlm, monkeypatch, prompt + hf_greedy(sdlm, prompt, 30))
+    cfg = GenerationConfig(block_size=D, max_new_tokens=30, **(COLD if mode == "speculative-cold" else MODES[mode]))
+    got = Decoder(sdlm, cfg).generate(prompt)
+    assert_same_generation(got, reference_decode(sdlm, prompt, cfg))
+    assert max(got.accept_histogram) > 1  # drafts were really accepted
+
+
+def test_sampling_is_reproducible_and_seed_dependent(sdlm_model):
+    prompt = random_prompt(0, 6)
+    cfg = GenerationConfig(mode="speculative", temperature=1.0, max_new_tokens=16, block_size=4)
+    a = Decoder(sdlm_model, GenerationConfig(**{**cfg.__dict__, "seed": 1})).generate(prompt).tokens
+    b = Decoder(sdlm_model, GenerationConfig(**{**cfg.__dict__, "seed": 1})).generate(prompt).tokens
+    c = Decoder(sdlm_model, GenerationConfig(**{**cfg.__dict__, "seed": 2})).generate(prompt).tokens
+    assert a == b and a != c
+
+
+def test_greedy_decoding_leaves_the_global_rng_alone(sdlm_model):
+    # A greedy decode draws no random numbers, so it must not reseed torch's global generator:
+    # a program that seeds torch before decoding must stay reproducible.
+    cfg = GenerationConfig(mode="ar", max_new_tokens=3)
+    prompt = random_prompt(0, 4)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        Decoder(sdlm_model, cfg).generate(prompt)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
+# ---------------------------------------------------------------- 2. scripted logits
+
+V_BYTES = 256
+
+
+class FakeCache:
+    """Stands in for the KV cache: only its length matters to the decoder's bookkeeping."""
+
+    def __init__(self):
+        self.length = 0
+
+    def crop(self, n):
+        assert n < 0 and -n <= self.length, f"bad crop({n}) of a cache of {self.length}"
+        self.length += n
+
+
+class ScriptedModel:
+    """Replaces SDLM.step_logits. The AR truth is ``y`` (prompt + continuation): the causal logit
+    at position t is a one-hot on y[t+1]. Block slots at position t predict position t+1:
+    ``drafts="right"`` -> y[t+1]; ``"wrong"`` -> a different byte; ``"confident:c"`` -> y[t+1],
+    with a peaked distribution for slots < c and a flat one (confidence 1/V) after.
+
+    It also checks what the decoder feeds it: cached_len equals the cache's real length, the new
+    clean tokens continue right after the cache, committed tokens are y (when drafts are right),
+    and every block's slot 0 is a copy of the token at its start position.
+    """
+
+    def __init__(self, sdlm, y, drafts):
+        self.sdlm, self.y, self.drafts = sdlm, y, drafts
+        self.calls = 0
+        self.cache = None
+
+    def new_cache(self, decoder=None):
+        self.cache = FakeCache()
+        return self.cache
+
+    def step_logits(self, step, cache=None, cached_len=0):
+        self.calls += 1
+        info, ids = step.info, step.input_ids.tolist()
+        if cache is None:
+            assert cached_len == 0
+        else:
+            assert cache is self.cache and cached_len == cache.length
+            cache.length += len(ids)  # a real forward appends every new token's KV
+        clean = [(int(p), t) for p, t, b in zip(info.pos, ids, info.is_block) if not b]
+        assert clean and clean[0][0] == cached_len  # new clean tokens continue right after the cache
+        assert [p for p, _ in clean] == list(range(cached_len, cached_len + len(clean)))
+        if self.drafts != "wrong":
+            assert all(t == self.y[p] for p, t in clean)  # committed (and drafted) tokens are the truth
+        for i, b in enumerate(info.is_block.tolist()):
+            if b and int(info.pos[i]) == int(info.start[i]):
+                assert ids[i] == self.y[int(info.start[i])] or self.drafts == "wrong"
+        V = self.sdlm.model.get_output_embeddings().weight.shape[0]
+        n = step.n_logits
+        out = torch.zeros(n, V)
+        for r in range(len(ids) - n, len(ids)):
+            t = int(info.pos[r])
+            row = out[r - (len(ids) - n)]
+            target = self.y[t + 1]
+            if not info.is_block[r]:
+                row[target] = 20.0
+            elif self.drafts == "right":
+                row[target] = 20.0
+            elif self.drafts == "wrong":
+                row[(target + 1) % V_BYTES] = 20.0
+            else:
+                c = int(self.drafts.split(":")[1])
+                slot = t - int(info.start[r])
+                row[target] = 20.0 if slot < c else 1e-3  # flat: confidence ~1/V
+        return out
+
+
+def scripted(monkeypatch, sdlm, y, drafts):
+    fake = ScriptedModel(sdlm, y, drafts)
+    monkeypatch.setattr(sdlm, "step_logits", fake.step_logits)
+    monkeypatch.setattr(Decoder, "_new_cache", fake.new_cache)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_sdlm("llama")
+
+
+def truth(n):
+    return [int(t) for t in torch.randint(0, V_BYTES, (n,), generator=torch.Generator().manual_seed(5))]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("D,N", [(2, 9), (4, 13), (4, 15), (8, 17), (8, 5), (3, 1)])
+def test_scripted_right_drafts_commit_d_tokens_per_forward(llama, monkeypatch, D, N, use_cache):
+    y = truth(64)
+    prompt = y[:6]
+    fake = scripted(monkeypatch, llama, y, "right")
+    g = Decoder(llama, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=N, use_cache=use_cache)).generate(prompt)
+    assert g.tokens == y[6 : 6 + N]
+    # first step: no drafts, 1 token; then D-1 drafts + 1 bonus token per forward
+    assert g.forwards == fake.calls == 1 + -(-(N - 1) // D)
+    counts = [1] + [D] * ((N - 1) // D) + ([(N - 1) % D] if (N - 1) % D else [])
+    assert sum(g.accept_histogram.values()) == g.forwards
+    assert sorted(k for k, v in g.accept_histogram.items() for _ in range(v)) == sorted(counts)
+    assert g.finish_reason == "length"
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("D", [2, 4, 8])
+def test_scripted_wrong_drafts_commit_one_token_per_forward(llama, monkeypatch, D, use_cache):
+    y = truth(64)
+    prompt = y[:6]
+    fake = scripted(monkeypatch, llama, y, "wrong")
+    g = Decoder(llama, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=12, use_cache=use_cache)).generate(prompt)
+    assert g.tokens == y[6:18]  # still the AR truth: the verifier rejects every draft
+    assert g.forwards == fake.calls == 12 and g.accept_histogram == {1: 12}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("D,c", [(4, 1), (4, 2), (4, 4), (8, 3), (1, 1)])
+def test_scripted_confidence_commits_the_confident_prefix(llama, monkeypatch, D, c, use_cache):
+    y = truth(64)
+    prompt = y[:6]
+    fake = scripted(monkeypatch, llama, y, f"confident:{c}")
+    cfg = GenerationConfig(mode="confidence", block_size=D, threshold=0.5, max_new_tokens=12, use_cache=use_cache)
+    g = Decoder(llama, cfg).generate(prompt)
+    assert g.tokens == y[6:18]
+    assert g.forwards == fake.calls == -(-12 // c)
+    assert g.accept_histogram == ({c: 12 // c, 12 % c: 1} if 12 % c else {c: 12 // c})
+
+
+@pytest.mark.parametrize("mode", ["speculative", "confidence", "ar"])
+def test_scripted_eos_inside_accepted_drafts(llama, monkeypatch, mode):
+    # eos at the 7th new token: decoding stops right after it even though a step commits more
+    y = truth(64)
+    eos = next(iter(llama.eos_token_ids()))
+    y[6 + 6] = eos
+    scripted(monkeypatch, llama, y, "right" if mode != "confidence" else "confident:4")
+    g = Decoder(llama, GenerationConfig(mode=mode, block_size=4, threshold=0.5, max_new_tokens=30)).generate(y[:6])
+    assert g.tokens == y[6:13] and g.tokens[-1] == eos
+    assert g.finish_reason == "eos"
+
+
+def test_scripted_stop_string(llama, monkeypatch):
+    # the text is cut before the stop string; tokens stop at the one that completes it
+    y = list(b"prompt: hello world. more text here")
+    scripted(monkeypatch, llama, y, "right")
+    cfg = GenerationConfig(mode="speculative", block_size=4, max_new_tokens=25, stop=("ld.",))
+    g = Decoder(llama, cfg).generate(y[:8])
+    assert bytes(g.tokens) == b"hello world."
+    assert g.text == "hello wor" and g.finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- 3. modes, limits and errors
+
+
+def test_every_step_commits_at_least_one_token(sdlm_model):
+    for mode in ("ar", "confidence", "speculative"):
+        cfg = GenerationConfig(mode=mode, block_size=4, threshold=1.0, max_new_tokens=10)
+        steps = list(Decoder(sdlm_model, cfg).stream(random_prompt(1, 5)))
+        assert all(s.count >= 1 for s in steps)
+        if mode != "speculative":
+            assert all(s.count == 1 for s in steps)  # tau = 1: slot-0 decoding, one token per forward
+
+
+def test_confidence_d1_is_ar(sdlm_model):
+    # D = 1: the block [x_{n-1}] at n-1 sees exactly the causal context: next-token prediction
+    prompt = random_prompt(4, 9)
+    ar = Decoder(sdlm_model, GenerationConfig(mode="ar", max_new_tokens=24)).generate(prompt)
+    conf = Decoder(sdlm_model, GenerationConfig(mode="confidence", block_size=1, threshold=0.0, max_new_tokens=24)).generate(prompt)
+    assert conf.tokens == ar.tokens
+
+
+def test_mask_token_is_never_produced(arch):
+    # make the mask row the most likely output everywhere: decoders must still never emit it
+    sdlm = make_sdlm(arch)
+    mask = sdlm.config.mask_token_id
+    with torch.no_grad():
+        sdlm.model.get_output_embeddings().weight[mask] *= 0
+        sdlm.model.get_output_embeddings().weight[mask] += 0  # keep the row a parameter
+        bias = torch.zeros(sdlm.model.get_output_embeddings().weight.shape[0])
+        bias[mask] = 1e4
+    sdlm.model.get_output_embeddings().register_forward_hook(lambda m, i, o: o + bias)
+    for kw in (dict(mode="ar"), dict(mode="confidence", threshold=0.0), dict(mode="speculative"),
+               dict(mode="speculative", temperature=1.0, seed=0)):
+        g = Decoder(sdlm, GenerationConfig(block_size=4, max_new_tokens=8, **kw)).generate(random_prompt(0, 4))
+        assert mask not in g.tokens and len(g.tokens) == 8
+
+
+def test_untrained_model_modes():
+    plain = make_sdlm("qwen2", retrofit=False)
+    with pytest.raises(SDLMError, match="retrofit"):
+        Decoder(plain, GenerationConfig(mode="confidence"))
+    prompt = random_prompt(2, 6)
+    ar = Decoder(plain, GenerationConfig(mode="ar", max_new_tokens=12)).generate(prompt).tokens
+    spec = Decoder(plain, GenerationConfig(mode="speculative", max_new_tokens=12)).generate(prompt).tokens
+    assert plain.is_retrofitted  # speculative added an untrained mask token on the fly
+    assert spec == ar
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(mode="fast"), dict(confidence="logit"), dict(block_size=0), dict(threshold=1.5), dict(max_new_tokens=0),
+     dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0)],
+)
+def test_bad_settings_are_user_errors(llama, kw):
+    with pytest.raises(SDLMError):
+        Decoder(llama, GenerationConfig(**kw))
+
+
+def test_empty_and_too_long_prompts(llama):
+    dec = Decoder(llama, GenerationConfig(max_new_tokens=4))
+    with pytest.raises(SDLMError, match="empty"):
+        dec.generate([])
+    with pytest.raises(SDLMError, match="context"):
+        dec.generate([1] * 510)  # + block of 4 > 512 positions
+
+
+def test_length_limit_is_cut_by_the_context(llama):
+    # 500 prompt tokens + D = 4 leave room for 8 new tokens in a 512-position model
+    g = Decoder(llama, GenerationConfig(mode="speculative", max_new_tokens=100)).generate(random_prompt(0, 500))
+    assert g.new_tokens <= 8 and g.finish_reason in ("length", "eos")

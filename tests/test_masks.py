@@ -1,0 +1,134 @@
+"""The block attention rule (SPEC §2), checked on small matrices written out by hand.
+
+Token order in every layout below: the clean tokens c0 c1 c2 (positions 0, 1, 2), then the
+blocks in order. Rows are queries, columns keys; 1 = may attend.
+"""
+
+import pytest
+import torch
+
+from sdlm.layout import training_layout
+from sdlm.masks import TokenInfo, additive, allowed
+
+IDS = torch.tensor([10, 11, 12])
+MASK = 99
+
+
+def rule(block_starts, D, causal_within_block=False):
+    lay = training_layout(IDS, torch.ones(3, dtype=torch.bool), block_starts, D, MASK)
+    return allowed(lay.info, lay.info, causal_within_block).int().tolist()
+
+
+def test_two_blocks_of_two():
+    # blocks A = [x1, M] at positions 1, 2 (start 1) and B = [x2, M] at positions 2, 3 (start 2)
+    expected = [
+        # c0 c1 c2 A0 A1 B0 B1
+        [1, 0, 0, 0, 0, 0, 0],  # c0: causal
+        [1, 1, 0, 0, 0, 0, 0],  # c1
+        [1, 1, 1, 0, 0, 0, 0],  # c2: never a block key
+        [1, 0, 0, 1, 1, 0, 0],  # A0: clean keys at positions < 1, all of A (not c1: seen through A0)
+        [1, 0, 0, 1, 1, 0, 0],  # A1: same view as A0 (bidirectional block)
+        [1, 1, 0, 0, 0, 1, 1],  # B0: clean keys at positions < 2, all of B, never A
+        [1, 1, 0, 0, 0, 1, 1],  # B1
+    ]
+    assert rule([1, 2], 2) == expected
+
+
+def test_two_blocks_of_three():
+    # A = [x0, M, M] at positions 0..2 (start 0: sees no clean key), B = [x2, M, M] at 2..4 (start 2)
+    expected = [
+        # c0 c1 c2 A0 A1 A2 B0 B1 B2
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 1, 1],
+        [1, 1, 0, 0, 0, 0, 1, 1, 1],
+        [1, 1, 0, 0, 0, 0, 1, 1, 1],
+    ]
+    assert rule([0, 2], 3) == expected
+
+
+def test_causal_within_block():
+    # same layout as above; inside a block a slot now sees only itself and earlier slots
+    expected = [
+        # c0 c1 c2 A0 A1 A2 B0 B1 B2
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0, 0, 1, 1, 1],
+    ]
+    assert rule([0, 2], 3, causal_within_block=True) == expected
+
+
+def test_d1_block_is_next_token_view():
+    # D = 1: the block [x_p] at position p sees clean keys < p and itself: the causal view of x_p
+    expected = [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 0, 1],  # block at start 2
+    ]
+    assert rule([2], 1) == expected
+
+
+def test_seq_separates_packed_samples():
+    # sample 0: clean tokens at positions 0, 1; sample 1: clean tokens at positions 0, 1 and a
+    # block [x1, M] at positions 1, 2. Position-based causality alone would let sample 1 see sample 0.
+    pos = torch.tensor([0, 1, 0, 1, 1, 2])
+    blk = torch.tensor([-1, -1, -1, -1, 0, 0])
+    start = torch.tensor([-1, -1, -1, -1, 1, 1])
+    seq = torch.tensor([0, 0, 1, 1, 1, 1])
+    expected = [
+        # s0c0 s0c1 s1c0 s1c1 s1B0 s1B1
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 0, 1, 1],
+        [0, 0, 1, 0, 1, 1],
+    ]
+    info = TokenInfo(pos, blk, start, seq)
+    assert allowed(info, info).int().tolist() == expected
+    # without seq the samples leak into each other (this is why packing needs it)
+    leaky = allowed(TokenInfo(pos, blk, start), TokenInfo(pos, blk, start)).int().tolist()
+    assert leaky[2][0] == 1 and leaky[4][0] == 1
+
+
+def test_queries_against_cached_keys():
+    # inference: 3 cached clean keys + a new block [x2, M] at positions 2, 3 (the confidence step view)
+    keys = TokenInfo.cat([TokenInfo.clean(torch.arange(3)), TokenInfo(torch.tensor([2, 3]), torch.zeros(2, dtype=torch.long), torch.full((2,), 2))])
+    q = TokenInfo(torch.tensor([2, 3]), torch.zeros(2, dtype=torch.long), torch.full((2,), 2))
+    assert allowed(q, keys).int().tolist() == [[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]]
+
+
+def test_batched_fields():
+    # leading batch dimensions broadcast: (B, T) fields -> (B, T, T)
+    info = TokenInfo.clean(torch.arange(3).repeat(2, 1))
+    m = allowed(info, info)
+    assert m.shape == (2, 3, 3)
+    assert torch.equal(m[0], torch.tril(torch.ones(3, 3, dtype=torch.bool)))
+
+
+def test_cat_fills_missing_seq_with_zero():
+    a = TokenInfo.clean(torch.arange(2))
+    b = TokenInfo(torch.arange(2), torch.full((2,), -1), torch.full((2,), -1), torch.tensor([1, 1]))
+    assert TokenInfo.cat([a, b]).seq.tolist() == [0, 0, 1, 1]
+    assert TokenInfo.cat([a, a]).seq is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_additive_mask(dtype):
+    m = torch.tensor([[True, False], [True, True]])
+    out = additive(m, dtype)
+    assert out.shape == (1, 1, 2, 2) and out.dtype == dtype
+    assert out[0, 0, 0, 0] == 0 and out[0, 0, 1, 1] == 0
+    assert out[0, 0, 0, 1] == torch.finfo(dtype).min
+    assert additive(m[None].repeat(3, 1, 1), dtype).shape == (3, 1, 2, 2)
