@@ -167,6 +167,12 @@ def _quiet_warnings() -> None:
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:  # transformers' own "Loading weights" / "Writing model shards" bars are noise here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gguf.*")
 

@@ -109,7 +109,9 @@ class ScriptedModel:
     """Replaces SDLM.step_logits. The AR truth is ``y`` (prompt + continuation): the causal logit
     at position t is a one-hot on y[t+1]. Block slots at position t predict position t+1:
     ``drafts="right"`` -> y[t+1]; ``"wrong"`` -> a different byte; ``"confident:c"`` -> y[t+1],
-    with a peaked distribution for slots < c and a flat one (confidence 1/V) after.
+    with a peaked distribution for slots < c and a flat one (confidence 1/V) after; ``"coinflip"``
+    -> y[t+1] with probability ~0.52 and one other byte with the rest (prob confidence ~0.52,
+    entropy confidence ~0.88).
 
     It also checks what the decoder feeds it: cached_len equals the cache's real length, the new
     clean tokens continue right after the cache, committed tokens are y (when drafts are right),
@@ -120,6 +122,7 @@ class ScriptedModel:
         self.sdlm, self.y, self.drafts = sdlm, y, drafts
         self.calls = 0
         self.cache = None
+        self.max_clean_pos = -1  # the furthest position a committed token or a draft took
 
     def new_cache(self, decoder=None):
         self.cache = FakeCache()
@@ -136,6 +139,7 @@ class ScriptedModel:
         clean = [(int(p), t) for p, t, b in zip(info.pos, ids, info.is_block) if not b]
         assert clean and clean[0][0] == cached_len  # new clean tokens continue right after the cache
         assert [p for p, _ in clean] == list(range(cached_len, cached_len + len(clean)))
+        self.max_clean_pos = max(self.max_clean_pos, clean[-1][0])
         if self.drafts != "wrong":
             assert all(t == self.y[p] for p, t in clean)  # committed (and drafted) tokens are the truth
         for i, b in enumerate(info.is_block.tolist()):
@@ -154,6 +158,8 @@ class ScriptedModel:
                 row[target] = 20.0
             elif self.drafts == "wrong":
                 row[(target + 1) % V_BYTES] = 20.0
+            elif self.drafts == "coinflip":
+                row[target], row[(target + 1) % V_BYTES] = 20.0, 19.9
             else:
                 c = int(self.drafts.split(":")[1])
                 slot = t - int(info.start[r])
@@ -191,6 +197,8 @@ def test_scripted_right_drafts_commit_d_tokens_per_forward(llama, monkeypatch, D
     assert sum(g.accept_histogram.values()) == g.forwards
     assert sorted(k for k, v in g.accept_histogram.items() for _ in range(v)) == sorted(counts)
     assert g.finish_reason == "length"
+    # near the length limit at most remaining-1 drafts are verified: no token past the last new one
+    assert fake.max_clean_pos == 6 + N - 2
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -215,6 +223,18 @@ def test_scripted_confidence_commits_the_confident_prefix(llama, monkeypatch, D,
     assert g.tokens == y[6:18]
     assert g.forwards == fake.calls == -(-12 // c)
     assert g.accept_histogram == ({c: 12 // c, 12 % c: 1} if 12 % c else {c: 12 // c})
+
+
+@pytest.mark.parametrize("kind,per_forward", [("prob", 1), ("entropy", 4)])
+def test_scripted_confidence_kind_is_used(llama, monkeypatch, kind, per_forward):
+    # two near-equal candidates per slot: the chosen token's probability is ~0.52 (< 0.7) but the
+    # entropy confidence 1 - ln2/ln V is ~0.88 (> 0.7), so the two kinds commit different amounts
+    y = truth(64)
+    scripted(monkeypatch, llama, y, "coinflip")
+    cfg = GenerationConfig(mode="confidence", confidence=kind, block_size=4, threshold=0.7, max_new_tokens=12)
+    g = Decoder(llama, cfg).generate(y[:6])
+    assert g.tokens == y[6:18]
+    assert g.accept_histogram == {per_forward: 12 // per_forward}
 
 
 @pytest.mark.parametrize("mode", ["speculative", "confidence", "ar"])
