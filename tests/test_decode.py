@@ -259,6 +259,35 @@ def test_scripted_stop_string(llama, monkeypatch):
     assert g.text == "hello wor" and g.finish_reason == "stop"
 
 
+def test_speculative_sampling_decoder_matches_ar_sampling(llama, monkeypatch):
+    # Context-free scripted model: the AR distribution for position t is P[t] whatever came before,
+    # and block slot j proposes from Q[j] (far from P). Speculative sampling must commit tokens
+    # distributed exactly as AR sampling, i.e. position t ~ P[t], with drafts taken from the right
+    # block slot and verified against the right position.
+    V = llama.model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    P = torch.full((8, V), -30.0)
+    P[:, :3] = torch.randn(8, 3, generator=g) * 1.5
+    Q = torch.full((4, V), -30.0)
+    Q[:, :3] = torch.randn(4, 3, generator=g) * 1.5
+
+    def step_logits(step, cache=None, cached_len=0):
+        n = step.n_logits
+        pos, start, blk = step.info.pos[-n:], step.info.start[-n:], step.info.is_block[-n:]
+        return torch.stack([Q[int(pos[r] - start[r])] if blk[r] else P[int(pos[r]) + 1] for r in range(n)])
+
+    monkeypatch.setattr(llama, "step_logits", step_logits)
+    dec = Decoder(llama, GenerationConfig(mode="speculative", block_size=3, temperature=1.0, max_new_tokens=4, use_cache=False))
+    trials = 2000
+    counts = torch.zeros(4, 3)
+    for seed in range(trials):
+        dec.config.seed = seed
+        for i, t in enumerate(dec.generate([0, 1]).tokens):  # positions 2..5
+            counts[i, t] += 1
+    want = torch.softmax(P[2:6, :3], -1)
+    assert (counts / trials - want).abs().max() < 0.04
+
+
 # ---------------------------------------------------------------- 3. modes, limits and errors
 
 
