@@ -166,7 +166,11 @@ class Decoder:
         n_prompt = len(ids)
         self._check_prompt(n_prompt)
         max_new = self._max_new(n_prompt)
-        generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        generator = torch.Generator()  # the decoder's own: never reseed torch's global generator
+        if cfg.seed is not None:
+            generator.manual_seed(cfg.seed)
+        else:
+            generator.seed()
         cache = self._new_cache() if cfg.use_cache else None
         cached = 0  # committed tokens whose KV is in the cache
         drafts: list[int] = []  # speculative: proposals for the positions after the next bonus token

@@ -176,7 +176,7 @@ class SDLM:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def eos_token_ids(self) -> set[int]:
-        """End-of-sequence ids: the generation config's (what ``generate`` stops at) and the tokenizer's."""
+        """End-of-sequence ids: the generation config's (what ``generate`` stops at), else the tokenizer's."""
         ids: set[int] = set()
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, make_sdlm, random_prompt, use_oracle_drafts
-from sdlm.decode import Decoder, GenerationConfig, reference_decode
+from sdlm.decode import Decoder, GenerationConfig, encode_prompt, reference_decode
 from sdlm.errors import SDLMError
 
 # ---------------------------------------------------------------- 1. cached == uncached reference
@@ -249,6 +249,29 @@ def test_scripted_eos_inside_accepted_drafts(llama, monkeypatch, mode):
     assert g.finish_reason == "eos"
 
 
+@pytest.mark.parametrize("mode,D,proposed", [("ar", 4, [0, 0, 0]), ("confidence", 4, [4, 4, 4]), ("speculative", 4, [0, 3, 3, 0])])
+def test_scripted_stream_steps(llama, monkeypatch, mode, D, proposed):
+    # one Step per forward: what it committed, how many block predictions were on offer,
+    # and a finish reason on the last step only
+    y = truth(64)
+    scripted(monkeypatch, llama, y, "right" if mode == "speculative" else "confident:1")
+    n = len(proposed) if mode != "speculative" else 10  # 1 + 4 + 4, then 1 left: no room for drafts
+    steps = list(Decoder(llama, GenerationConfig(mode=mode, block_size=D, threshold=0.5, max_new_tokens=n)).stream(y[:6]))
+    assert [s.proposed for s in steps] == proposed
+    assert [t for s in steps for t in s.tokens] == y[6 : 6 + n]
+    assert [s.finish_reason for s in steps] == [None] * (len(steps) - 1) + ["length"]
+
+
+def test_generation_statistics(llama, monkeypatch):
+    y = truth(64)
+    scripted(monkeypatch, llama, y, "right")
+    g = Decoder(llama, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=9)).generate(y[:6])
+    assert (g.new_tokens, g.forwards, g.prompt_tokens) == (9, 3, 6)
+    assert g.tokens_per_forward == 3.0
+    d = g.to_dict()
+    assert d["tokens"] == y[6:15] and d["forwards"] == 3 and d["accept_histogram"] == {"1": 1, "4": 2}
+
+
 def test_scripted_stop_string(llama, monkeypatch):
     # the text is cut before the stop string; tokens stop at the one that completes it
     y = list(b"prompt: hello world. more text here")
@@ -312,12 +335,10 @@ def test_mask_token_is_never_produced(arch):
     # make the mask row the most likely output everywhere: decoders must still never emit it
     sdlm = make_sdlm(arch)
     mask = sdlm.config.mask_token_id
-    with torch.no_grad():
-        sdlm.model.get_output_embeddings().weight[mask] *= 0
-        sdlm.model.get_output_embeddings().weight[mask] += 0  # keep the row a parameter
-        bias = torch.zeros(sdlm.model.get_output_embeddings().weight.shape[0])
-        bias[mask] = 1e4
-    sdlm.model.get_output_embeddings().register_forward_hook(lambda m, i, o: o + bias)
+    head = sdlm.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[mask] = 1e4
+    head.register_forward_hook(lambda module, inputs, logits: logits + bias)
     for kw in (dict(mode="ar"), dict(mode="confidence", threshold=0.0), dict(mode="speculative"),
                dict(mode="speculative", temperature=1.0, seed=0)):
         g = Decoder(sdlm, GenerationConfig(block_size=4, max_new_tokens=8, **kw)).generate(random_prompt(0, 4))
@@ -351,6 +372,14 @@ def test_empty_and_too_long_prompts(llama):
         dec.generate([])
     with pytest.raises(SDLMError, match="context"):
         dec.generate([1] * 510)  # + block of 4 > 512 positions
+
+
+def test_encode_prompt(llama):
+    assert encode_prompt(llama, "hi!") == list(b"hi!")  # the byte tokenizer has no chat template
+    with pytest.raises(SDLMError, match="empty"):
+        encode_prompt(llama, "  ")
+    with pytest.raises(SDLMError, match="chat template"):
+        encode_prompt(llama, "hi", chat=True)
 
 
 def test_length_limit_is_cut_by_the_context(llama):
