@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import SDLMError
+from .io import atomic_dir
 from .model import SDLM, SDLMConfig
 
 logger = logging.getLogger(__name__)
@@ -114,22 +113,10 @@ class Adapter:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.config.sdlm = self.sdlm.config.to_dict()
             save_file(self.state_dict(), str(tmp / ADAPTER_WEIGHTS))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-            if path.exists():
-                old = path.parent / f".{path.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from .errors import SDLMError
+from .io import atomic_dir
 from .layout import StepLayout
 from .masks import TokenInfo, additive, allowed
 
@@ -144,21 +143,9 @@ class SDLM:
         path = Path(path)
         if self.config is not None:
             setattr(self.model.config, CONFIG_KEY, self.config.to_dict())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     # ------------------------------------------------------------ properties

@@ -14,16 +14,15 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from ..adapter import AdapterConfig, attach
 from ..errors import SDLMError
+from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
 from ..model import SDLM
 from .data import Example, build_examples, read_records
@@ -274,9 +273,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Trainable state, optimizer and counters, written to a temp folder then renamed."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.out))
-        try:
+        with atomic_dir(self.ckpt) as tmp:
             if self.adapter is not None:
                 self.adapter.save(tmp / "adapter")
             else:
@@ -285,14 +282,6 @@ class Trainer:
             state = {"step": self.step, "block_tokens": self.block_tokens, "train_seconds": self.train_seconds,
                      "config": asdict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            old = self.out / ".checkpoint.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if self.ckpt.exists():
-                os.replace(self.ckpt, old)
-            os.replace(tmp, self.ckpt)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _resume(self) -> None:
         state_file = self.ckpt / "trainer_state.json"
