@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -42,7 +42,6 @@ class DataStats:
     empty: int = 0
     tokens: int = 0
     target_tokens: int = 0
-    skipped_reasons: dict = field(default_factory=dict)
 
 
 def read_records(source: str, split: str = "train") -> list[dict]:

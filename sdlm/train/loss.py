@@ -101,7 +101,7 @@ class LossOutput:
     n_block_targets: int
 
 
-def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int, soft=None):
+def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int):
     """Block CE and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
     correct = (logits.argmax(-1) == labels).float()
