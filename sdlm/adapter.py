@@ -66,6 +66,21 @@ class Adapter:
             sdlm.model.get_input_embeddings().weight[sdlm.config.mask_token_id].detach().clone().float()
         )
         self._handles: list = []
+        self._layers = [m for m in sdlm.model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        self._active = True
+
+    def set_active(self, on: bool) -> None:
+        """Skip the LoRA branch entirely (not just multiply it by 0) when ``on`` is False.
+
+        Used for forwards without block tokens (prefill, ``ar`` steps, the clean
+        training pass): the result is the same as a zero gate, at the base model's cost.
+        """
+        if on == self._active:
+            return
+        for m in self._layers:
+            if hasattr(m, "_disable_adapters"):
+                m._disable_adapters = not on
+        self._active = on
 
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.sdlm.model.named_parameters() if "lora_" in n}
@@ -126,17 +141,18 @@ def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
 
     if sdlm.config is None:
         raise SDLMError("the model has no mask token yet: call retrofit() before attaching an adapter")
+    targets = config.target_modules
+    if targets == "all-linear":
+        # "all-linear" is resolved by peft's wrapper only; inject_adapter_in_model needs names
+        targets = _linear_names(sdlm.model)
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=config.target_modules,
+        target_modules=targets,
         layers_to_transform=config.layers,
         bias="none",
     )
-    if config.target_modules == "all-linear":
-        # "all-linear" is resolved by peft's wrapper only; inject_adapter_in_model needs names
-        lora.target_modules = _linear_names(sdlm.model)
     inject_adapter_in_model(lora, sdlm.model)
     for p in sdlm.model.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Command line: ``sdlm generate | retrofit | train``.
+"""Command line: ``sdlm generate | retrofit | distill | train``.
 
 Results go to stdout, diagnostics to stderr. A user mistake prints one line
 ``sdlm: error: ...`` that names the problem and the fix, and exits with 2.
@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(r)
     r.add_argument("--block-size", type=int, default=4)
     r.add_argument("--out", required=True, help="output folder")
+
+    d = sub.add_parser("distill", help="write self-distilled training data: the model's own greedy answers "
+                                       "(batched, resumable)")
+    d.add_argument("prompts", help="JSONL of prompts (messages, conversations, prompt, question or text records)")
+    d.add_argument("--out", required=True, help="output JSONL (messages records); an existing file is resumed")
+    _add_model_args(d)
+    d.set_defaults(model="smollm2-135m-instruct")
+    d.add_argument("--max-new-tokens", type=int, default=400)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    d.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train", help="train an SDLM from a YAML recipe (resumes from out_dir/checkpoint)")
     t.add_argument("recipe", help="YAML recipe (see recipes/)")
@@ -127,6 +138,21 @@ def cmd_retrofit(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill import distill, read_prompts
+    from .model import SDLM
+
+    prompts, refused = read_prompts(args.prompts)
+    if refused:
+        print(f"skipped {refused} MBPP test/validation prompts (never training data)", file=sys.stderr)
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True)
+    stats = distill(sdlm, prompts, args.out, args.max_new_tokens, args.batch_size, progress=not args.no_progress)
+    print(json.dumps({"out": args.out, **stats}))
+    return 0
+
+
 def cmd_train(args) -> int:
     import yaml
 
@@ -153,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
     _quiet_warnings()
     try:
-        return {"generate": cmd_generate, "retrofit": cmd_retrofit, "train": cmd_train}[args.command](args)
+        return {"generate": cmd_generate, "retrofit": cmd_retrofit, "distill": cmd_distill, "train": cmd_train}[args.command](args)
     except SDLMError as e:
         print(f"sdlm: error: {e}", file=sys.stderr)
         return 2

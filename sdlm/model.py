@@ -202,6 +202,9 @@ class SDLM:
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         self.gate = gate.to(dev)
+        adapter = getattr(self, "adapter", None)
+        if adapter is not None and adapter.config.kind == "block-adapter":
+            adapter.set_active(bool(self.gate.any()))  # no block token: skip the LoRA work
         try:
             out = self.model(
                 input_ids=input_ids.to(dev),

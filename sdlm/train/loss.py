@@ -27,12 +27,14 @@ from ..model import SDLM
 
 @dataclass
 class Packed:
-    """A batch of training layouts, one sample per row, padded. Fields (B, T).
+    """A batch of training layouts packed into rows. Fields (B, T).
 
-    Each row is the sample's clean tokens padded to the longest clean part,
-    then its blocks padded to the most blocks, so that the clean part is one
-    prefix for the whole batch (the two-pass step runs it alone). Padding
-    tokens have ``seq = -1``: they see only each other, and nothing sees them.
+    A row holds one or more samples: their clean tokens one after another,
+    padded to the longest clean part of the batch, then their blocks one after
+    another, padded to the longest block part. The clean part is therefore one
+    prefix for the whole batch (the two-pass step runs it alone). Samples in a
+    row are kept apart by ``seq`` (0, 1, ... within the row); padding has
+    ``seq = -1``: it sees only itself, and nothing sees it.
     """
 
     input_ids: torch.Tensor
@@ -41,10 +43,18 @@ class Packed:
     slot: torch.Tensor
     ar_labels: torch.Tensor
     n_clean: int
+    teacher_col: torch.Tensor | None = None
+    """For block tokens: the clean column (same row) whose next-token prediction is the
+    base model's distribution for this slot's target; -1 elsewhere."""
 
     @property
     def n_block_targets(self) -> int:
         return int((self.block_labels != IGNORE).sum())
+
+    @property
+    def n_real(self) -> int:
+        """Tokens that are not padding."""
+        return int((self.info.seq >= 0).sum())
 
     def columns(self, idx: torch.Tensor) -> "Packed":
         i = self.info
@@ -55,14 +65,42 @@ class Packed:
             self.slot[:, idx],
             self.ar_labels[:, idx],
             int((idx < self.n_clean).sum()),
+            None if self.teacher_col is None else self.teacher_col[:, idx],
         )
 
 
-def pack(layouts: list[TrainingLayout], pad_id: int = 0) -> Packed:
-    """Stack layouts into a padded batch: (B, L_max + K_max * D)."""
-    L = max(l.n_clean for l in layouts)
-    K = max(l.input_ids.shape[0] - l.n_clean for l in layouts)
-    B, T = len(layouts), L + K
+def assign_rows(layouts: list[TrainingLayout], row_tokens: int | None) -> list[list[int]]:
+    """Group samples into rows of at most ``row_tokens`` tokens (clean + blocks).
+
+    First-fit decreasing by length: few rows and little padding. ``None`` puts
+    every sample in a row of its own. A sample longer than ``row_tokens`` gets
+    a row to itself.
+    """
+    if not row_tokens:
+        return [[i] for i in range(len(layouts))]
+    order = sorted(range(len(layouts)), key=lambda i: -layouts[i].input_ids.shape[0])
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = layouts[i].input_ids.shape[0]
+        for r, u in enumerate(used):
+            if u + n <= row_tokens:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return [sorted(r) for r in rows]
+
+
+def pack(layouts: list[TrainingLayout], pad_id: int = 0, row_tokens: int | None = None) -> Packed:
+    """Pack layouts into rows (see :func:`assign_rows`): (B, L_max + K_max)."""
+    rows = assign_rows(layouts, row_tokens)
+    clean_len = [sum(layouts[i].n_clean for i in r) for r in rows]
+    block_len = [sum(layouts[i].input_ids.shape[0] - layouts[i].n_clean for i in r) for r in rows]
+    L, K = max(clean_len), max(block_len)
+    B, T = len(rows), L + K
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
     block = torch.full((B, T), -1, dtype=torch.long)
@@ -71,22 +109,29 @@ def pack(layouts: list[TrainingLayout], pad_id: int = 0) -> Packed:
     block_labels = torch.full((B, T), IGNORE, dtype=torch.long)
     slot = torch.full((B, T), -1, dtype=torch.long)
     ar_labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for b, lay in enumerate(layouts):
-        n, m = lay.n_clean, lay.input_ids.shape[0] - lay.n_clean
-        for dst, src in ((slice(0, n), slice(0, n)), (slice(L, L + m), slice(n, n + m))):
-            ids[b, dst] = lay.input_ids[src]
-            pos[b, dst] = lay.info.pos[src]
-            block[b, dst] = lay.info.block[src]
-            start[b, dst] = lay.info.start[src]
-            seq[b, dst] = 0
-            block_labels[b, dst] = lay.block_labels[src]
-            slot[b, dst] = lay.slot[src]
-            ar_labels[b, dst] = lay.ar_labels[src]
+    teacher_col = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        c, k = 0, L  # write heads of the clean and block parts
+        for s_idx, i in enumerate(row):
+            lay = layouts[i]
+            n, m = lay.n_clean, lay.input_ids.shape[0] - lay.n_clean
+            for dst, src in ((slice(c, c + n), slice(0, n)), (slice(k, k + m), slice(n, n + m))):
+                ids[b, dst] = lay.input_ids[src]
+                pos[b, dst] = lay.info.pos[src]
+                block[b, dst] = lay.info.block[src]
+                start[b, dst] = lay.info.start[src]
+                seq[b, dst] = s_idx
+                block_labels[b, dst] = lay.block_labels[src]
+                slot[b, dst] = lay.slot[src]
+                ar_labels[b, dst] = lay.ar_labels[src]
+            # slot j of a block at p predicts x_{p+j+1}, as the clean token at position p+j does
+            teacher_col[b, k : k + m] = c + lay.info.pos[n : n + m]
+            c, k = c + n, k + m
     # padding: a block id of its own per pad column keeps pads out of every real block
     pad = seq < 0
     block = torch.where(pad & (torch.arange(T) >= L), -2 - torch.arange(T).expand(B, T), block)
     block = torch.where(pad & (torch.arange(T) < L), torch.full_like(block, -1), block)
-    return Packed(ids, TokenInfo(pos, block, start, seq), block_labels, slot, ar_labels, L)
+    return Packed(ids, TokenInfo(pos, block, start, seq), block_labels, slot, ar_labels, L, teacher_col)
 
 
 @dataclass
@@ -128,26 +173,44 @@ def dense_loss(sdlm: SDLM, batch: Packed, block_size: int, ar_loss_weight: float
     return LossOutput(loss, block_loss.detach(), None if ar_loss is None else ar_loss.detach(), sl, sc, sn, int(kb.sum()))
 
 
-def two_pass_loss(sdlm: SDLM, batch: Packed, block_size: int) -> LossOutput:
-    """Fast path for the gated adapter: clean tokens without gradients, then blocks with them."""
+def two_pass_loss(sdlm: SDLM, batch: Packed, block_size: int, distill: float = 0.0) -> LossOutput:
+    """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
+
+    ``distill`` > 0 mixes in soft targets: the base model's own next-token
+    distribution at the matching clean position (the clean pass computes it
+    anyway), ``(1 - distill) * CE(hard) + distill * CE(soft)``.
+    """
     from transformers import DynamicCache
 
     cfg = sdlm.config
     L, T = batch.n_clean, batch.input_ids.shape[1]
     clean, blocks = batch.columns(torch.arange(L)), batch.columns(torch.arange(L, T))
-
-    cache = DynamicCache()
-    with torch.no_grad():  # the clean pass: base model only (gate 0), it just fills the cache
-        mask = additive(allowed(clean.info, clean.info), sdlm.dtype)
-        _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, torch.tensor([L - 1]))
-    keys = TokenInfo.cat([clean.info, blocks.info])
-    mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
     has_block = blocks.block_labels != IGNORE
     keep = torch.nonzero(has_block.any(0)).flatten()
-    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep)  # (B, N, V)
     kb = has_block[:, keep]
+
+    cache = DynamicCache()
+    with torch.no_grad():  # the clean pass: base model only (gate 0), it fills the cache
+        mask = additive(allowed(clean.info, clean.info), sdlm.dtype)
+        if distill > 0:
+            tcol = blocks.teacher_col[:, keep][kb]  # (N,) clean column of each target's teacher
+            rows = torch.nonzero(kb)[:, 0]
+            need = torch.unique(tcol)
+            t_logits = _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, need)  # (B, U, V)
+            where = torch.searchsorted(need, tcol)
+            teacher = torch.softmax(t_logits[rows, where].float(), -1)  # (N, V)
+            del t_logits
+        else:
+            _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, torch.tensor([L - 1]))
+    keys = TokenInfo.cat([clean.info, blocks.info])
+    mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
+    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep)  # (B, N, V)
     block_loss, sl, sc, sn = _metrics(logits[kb], blocks.block_labels[:, keep][kb], blocks.slot[:, keep][kb], block_size)
-    return LossOutput(block_loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
+    loss = block_loss
+    if distill > 0:
+        soft = F.cross_entropy(logits[kb].float(), teacher)
+        loss = (1 - distill) * block_loss + distill * soft
+    return LossOutput(loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
 
 
 def _forward_keep(sdlm: SDLM, ids, info: TokenInfo, mask, cache, keep: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,16 @@ class TrainConfig:
     lora_r: int = 32
     lora_alpha: float = 32.0
     lora_layers: list[int] | None = None
+    """Decoder layers that get LoRA (None = all). With ``train_mask_embedding: false``, adapting
+    only the top layers also cuts the backward pass to those layers."""
+    lora_targets: list[str] | str = "all-linear"
+    """Linear layers to adapt inside each decoder layer, e.g. [q_proj, v_proj] (default all)."""
+    train_mask_embedding: bool = True
     ar_loss_weight: float = 1.0
     """Joint next-token loss on clean response tokens (lora / full only; the gated adapter keeps the base)."""
+    distill: float = 0.0
+    """block-adapter only: weight of soft targets (the base model's own next-token distribution,
+    from the clean pass) against the data's hard labels; 1.0 = soft targets only."""
     lr: float = 5e-4
     weight_decay: float = 0.0
     schedule: str = "constant"
@@ -62,11 +70,23 @@ class TrainConfig:
     block_density: float = 1.0
     """Block tokens per response token: blocks per sample = ceil(density * targets / D)."""
     max_length: int = 512
+    row_tokens: int | None = 1024
+    """Pack several samples (clean + blocks) into rows of up to this many tokens (None: one per row)."""
     heldout: int = 0
     """Samples kept out of training for evaluation."""
     eval_every: int = 0
+    tpf_every: int = 0
+    """Every this many steps (and at the end), the exact greedy speculative tokens per forward
+    (SPEC §3.4) on the first ``tpf_samples`` held-out samples, taking their responses as the
+    base model's greedy output (true for self-distilled data)."""
+    tpf_samples: int = 16
+    tpf_block_sizes: list[int] | None = None
+    """Draft block sizes for the TPF report (default: [block_size])."""
     save_every: int = 50
     log_every: int = 1
+    time_limit_minutes: float | None = None
+    """Stop (checkpoint, export, report) once this much training time has been spent, counted over
+    resumed runs too: runs of equal CPU time compare recipes fairly."""
     seed: int = 0
     bf16: bool | None = None
     """bf16 autocast; None = on where the device supports it."""
@@ -82,6 +102,10 @@ class TrainConfig:
             raise SDLMError(f"unknown schedule {self.schedule!r}: use constant, linear or cosine")
         if self.samples_per_step < self.grad_accum:
             raise SDLMError("samples_per_step must be >= grad_accum (each micro-batch needs a sample)")
+        if not 0.0 <= self.distill <= 1.0:
+            raise SDLMError(f"distill must be between 0 and 1, got {self.distill}")
+        if self.distill > 0 and self.retrofit != "block-adapter":
+            raise SDLMError("distill (soft targets from the frozen base) needs retrofit: block-adapter")
         if not self.data:
             raise SDLMError("the recipe names no data: set `data:` to a JSONL file")
 
@@ -147,10 +171,13 @@ class Trainer:
                 p.requires_grad_(True)
             params = [p for p in self.sdlm.model.parameters()]
         else:
-            acfg = AdapterConfig(kind=cfg.retrofit, r=cfg.lora_r, alpha=cfg.lora_alpha, layers=cfg.lora_layers, base_model=cfg.model)
+            acfg = AdapterConfig(kind=cfg.retrofit, r=cfg.lora_r, alpha=cfg.lora_alpha, layers=cfg.lora_layers,
+                                 target_modules=cfg.lora_targets, base_model=cfg.model)
             self.adapter = attach(self.sdlm, acfg)
-            self.adapter.train_mask_embedding()
-            params = self.adapter.parameters()
+            params = list(self.adapter.lora_parameters().values())
+            if cfg.train_mask_embedding:
+                self.adapter.train_mask_embedding()
+                params.append(self.adapter.mask_embedding)
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
@@ -190,10 +217,10 @@ class Trainer:
         return lays
 
     def loss(self, examples: list[Example], generator: torch.Generator) -> LossOutput:
-        batch = pack(self._layouts(examples, generator))
+        batch = pack(self._layouts(examples, generator), row_tokens=self.cfg.row_tokens)
         with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.cfg.retrofit == "block-adapter":
-                return two_pass_loss(self.sdlm, batch, self.cfg.block_size)
+                return two_pass_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.distill)
             return dense_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.ar_loss_weight)
 
     # ------------------------------------------------------------ the loop
@@ -208,6 +235,13 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         last = {}
         while self.step < cfg.steps:
+            if cfg.time_limit_minutes is not None and self.train_seconds >= 60 * cfg.time_limit_minutes:
+                bar.write(f"time limit of {cfg.time_limit_minutes} min reached at step {self.step}")
+                cfg.steps = self.step
+                self.save_checkpoint()
+                if cfg.tpf_every and self.heldout:
+                    _append_jsonl(metrics_path, self.evaluate_tpf())
+                break
             t0 = time.perf_counter()
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(cfg, self.step)
@@ -237,6 +271,11 @@ class Trainer:
                 ev = self.evaluate()
                 _append_jsonl(metrics_path, ev)
                 logger.info("eval step %d: %s", self.step, ev)
+            if cfg.tpf_every and self.heldout and (self.step % cfg.tpf_every == 0 or self.step == cfg.steps):
+                ev = self.evaluate_tpf()
+                _append_jsonl(metrics_path, ev)
+                bar.write(f"step {self.step}: held-out tokens/forward " + ", ".join(
+                    f"D={d}: {v:.3f}" for d, v in ev["tpf"].items()))
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
@@ -268,6 +307,28 @@ class Trainer:
         acc = (agg["slot_correct"] / agg["slot_count"].clamp_min(1)).tolist()
         return {"step": self.step, "eval_slot_acc": [round(x, 4) for x in acc],
                 "eval_block_loss": float(agg["slot_loss_sum"].sum() / agg["slot_count"].sum())}
+
+    @torch.no_grad()
+    def evaluate_tpf(self) -> dict:
+        """Exact greedy speculative tokens per forward on held-out samples (SPEC §3.4)."""
+        from ..tpf import summarize, tokens_per_forward
+
+        if self.adapter is not None:
+            self.adapter.write_mask_embedding()  # inference reads the mask row of the embedding
+        t0 = time.perf_counter()
+        out, hist = {}, {}
+        for D in self.cfg.tpf_block_sizes or [self.cfg.block_size]:
+            res = []
+            for ex in self.heldout[: self.cfg.tpf_samples]:
+                span = torch.nonzero(ex.loss_mask).flatten()
+                if len(span) == 0:
+                    continue
+                a, b = int(span[0]), int(span[-1]) + 1
+                res.append(tokens_per_forward(self.sdlm, ex.ids[:a].tolist(), ex.ids[a:b].tolist(), D))
+            out[D] = round(summarize(res)["tokens_per_forward"], 4)
+            hist[D] = summarize(res)["prompts"]
+        return {"step": self.step, "tpf": out, "tpf_prompts": hist, "tpf_seconds": round(time.perf_counter() - t0, 1),
+                "train_seconds": round(self.train_seconds, 1), "block_tokens_total": self.block_tokens}
 
     # ------------------------------------------------------------ checkpoints
 

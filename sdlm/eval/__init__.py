@@ -1,0 +1,1 @@
+"""Evaluation helpers: task loaders, answer extraction and scoring."""

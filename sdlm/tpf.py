@@ -1,0 +1,138 @@
+"""Exact tokens per forward from one forward pass (SPEC §3.4).
+
+For greedy lossless decoding the accept lengths are a function of the greedy
+output ``y`` and of the block predictions along it: the block that starts at
+position ``p`` sees the committed tokens before ``p`` (which are ``y``'s, since
+every accepted token equals ``y``) and its own slot 0 ``s_p``. So one forward
+over ``prompt + y`` with a block at every position gives every draft the
+decoder could ever have had; replaying the accept rule over them gives the
+decoder's forward count without decoding.
+
+Cost: one forward of ``len(prompt) + len(y) * (D + 1)`` tokens per prompt, for
+any draft length ``D``. The test suite checks the count against the real
+decoder at D = 2, 4, 8.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import SDLMError
+from .masks import TokenInfo, additive, allowed
+from .model import SDLM
+
+
+@dataclass
+class TPF:
+    """Replayed speculative decoding of one prompt."""
+
+    new_tokens: int
+    forwards: int
+    accept_histogram: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(self.forwards, 1)
+
+
+@torch.no_grad()
+def block_drafts(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, chunk: int = 64) -> torch.Tensor:
+    """Greedy predictions of the blocks that start at ``first .. len(seq)-2``.
+
+    Returns (n_blocks, D) token ids: row ``i`` is the block at ``p = first + i``,
+    column ``j`` its slot ``j`` prediction for position ``p + j + 1`` (the mask
+    token is never predicted, as in the decoder). The clean sequence runs once
+    (it fills the cache); blocks run ``chunk`` at a time against it.
+    """
+    from transformers import DynamicCache
+
+    if sdlm.config is None:
+        raise SDLMError("the model has no mask token: retrofit it (or load an SDLM) before measuring drafts")
+    D, mask_id = block_size, sdlm.config.mask_token_id
+    ids = torch.tensor([int(t) for t in seq], dtype=torch.long)
+    n = ids.shape[0]
+    starts = list(range(first, n - 1))
+    if not starts:
+        return torch.empty((0, D), dtype=torch.long)
+    clean = TokenInfo.clean(torch.arange(n))
+    cache = DynamicCache()
+    mask = additive(allowed(clean, clean), sdlm.dtype)
+    sdlm.forward(ids[None], clean.pos[None], mask, clean.is_block[None], cache, 1)
+    out = []
+    for c in range(0, len(starts), chunk):
+        ps = torch.tensor(starts[c : c + chunk])
+        k = ps.shape[0]
+        bid = torch.arange(k).repeat_interleave(D)
+        start = ps.repeat_interleave(D)
+        pos = start + torch.arange(D).repeat(k)
+        block_ids = torch.full((k, D), mask_id, dtype=torch.long)
+        block_ids[:, 0] = ids[ps]
+        info = TokenInfo(pos, bid, start)
+        keys = TokenInfo.cat([clean, info])
+        mask = additive(allowed(info, keys, sdlm.config.causal_within_block), sdlm.dtype)
+        keep = torch.arange(k * D)
+        logits = sdlm.forward(block_ids.flatten()[None], pos[None], mask, info.is_block[None], cache, keep)[0]
+        SDLM.crop(cache, k * D)
+        logits = logits.float()
+        logits[:, mask_id] = float("-inf")
+        out.append(logits.argmax(-1).view(k, D).cpu())
+    return torch.cat(out)
+
+
+def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_tokens: int | None = None) -> TPF:
+    """Replay SPEC §3.2's greedy accept rule over precomputed block drafts.
+
+    ``seq`` is prompt + greedy output; ``drafts`` from :func:`block_drafts`
+    with ``first = n_prompt - 1``. ``max_new_tokens`` is the decoder's limit
+    (default: the output length), which bounds the drafts near the end.
+    """
+    seq = [int(t) for t in seq]
+    N = len(seq) - n_prompt
+    if N <= 0:
+        return TPF(0, 0)
+    limit = max_new_tokens if max_new_tokens is not None else N
+    D = drafts.shape[1]
+    hist: Counter[int] = Counter({1: 1})  # the prefill forward commits one token
+    gen, forwards = 1, 1
+    m = n_prompt  # position of the newest committed (bonus) token
+    while gen < N:
+        k = min(D - 1, limit - gen - 1)
+        d = drafts[m - 1 - (n_prompt - 1), 1 : 1 + k].tolist()  # block at p = m-1, slots 1..k
+        a = 0
+        while a < k and m + 1 + a < len(seq) and d[a] == seq[m + 1 + a]:
+            a += 1
+        new = min(a + 1, N - gen)
+        gen, m, forwards = gen + new, m + new, forwards + 1
+        hist[new] += 1
+    return TPF(N, forwards, dict(hist))
+
+
+def tokens_per_forward(
+    sdlm: SDLM, prompt_ids: Sequence[int], output_ids: Sequence[int], block_size: int, max_new_tokens: int | None = None
+) -> TPF:
+    """The greedy speculative decoder's forward count for ``prompt -> output``, from one forward.
+
+    ``output_ids`` must be the model's greedy output for ``prompt_ids`` (with the
+    block-gated adapter: the base model's); then the count is exact.
+    """
+    seq = list(prompt_ids) + list(output_ids)
+    drafts = block_drafts(sdlm, seq, len(prompt_ids) - 1, block_size)
+    return replay(drafts, seq, len(prompt_ids), max_new_tokens)
+
+
+def summarize(results: list[TPF]) -> dict:
+    """Pooled tokens per forward (total tokens / total forwards) and the mean per prompt."""
+    tok = sum(r.new_tokens for r in results)
+    fw = sum(r.forwards for r in results)
+    per = [r.tokens_per_forward for r in results if r.forwards]
+    return {
+        "tokens_per_forward": tok / max(fw, 1),
+        "mean_tokens_per_forward": sum(per) / max(len(per), 1),
+        "new_tokens": tok,
+        "forwards": fw,
+        "prompts": len(results),
+    }
