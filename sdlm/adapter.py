@@ -123,14 +123,14 @@ class Adapter:
 
         self._handles.append(self.sdlm.model.get_input_embeddings().register_forward_hook(hook))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the adapter folder atomically."""
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the adapter folder atomically; ``dtype`` (e.g. bfloat16) halves the file for shipping."""
         from safetensors.torch import save_file
 
         path = Path(path)
         with atomic_dir(path) as tmp:
             self.config.sdlm = self.sdlm.config.to_dict()
-            save_file(self.state_dict(), str(tmp / ADAPTER_WEIGHTS))
+            save_file({k: v.to(dtype) for k, v in self.state_dict().items()}, str(tmp / ADAPTER_WEIGHTS))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return path
 

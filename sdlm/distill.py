@@ -10,6 +10,8 @@ output are skipped, and a half-written last line is repaired.
 Prompt records (JSONL), by field: ``messages`` / ``conversations`` (a trailing
 assistant turn is dropped), ``prompt``, ``question`` (GSM8K) or ``text`` (with
 ``test_list``: MBPP, the first test appended as in the MBPP paper's prompt).
+Each output record also keeps ``answer_ids``, the generated token ids (with the
+end-of-turn token when the answer stopped), for exact measurements.
 MBPP records with task ids 11-600 (test and validation splits) are refused so
 that they never become training data.
 """
@@ -151,15 +153,16 @@ def distill(
             )[:, width:].cpu()
             for r, i in enumerate(idx):
                 row = gen[r].tolist()
-                finish = "length"
+                finish, kept = "length", row
                 for j, t in enumerate(row):
                     if t in eos:
-                        row, finish = row[:j], "stop"
+                        row, kept, finish = row[:j], row[: j + 1], "stop"
                         break
                 p = todo[i]
                 text = tok.decode(row, skip_special_tokens=True)
                 rec = {"source": p.source, "id": p.id, "finish": finish,
-                       "messages": p.messages + [{"role": "assistant", "content": text}]}
+                       "messages": p.messages + [{"role": "assistant", "content": text}],
+                       "answer_ids": kept}  # the generated ids, with the end-of-turn token when it stopped
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 stats[finish] += 1
                 stats["written"] += 1

@@ -92,8 +92,13 @@ class SDLM:
         ``random:<arch>``, Hub id).
         """
         from .adapter import is_adapter_folder, load_adapter
-        from .zoo import load_base
+        from .zoo import builtin_adapter, load_base
 
+        shipped = builtin_adapter(name) if isinstance(name, str) else None
+        if shipped is not None:
+            sdlm = load_adapter(shipped, dtype=dtype, device=device)
+            sdlm.name = name
+            return sdlm
         if is_adapter_folder(name):
             return load_adapter(name, dtype=dtype, device=device)
 

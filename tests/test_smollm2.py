@@ -52,3 +52,31 @@ def test_answer_is_sensible(sdlm, reference):
     ids, _ = reference[PROMPTS[0]]
     text = Decoder(sdlm, GenerationConfig(max_new_tokens=16)).generate(ids).text
     assert "Paris" in text
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return SDLM.load("smollm2-135m-instruct-sdlm")
+
+
+@pytest.mark.parametrize("mode,block_size", [("ar", None), ("speculative", 4), ("speculative", 8)])
+def test_shipped_adapter_keeps_the_base_output(shipped, reference, mode, block_size):
+    """The default model (base + trained block adapter): ar and speculative == the bare base's generate."""
+    assert shipped.adapter is not None and shipped.config.retrofit == "block-adapter"
+    dec = Decoder(shipped, GenerationConfig(mode=mode, block_size=block_size, max_new_tokens=MAX_NEW))
+    tok = fw = 0
+    for p, (ids, expected) in reference.items():
+        got = dec.generate(ids)
+        assert got.tokens == expected, (p, shipped.tokenizer.decode(got.tokens), shipped.tokenizer.decode(expected))
+        tok, fw = tok + got.new_tokens, fw + got.forwards
+    if mode == "speculative":
+        assert tok / fw > 1.3  # trained drafts are accepted (an untrained mask token gives about 1.1)
+
+
+def test_shipped_adapter_exact_tpf_matches_decoding(shipped, reference):
+    from sdlm.tpf import tokens_per_forward
+
+    for p, (ids, expected) in reference.items():
+        got = Decoder(shipped, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=MAX_NEW)).generate(ids)
+        t = tokens_per_forward(shipped, ids, expected, 4, max_new_tokens=MAX_NEW)
+        assert (t.new_tokens, t.forwards) == (got.new_tokens, got.forwards)

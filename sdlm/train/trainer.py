@@ -53,6 +53,10 @@ class TrainConfig:
     lora_targets: list[str] | str = "all-linear"
     """Linear layers to adapt inside each decoder layer, e.g. [q_proj, v_proj] (default all)."""
     train_mask_embedding: bool = True
+    init_adapter: str | None = None
+    """Start from this adapter folder's weights (same LoRA settings), e.g. to continue a shipped model."""
+    export_dtype: str = "float32"
+    """dtype of the exported adapter weights (float32 or bfloat16: half the size)."""
     ar_loss_weight: float = 1.0
     """Joint next-token loss on clean response tokens (lora / full only; the gated adapter keeps the base)."""
     distill: float = 0.0
@@ -157,8 +161,13 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.dist = Dist.from_env(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        elif self.dist.world > 1 and cfg.device == "cpu":  # processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.dist.local_world))
+        if self.dist.world > 1 and cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{self.dist.local_rank}"
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.ckpt = self.out / "checkpoint"
@@ -175,6 +184,8 @@ class Trainer:
                                  target_modules=cfg.lora_targets, base_model=cfg.model)
             self.adapter = attach(self.sdlm, acfg)
             params = list(self.adapter.lora_parameters().values())
+            if cfg.init_adapter:
+                self._init_adapter(cfg.init_adapter)
             if cfg.train_mask_embedding:
                 self.adapter.train_mask_embedding()
                 params.append(self.adapter.mask_embedding)
@@ -228,50 +239,61 @@ class Trainer:
     def run(self, progress: bool = True) -> dict:
         from tqdm import tqdm
 
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        cfg, dist = self.cfg, self.dist
+        main = dist.rank == 0
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
         self._resume()
         metrics_path = self.out / "metrics.jsonl"
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", dynamic_ncols=True)
         last = {}
+        # micro-batches per step, over all processes: process r runs micro-batches r, r+W, r+2W, ...
+        n_micro = cfg.grad_accum * dist.world
         while self.step < cfg.steps:
-            if cfg.time_limit_minutes is not None and self.train_seconds >= 60 * cfg.time_limit_minutes:
-                bar.write(f"time limit of {cfg.time_limit_minutes} min reached at step {self.step}")
+            over_time = cfg.time_limit_minutes is not None and self.train_seconds >= 60 * cfg.time_limit_minutes
+            if dist.any(over_time):
+                bar.write(f"time limit of {cfg.time_limit_minutes} min reached at step {self.step}") if main else None
                 cfg.steps = self.step
                 self.save_checkpoint()
-                if cfg.tpf_every and self.heldout:
+                if cfg.tpf_every and self.heldout and main:
                     _append_jsonl(metrics_path, self.evaluate_tpf())
+                dist.barrier()
                 break
             t0 = time.perf_counter()
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(cfg, self.step)
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
             samples = self._samples(self.step)
+            if len(samples) < n_micro:
+                raise SDLMError(f"samples_per_step={cfg.samples_per_step} is less than grad_accum x processes = {n_micro}")
             self.opt.zero_grad(set_to_none=True)
             agg = None
-            for m in range(cfg.grad_accum):
-                out = self.loss(samples[m :: cfg.grad_accum], gen)
-                (out.loss / cfg.grad_accum).backward()
+            for m in range(dist.rank, n_micro, dist.world):
+                gen = torch.Generator().manual_seed((cfg.seed * 7919 + self.step) * 1009 + m)
+                out = self.loss(samples[m::n_micro], gen)
+                (out.loss / n_micro).backward()
                 agg = _accumulate(agg, out)
+            dist.all_reduce_grads(self.params)
+            agg = dist.all_reduce_metrics(agg)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
-            dt = time.perf_counter() - t0
+            dt = dist.max(time.perf_counter() - t0)
             self.train_seconds += dt
             self.block_tokens += agg["n_block_targets"]
             self.step += 1
-            last = self._record(agg, dt)
+            last = self._record(agg, dt, n_micro)
             bar.update(1)
             bar.set_postfix_str(
                 f"loss {last['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in last['slot_acc'][:4])} "
                 f"{last['block_tokens_per_s']:.0f} blk tok/s"
             )
-            if cfg.log_every and self.step % cfg.log_every == 0:
+            if main and cfg.log_every and self.step % cfg.log_every == 0:
                 _append_jsonl(metrics_path, last)
-            if cfg.eval_every and self.heldout and self.step % cfg.eval_every == 0:
+            if main and cfg.eval_every and self.heldout and self.step % cfg.eval_every == 0:
                 ev = self.evaluate()
                 _append_jsonl(metrics_path, ev)
                 logger.info("eval step %d: %s", self.step, ev)
-            if cfg.tpf_every and self.heldout and (self.step % cfg.tpf_every == 0 or self.step == cfg.steps):
+            if main and cfg.tpf_every and self.heldout and (self.step % cfg.tpf_every == 0 or self.step == cfg.steps):
                 ev = self.evaluate_tpf()
                 _append_jsonl(metrics_path, ev)
                 bar.write(f"step {self.step}: held-out tokens/forward " + ", ".join(
@@ -279,20 +301,23 @@ class Trainer:
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
-        final = self.export()
-        _plot(metrics_path, self.out / "metrics.png")
+        final = self.export() if main else self.out / "final"
+        if main:
+            _plot(metrics_path, self.out / "metrics.png")
+        dist.barrier()
         return {"final": str(final), **last}
 
-    def _record(self, agg: dict, dt: float) -> dict:
+    def _record(self, agg: dict, dt: float, n_micro: int = 1) -> dict:
         acc = (agg["slot_correct"] / agg["slot_count"].clamp_min(1)).tolist()
         sl = (agg["slot_loss_sum"] / agg["slot_count"].clamp_min(1)).tolist()
         return {
             "step": self.step,
-            "loss": agg["loss"] / self.cfg.grad_accum,
+            "loss": agg["loss"] / n_micro,
             "slot_loss": [round(x, 4) for x in sl],
             "slot_acc": [round(x, 4) for x in acc],
             "block_tokens": agg["n_block_targets"],
             "block_tokens_per_s": agg["n_block_targets"] / dt,
+            "processes": self.dist.world,
             "lr": self.opt.param_groups[0]["lr"],
             "seconds": round(self.train_seconds, 2),
         }
@@ -333,7 +358,10 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        """Trainable state, optimizer and counters, written to a temp folder then renamed."""
+        """Trainable state, optimizer and counters, written to a temp folder then renamed (process 0)."""
+        if self.dist.rank != 0:
+            self.dist.barrier()
+            return
         with atomic_dir(self.ckpt) as tmp:
             if self.adapter is not None:
                 self.adapter.save(tmp / "adapter")
@@ -343,6 +371,7 @@ class Trainer:
             state = {"step": self.step, "block_tokens": self.block_tokens, "train_seconds": self.train_seconds,
                      "config": asdict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        self.dist.barrier()
 
     def _resume(self) -> None:
         state_file = self.ckpt / "trainer_state.json"
@@ -370,12 +399,92 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         logger.info("resumed from %s at step %d", self.ckpt, self.step)
 
+    def _init_adapter(self, folder: str) -> None:
+        from safetensors.torch import load_file
+
+        from ..adapter import ADAPTER_WEIGHTS, is_adapter_folder
+
+        if not is_adapter_folder(folder):
+            raise SDLMError(f"init_adapter {folder} is not an adapter folder (no sdlm_adapter.json)")
+        self.adapter.load_state_dict(load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
+        logger.info("adapter weights initialised from %s", folder)
+
     def export(self) -> Path:
         """The final artifact: ``out_dir/final`` (adapter folder, or a full HF folder)."""
         final = self.out / "final"
         if self.adapter is not None:
-            return self.adapter.save(final)
+            if self.cfg.export_dtype not in ("float32", "bfloat16", "float16"):
+                raise SDLMError(f"export_dtype {self.cfg.export_dtype!r}: use float32, bfloat16 or float16")
+            return self.adapter.save(final, dtype=getattr(torch, self.cfg.export_dtype))
         return self.sdlm.save(final)
+
+
+class Dist:
+    """The process group when launched by ``torchrun`` or ``accelerate launch`` (their env
+    variables), else a single process. Gradients are all-reduced by hand after backward:
+    the two-pass step calls the model twice per micro-batch, which DDP's wrapper does not expect."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+
+    @classmethod
+    def from_env(cls, device: str) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", str(td.get_world_size()))))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def all_reduce_grads(self, params) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        for p in params:  # sum of the micro-batch terms of every process (each already / n_micro)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            td.all_reduce(p.grad)
+
+    def all_reduce_metrics(self, agg: dict) -> dict:
+        if self.world == 1:
+            return agg
+        import torch.distributed as td
+
+        t = torch.cat([torch.tensor([agg["loss"], float(agg["n_block_targets"])]),
+                       agg["slot_loss_sum"], agg["slot_correct"], agg["slot_count"]]).double()
+        td.all_reduce(t)
+        D = agg["slot_count"].shape[0]
+        return {"loss": float(t[0]), "n_block_targets": int(t[1]), "slot_loss_sum": t[2 : 2 + D].float(),
+                "slot_correct": t[2 + D : 2 + 2 * D].float(), "slot_count": t[2 + 2 * D :].float()}
+
+    def max(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        import torch.distributed as td
+
+        t = torch.tensor([x], dtype=torch.float64)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return float(t)
+
+    def any(self, flag: bool) -> bool:
+        """Every process takes the same decision (process 0's clock could differ)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as td
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return bool(t > 0)
 
 
 def _accumulate(agg: dict | None, out: LossOutput) -> dict:

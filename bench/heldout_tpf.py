@@ -1,0 +1,105 @@
+"""Exact greedy speculative tokens per forward on prompts no training saw (SPEC §3.4).
+
+1. The base model's greedy answers to the prompts (batched ``generate``; cached
+   in ``--work`` and reused for every adapter and D).
+2. For each D: one forward per prompt over prompt + answer with a block at
+   every position, replayed through the accept rule = the decoder's forward count.
+
+Prompt sets: GSM8K test (first N), MBPP test prompts (task ids 11-510, first N),
+and bench/prompts/chat.jsonl (general questions). None is in the training data.
+
+    python bench/heldout_tpf.py --model smollm2-135m-instruct-sdlm --n 20 --block-sizes 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared" / "data"
+
+
+def prompt_sets(n: int) -> dict[str, list[dict]]:
+    sets = {}
+    gsm = SHARED / "gsm8k" / "test.jsonl"
+    if gsm.is_file():
+        rows = [json.loads(l) for l in gsm.read_text().splitlines()[:n]]
+        sets["gsm8k-test"] = [{"source": "gsm8k-test", "id": i, "question": r["question"]} for i, r in enumerate(rows)]
+    mbpp = SHARED / "mbpp" / "mbpp.jsonl"
+    if mbpp.is_file():
+        rows = [json.loads(l) for l in mbpp.read_text().splitlines()]
+        rows = [r for r in rows if 11 <= r["task_id"] <= 510][:n]
+        sets["mbpp-test"] = [{"source": "mbpp-test", "id": r["task_id"],
+                              "prompt": f"{r['text']} Your code should pass this test: {r['test_list'][0]}"} for r in rows]
+    chat = HERE / "prompts" / "chat.jsonl"
+    sets["chat"] = [json.loads(l) for l in chat.read_text().splitlines()[:n]]
+    return sets
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct-sdlm", help="adapter folder or built-in SDLM name")
+    ap.add_argument("--base", default="smollm2-135m-instruct", help="base model for the greedy answers")
+    ap.add_argument("--n", type=int, default=20, help="prompts per set")
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--work", default="runs/bench", help="folder for the cached greedy answers")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    import torch
+
+    from sdlm.distill import _encode, distill, read_prompts
+    from sdlm.model import SDLM
+    from sdlm.tpf import summarize, tokens_per_forward
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sets = prompt_sets(args.n)
+    base = None
+    answers: dict[str, list[dict]] = {}
+    for name, rows in sets.items():
+        src = work / f"prompts-{name}.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dst = work / f"greedy-{name}-{args.max_new_tokens}.jsonl"
+        prompts, _ = read_prompts(src)
+        if base is None:
+            base = SDLM.load(args.base, quiet=True)
+        distill(base, prompts, dst, args.max_new_tokens, args.batch_size, progress=True)
+        answers[name] = [json.loads(l) for l in dst.read_text().splitlines()]
+    del base
+
+    sdlm = SDLM.load(args.model, quiet=True)
+    tok = sdlm.tokenizer
+    results = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens, "sets": {}}
+    t0 = time.perf_counter()
+    for name, rows in answers.items():
+        results["sets"][name] = {}
+        for D in args.block_sizes:
+            res = []
+            for r in rows:
+                prompt = _encode(tok, r["messages"][:-1])
+                out = r["answer_ids"]
+                res.append(tokens_per_forward(sdlm, prompt, out, D, max_new_tokens=args.max_new_tokens))
+            s = summarize(res)
+            results["sets"][name][D] = {"tokens_per_forward": round(s["tokens_per_forward"], 3),
+                                        "prompts": s["prompts"], "new_tokens": s["new_tokens"]}
+            print(f"{name:12s} D={D}: {s['tokens_per_forward']:.3f} tokens/forward over {s['prompts']} prompts", flush=True)
+    allr = {D: [results["sets"][n][D] for n in results["sets"]] for D in args.block_sizes}
+    results["overall"] = {D: round(sum(x["new_tokens"] for x in v) / sum(x["new_tokens"] / x["tokens_per_forward"] for x in v), 3)
+                          for D, v in allr.items()}
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["machine"] = f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+    print(json.dumps(results["overall"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
