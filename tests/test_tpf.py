@@ -93,5 +93,5 @@ def test_count_matches_with_a_gated_adapter_and_eos():
 def test_block_drafts_shape_and_mask_never_predicted(trained):
     prompt = ids(trained, "abc abc")
     d = block_drafts(trained, prompt + [5, 6, 7], len(prompt) - 1, 4)
-    assert d.shape == (4, 4)
+    assert d.shape == (3, 4)  # blocks at the last prompt token and the first two answer tokens
     assert not (d == trained.config.mask_token_id).any()
