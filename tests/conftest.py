@@ -79,7 +79,7 @@ def use_oracle_drafts(sdlm, monkeypatch, sequence: list[int], good=lambda pos: p
     def step_logits(step, cache=None, cached_len=0):
         logits = real(step, cache, cached_len).clone()
         n = step.n_logits
-        pos, start, is_block = step.info.pos[-n:], step.info.start[-n:], step.info.is_block[-n:]
+        pos, is_block = step.info.pos[-n:], step.info.is_block[-n:]
         for r in range(n):
             target = int(pos[r]) + 1  # slot j at position p+j predicts position p+j+1
             if is_block[r] and target < len(sequence) and good(target):
