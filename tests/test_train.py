@@ -225,3 +225,21 @@ def test_teacher_columns_and_soft_targets():
     ref = torch.stack(ce).mean()
     assert torch.allclose(got.loss, ref, atol=1e-4)
     assert torch.allclose(mixed.loss, 0.75 * mixed.block_loss + 0.25 * ref, atol=1e-4)
+
+
+def test_bf16_export_and_init_adapter(tmp_path):
+    """A bf16 export halves the file and loads; init_adapter starts a new run from it."""
+    from safetensors.torch import load_file
+
+    tr = Trainer(tiny(tmp_path / "a", retrofit="block-adapter", steps=4, save_every=0, eval_every=0, export_dtype="bfloat16"))
+    tr.run(progress=False)
+    w = load_file(str(tmp_path / "a" / "run" / "final" / "adapter.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in w.values())
+    s = SDLM.load(str(tmp_path / "a" / "run" / "final"))
+    assert s.adapter is not None and s.model.dtype == torch.float32
+    nxt = Trainer(tiny(tmp_path / "b", retrofit="block-adapter", steps=0, init_adapter=str(tmp_path / "a" / "run" / "final")))
+    got = nxt.adapter.state_dict()
+    assert got.keys() == w.keys()
+    assert all(torch.equal(got[k], w[k].float()) for k in w)
+    with pytest.raises(Exception, match="not an adapter folder"):
+        Trainer(tiny(tmp_path / "c", retrofit="block-adapter", init_adapter=str(tmp_path)))

@@ -1,0 +1,77 @@
+"""Decoding speed of each mode against plain AR, in the same run, on the same prompts.
+
+Reports per mode: median tokens/s, pooled tokens per forward, the ratio to `ar`,
+and whether the output equals `ar`'s (it must, for `speculative`).
+
+    python bench/decode_speed.py --model smollm2-135m-instruct-sdlm --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct-sdlm")
+    ap.add_argument("--prompts", default=str(HERE / "prompts" / "chat.jsonl"))
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--modes", nargs="+", default=["ar", "speculative:4", "speculative:8", "confidence:4:0.9"],
+                    help="ar, speculative:D, confidence:D:tau")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from sdlm.decode import Decoder, GenerationConfig, encode_prompt
+    from sdlm.model import SDLM
+
+    sdlm = SDLM.load(args.model, dtype=getattr(torch, args.dtype), quiet=True)
+    rows = [json.loads(l) for l in Path(args.prompts).read_text().splitlines()[: args.n]]
+    prompts = [encode_prompt(sdlm, r.get("prompt") or r.get("question")) for r in rows]
+    Decoder(sdlm, GenerationConfig(mode="ar", max_new_tokens=4)).generate(prompts[0])  # warm-up
+
+    results, ar_tokens = {}, None
+    for spec in args.modes:
+        parts = spec.split(":")
+        mode = parts[0]
+        cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
+                               block_size=int(parts[1]) if len(parts) > 1 else None,
+                               threshold=float(parts[2]) if len(parts) > 2 else 0.9)
+        dec = Decoder(sdlm, cfg)
+        gens = [dec.generate(p) for p in prompts]
+        toks = [g.tokens for g in gens]
+        if mode == "ar":
+            ar_tokens = toks
+        same = None if ar_tokens is None else sum(a == b for a, b in zip(toks, ar_tokens))
+        results[spec] = {
+            "median_tokens_per_second": round(statistics.median(g.tokens_per_second for g in gens), 2),
+            "tokens_per_forward": round(sum(g.new_tokens for g in gens) / sum(g.forwards for g in gens), 3),
+            "new_tokens": sum(g.new_tokens for g in gens),
+            "same_output_as_ar": f"{same}/{len(gens)}" if same is not None else None,
+        }
+    base = results.get("ar", {}).get("median_tokens_per_second")
+    for r in results.values():
+        r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
+    out = {"model": args.model, "dtype": args.dtype, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+           "results": results}
+    for k, r in results.items():
+        print(f"{k:18s} {r['median_tokens_per_second']:7.2f} tok/s  x{r['speed_vs_ar']}  "
+              f"{r['tokens_per_forward']:.2f} tok/forward  same as ar: {r['same_output_as_ar']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
