@@ -48,29 +48,24 @@ def read_prompts(path: str | os.PathLike, source: str | None = None) -> tuple[li
     if not p.is_file():
         raise SDLMError(f"prompt file {path} not found: give a JSONL file of prompts")
     src = source or p.stem
+    from .train.data import read_records
+
     out, refused, seen = [], 0, set()
-    with p.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SDLMError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-            rid = str(rec.get("id", rec.get("task_id", i)))
-            if "task_id" in rec and "test_list" in rec and int(rec["task_id"]) in MBPP_HELD_OUT:
-                refused += 1
-                continue
-            msgs = _messages(rec)
-            if msgs is None:
-                raise SDLMError(
-                    f"{path}, line {i}: no prompt found; give `messages`, `conversations`, `prompt`, `question` or `text`"
-                )
-            key = f"{rec.get('source', src)}:{rid}"
-            if key in seen:
-                raise SDLMError(f"{path}, line {i}: duplicate prompt id {key!r}; ids must be unique to resume safely")
-            seen.add(key)
-            out.append(Prompt(key, str(rec.get("source", src)), rid, msgs))
+    for i, rec in enumerate(read_records(str(p)), 1):
+        rid = str(rec.get("id", rec.get("task_id", i)))
+        if "task_id" in rec and "test_list" in rec and int(rec["task_id"]) in MBPP_HELD_OUT:
+            refused += 1
+            continue
+        msgs = _messages(rec)
+        if msgs is None:
+            raise SDLMError(
+                f"{path}, record {i}: no prompt found; give `messages`, `conversations`, `prompt`, `question` or `text`"
+            )
+        key = f"{rec.get('source', src)}:{rid}"
+        if key in seen:
+            raise SDLMError(f"{path}, record {i}: duplicate prompt id {key!r}; ids must be unique to resume safely")
+        seen.add(key)
+        out.append(Prompt(key, str(rec.get("source", src)), rid, msgs))
     return out, refused
 
 

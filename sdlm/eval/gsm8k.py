@@ -10,7 +10,6 @@ after removing thousands separators, currency signs, units and trailing zeros
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -85,16 +84,13 @@ def load(path: str | Path, limit: int | None = None) -> list[Problem]:
     p = Path(path)
     if not p.is_file():
         raise SDLMError(f"GSM8K file {path} not found: give the path to test.jsonl (question/answer records)")
+    from ..train.data import read_records
+
     out = []
-    with p.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                out.append(Problem(rec["question"], gold_answer(rec["answer"])))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise SDLMError(f"{path}, line {i}: not a GSM8K record ({e}); expected question and answer") from None
-            if limit is not None and len(out) >= limit:
-                break
+    for i, rec in enumerate(read_records(str(p)), 1):
+        if not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
+            raise SDLMError(f"{path}, record {i}: not a GSM8K record; expected question and answer")
+        out.append(Problem(rec["question"], gold_answer(rec["answer"])))
+        if limit is not None and len(out) >= limit:
+            break
     return out

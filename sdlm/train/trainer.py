@@ -350,8 +350,8 @@ class Trainer:
                     continue
                 a, b = int(span[0]), int(span[-1]) + 1
                 res.append(tokens_per_forward(self.sdlm, ex.ids[:a].tolist(), ex.ids[a:b].tolist(), D))
-            out[D] = round(summarize(res)["tokens_per_forward"], 4)
-            hist[D] = summarize(res)["prompts"]
+            summary = summarize(res)
+            out[D], hist[D] = round(summary["tokens_per_forward"], 4), summary["prompts"]
         return {"step": self.step, "tpf": out, "tpf_prompts": hist, "tpf_seconds": round(time.perf_counter() - t0, 1),
                 "train_seconds": round(self.train_seconds, 1), "block_tokens_total": self.block_tokens}
 
