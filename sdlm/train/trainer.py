@@ -277,11 +277,14 @@ class Trainer:
             agg = dist.all_reduce_metrics(agg)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
+            if self.sdlm.device.type == "cuda":
+                torch.cuda.synchronize(self.sdlm.device)
             dt = dist.max(time.perf_counter() - t0)
             self.train_seconds += dt
             self.block_tokens += agg["n_block_targets"]
             self.step += 1
             last = self._record(agg, dt, n_micro)
+            last["sample_tokens_per_s"] = sum(int(ex.ids.shape[0]) for ex in samples) / dt
             bar.update(1)
             bar.set_postfix_str(
                 f"loss {last['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in last['slot_acc'][:4])} "
