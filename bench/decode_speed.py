@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=["ar", "speculative:4", "speculative:8", "confidence:4:0.9"],
                     help="ar, speculative:D, confidence:D:tau")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -35,10 +36,11 @@ def main() -> int:
     from sdlm.decode import Decoder, GenerationConfig, encode_prompt
     from sdlm.model import SDLM
 
-    sdlm = SDLM.load(args.model, dtype=getattr(torch, args.dtype), quiet=True)
+    sdlm = SDLM.load(args.model, dtype=getattr(torch, args.dtype), device=args.device, quiet=True)
     rows = [json.loads(l) for l in Path(args.prompts).read_text().splitlines()[: args.n]]
     prompts = [encode_prompt(sdlm, r.get("prompt") or r.get("question")) for r in rows]
-    Decoder(sdlm, GenerationConfig(mode="ar", max_new_tokens=4)).generate(prompts[0])  # warm-up
+    for mode in ("ar", "speculative"):  # warm-up
+        Decoder(sdlm, GenerationConfig(mode=mode, max_new_tokens=8)).generate(prompts[0])
 
     results, ar_tokens = {}, None
     for spec in args.modes:
@@ -62,7 +64,8 @@ def main() -> int:
     base = results.get("ar", {}).get("median_tokens_per_second")
     for r in results.values():
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
-    out = {"model": args.model, "dtype": args.dtype, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+    device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else platform.processor() or platform.machine()
+    out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            "results": results}
     for k, r in results.items():

@@ -158,6 +158,28 @@ def test_recipe_errors(tmp_path):
         TrainConfig.from_yaml(RECIPE, {"retrofit": "magic"})
 
 
+def test_data_list_and_gzip_read_as_one_file(tmp_path):
+    """`data:` as a list of files, one gzip-compressed, gives the samples of their concatenation."""
+    import gzip
+
+    from sdlm.errors import SDLMError
+
+    src = (Path(RECIPE).parent / "data" / "patterns.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(src[:100]))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(src[100:]))
+    (tmp_path / "all.jsonl").write_text("".join(src))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Path(RECIPE).read_text().replace("data: data/patterns.jsonl", "data: [a.jsonl, b.jsonl.gz]"))
+    split = Trainer(TrainConfig.from_yaml(recipe, {"out_dir": str(tmp_path / "x")}))
+    assert split.cfg.data == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")]  # read next to the recipe
+    whole = Trainer(TrainConfig.from_yaml(RECIPE, {"out_dir": str(tmp_path / "y"), "data": str(tmp_path / "all.jsonl")}))
+    assert [e.ids.tolist() for e in split.train] == [e.ids.tolist() for e in whole.train]
+    assert len(split.train) + len(split.heldout) == len(src)
+    with pytest.raises(SDLMError, match="list of paths"):
+        TrainConfig.from_yaml(RECIPE, {"data": ["a.jsonl", 3]})
+
+
 def _layouts(s, lengths=(17, 30, 24, 9), seed=0, D=4):
     g = torch.Generator().manual_seed(seed)
     lays = []

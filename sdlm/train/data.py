@@ -10,6 +10,7 @@ silently.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from dataclasses import dataclass
@@ -45,11 +46,13 @@ class DataStats:
 
 
 def read_records(source: str, split: str = "train") -> list[dict]:
-    """JSON lines from a local file, or rows of a Hub dataset (``hf:<name>`` or a Hub id)."""
+    """JSON lines from a local file (gzip-compressed if it ends in ``.gz``), or rows of a Hub
+    dataset (``hf:<name>`` or a Hub id)."""
     path = Path(source)
     if path.is_file():
         records = []
-        with path.open() as f:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 line = line.strip()
                 if not line:
@@ -59,7 +62,7 @@ def read_records(source: str, split: str = "train") -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise SDLMError(f"{source}, line {i}: not valid JSON ({e.msg}); fix the line or remove it") from None
         return records
-    if path.suffix in {".jsonl", ".json", ".txt"} or "/" not in source:
+    if path.suffix in {".jsonl", ".json", ".txt", ".gz"} or "/" not in source:
         raise SDLMError(f"data file {source} not found: give a JSONL file (messages / conversations / text)")
     try:
         import datasets

@@ -148,6 +148,7 @@ class LossOutput:
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int):
     """Block CE and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
+    labels = labels.to(logits.device)
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
     correct = (logits.argmax(-1) == labels).float()
     slot_loss = torch.zeros(block_size).index_add_(0, slots, ce.detach().float().cpu())
@@ -168,7 +169,7 @@ def dense_loss(sdlm: SDLM, batch: Packed, block_size: int, ar_loss_weight: float
     block_loss, sl, sc, sn = _metrics(logits[kb], batch.block_labels[:, keep][kb], batch.slot[:, keep][kb], block_size)
     loss, ar_loss = block_loss, None
     if ka.any():
-        ar_loss = F.cross_entropy(logits[ka].float(), batch.ar_labels[:, keep][ka])
+        ar_loss = F.cross_entropy(logits[ka].float(), batch.ar_labels[:, keep][ka].to(logits.device))
         loss = loss + ar_loss_weight * ar_loss
     return LossOutput(loss, block_loss.detach(), None if ar_loss is None else ar_loss.detach(), sl, sc, sn, int(kb.sum()))
 

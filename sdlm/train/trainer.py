@@ -39,8 +39,9 @@ class TrainConfig:
 
     model: str = "smollm2-135m-instruct"
     """Base model: built-in name, local HF folder, random:<arch> or Hub id."""
-    data: str = ""
-    """JSONL file (messages / conversations / text records) or a Hub dataset id."""
+    data: str | list[str] = ""
+    """JSONL file (messages / conversations / text records; ``.jsonl.gz`` too) or a Hub dataset id;
+    or a list of them, read one after another."""
     out_dir: str = "runs/sdlm"
     retrofit: str = "block-adapter"
     """block-adapter (gated LoRA, base output unchanged), lora (ungated) or full (all weights)."""
@@ -112,6 +113,13 @@ class TrainConfig:
             raise SDLMError("distill (soft targets from the frozen base) needs retrofit: block-adapter")
         if not self.data:
             raise SDLMError("the recipe names no data: set `data:` to a JSONL file")
+        if isinstance(self.data, list) and not all(isinstance(d, str) and d for d in self.data):
+            raise SDLMError("`data:` must be a path or a list of paths")
+
+    @property
+    def data_sources(self) -> list[str]:
+        """``data`` as a list: one path, or several read one after another."""
+        return list(self.data) if isinstance(self.data, list) else [self.data]
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: dict | None = None) -> "TrainConfig":
@@ -130,9 +138,12 @@ class TrainConfig:
         if unknown:
             raise SDLMError(f"recipe {path}: unknown keys {unknown}; known keys: {sorted(known)}")
         # a relative data path is read relative to the recipe when it exists there
+        def _resolve(d: str) -> str:
+            return str(p.parent / d) if d and not Path(d).exists() and (p.parent / d).exists() else d
+
         data = raw.get("data", "")
-        if data and not Path(data).exists() and (p.parent / data).exists():
-            raw["data"] = str(p.parent / data)
+        raw["data"] = [_resolve(d) if isinstance(d, str) else d for d in data] if isinstance(data, list) else (
+            _resolve(data) if isinstance(data, str) else data)
         return cls(**{k: _coerce(cls, k, v) for k, v in raw.items()})
 
 
@@ -194,7 +205,7 @@ class Trainer:
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
 
         eos = self.sdlm.eos_token_ids()
-        records = read_records(cfg.data)
+        records = [r for src in cfg.data_sources for r in read_records(src)]
         rng = random.Random(cfg.seed)
         rng.shuffle(records)
         examples, self.data_stats = build_examples(records, self.sdlm.tokenizer, eos, cfg.max_length)
