@@ -127,6 +127,8 @@ def test_killed_run_resumes_to_the_same_end(tmp_path, retrofit):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     rows = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_slot_acc" in r for r in rows) and rows[-1]["step"] == 12
+    steps = [r for r in rows if "loss" in r]
+    assert all(r["sample_tokens_per_s"] > 0 and r["block_tokens_per_s"] > 0 for r in steps)
     assert (tmp_path / "a" / "run" / "metrics.png").is_file()
 
 
