@@ -1,0 +1,100 @@
+"""Confidence mode over tau: tokens per forward against agreement with the base model, on GSM8K test.
+
+For each threshold tau, decodes the first N GSM8K-test questions in mode ``confidence`` and
+reports tokens per forward, how often the output equals the base model's greedy answer
+(exactly, and by final answer), and GSM8K accuracy next to the base model's own accuracy on the
+same questions. The base answers come from batched greedy ``generate`` (cached in ``--work``).
+
+    python bench/confidence_curve.py --n 200 --taus 0.5 0.7 0.9 0.95 --max-new-tokens 256
+
+Decoding is one prompt at a time, so N = 200 takes hours on a small CPU; any N gives the same
+columns (say which N when quoting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared" / "data"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct-sdlm", help="adapter folder or built-in SDLM name")
+    ap.add_argument("--base", default="smollm2-135m-instruct", help="base model for the greedy answers")
+    ap.add_argument("--gsm8k", default=str(SHARED / "gsm8k" / "test.jsonl"))
+    ap.add_argument("--n", type=int, default=20, help="first N test questions")
+    ap.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95])
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--work", default="runs/bench")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+    from tqdm import tqdm
+
+    from sdlm.decode import Decoder, GenerationConfig
+    from sdlm.distill import _encode, distill, read_prompts
+    from sdlm.eval import gsm8k
+    from sdlm.model import SDLM
+
+    problems = gsm8k.load(args.gsm8k, limit=args.n)
+    golds = [p.gold for p in problems]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"prompts-gsm8k-test-{args.n}.jsonl"
+    src.write_text("".join(json.dumps({"source": "gsm8k-test", "id": i, "question": p.question}) + "\n"
+                           for i, p in enumerate(problems)))
+    dst = work / f"greedy-gsm8k-test-{args.n}-{args.max_new_tokens}.jsonl"
+    prompts, _ = read_prompts(src)
+    base = SDLM.load(args.base, quiet=True)
+    distill(base, prompts, dst, args.max_new_tokens, args.batch_size, progress=True)
+    del base
+    rows = {str(r["id"]): r for r in map(json.loads, dst.read_text().splitlines())}
+    base_rows = [rows[str(i)] for i in range(len(problems))]
+    base_text = [r["messages"][-1]["content"] for r in base_rows]
+    base_score = gsm8k.score(base_text, golds)
+
+    sdlm = SDLM.load(args.model, quiet=True)
+    tok = sdlm.tokenizer
+    eos = set(sdlm.eos_token_ids())
+    base_ids = [[t for t in r["answer_ids"] if t not in eos] for r in base_rows]
+    out = {"model": args.model, "n": len(problems), "block_size": args.block_size,
+           "max_new_tokens": args.max_new_tokens, "base_accuracy": base_score["accuracy"], "taus": {}}
+    print(f"base greedy: GSM8K accuracy {base_score['accuracy']:.3f} on {len(problems)} questions")
+    for tau in args.taus:
+        dec = Decoder(sdlm, GenerationConfig(mode="confidence", block_size=args.block_size, threshold=tau,
+                                             max_new_tokens=args.max_new_tokens))
+        t0 = time.perf_counter()
+        gens = [dec.generate(_encode(tok, r["messages"][:-1]))
+                for r in tqdm(base_rows, desc=f"tau={tau}", leave=False)]
+        texts = [g.text for g in gens]
+        sc = gsm8k.score(texts, golds)
+        same = sum(g.tokens == b for g, b in zip(gens, base_ids))
+        same_answer = sum(gsm8k.extract_answer(t) == p for t, p in zip(texts, base_score["predictions"]))
+        res = {
+            "tokens_per_forward": round(sum(g.new_tokens for g in gens) / sum(g.forwards for g in gens), 3),
+            "same_output_as_base": same,
+            "same_final_answer_as_base": same_answer,
+            "accuracy": sc["accuracy"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        out["taus"][str(tau)] = res
+        print(f"tau={tau}: {res['tokens_per_forward']:.2f} tokens/forward, same output {same}/{len(gens)}, "
+              f"same answer {same_answer}/{len(gens)}, accuracy {sc['accuracy']:.3f} "
+              f"(base {base_score['accuracy']:.3f})", flush=True)
+    out["machine"] = f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
