@@ -40,25 +40,18 @@ def main() -> int:
     import torch
     from tqdm import tqdm
 
+    from heldout_tpf import greedy_answers
     from sdlm.decode import Decoder, GenerationConfig
-    from sdlm.distill import _encode, distill, read_prompts
+    from sdlm.distill import _encode
     from sdlm.eval import gsm8k
     from sdlm.model import SDLM
 
     problems = gsm8k.load(args.gsm8k, limit=args.n)
     golds = [p.gold for p in problems]
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    src = work / f"prompts-gsm8k-test-{args.n}.jsonl"
-    src.write_text("".join(json.dumps({"source": "gsm8k-test", "id": i, "question": p.question}) + "\n"
-                           for i, p in enumerate(problems)))
-    dst = work / f"greedy-gsm8k-test-{args.n}-{args.max_new_tokens}.jsonl"
-    prompts, _ = read_prompts(src)
+    rows = [{"source": "gsm8k-test", "id": i, "question": p.question} for i, p in enumerate(problems)]
     base = SDLM.load(args.base, quiet=True)
-    distill(base, prompts, dst, args.max_new_tokens, args.batch_size, progress=True)
+    base_rows = greedy_answers(base, f"gsm8k-test-{args.n}", rows, Path(args.work), args.max_new_tokens, args.batch_size)
     del base
-    rows = {str(r["id"]): r for r in map(json.loads, dst.read_text().splitlines())}
-    base_rows = [rows[str(i)] for i in range(len(problems))]
     base_text = [r["messages"][-1]["content"] for r in base_rows]
     base_score = gsm8k.score(base_text, golds)
 

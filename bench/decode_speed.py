@@ -64,9 +64,10 @@ def main() -> int:
     base = results.get("ar", {}).get("median_tokens_per_second")
     for r in results.values():
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
-    device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else platform.processor() or platform.machine()
+    cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else cpu
     out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+           "machine": f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            "results": results}
     for k, r in results.items():
         print(f"{k:18s} {r['median_tokens_per_second']:7.2f} tok/s  x{r['speed_vs_ar']}  "

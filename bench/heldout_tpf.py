@@ -40,6 +40,23 @@ def prompt_sets(n: int) -> dict[str, list[dict]]:
     return sets
 
 
+def greedy_answers(base, name: str, rows: list[dict], work: Path, max_new_tokens: int, batch_size: int) -> list[dict]:
+    """The base model's greedy answers to ``rows`` (prompt records with ``id``), in their order.
+
+    Cached in ``work``: ``greedy-<name>-<max_new_tokens>.jsonl`` is resumed and reused by later runs.
+    """
+    from sdlm.distill import distill, read_prompts
+
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"prompts-{name}.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dst = work / f"greedy-{name}-{max_new_tokens}.jsonl"
+    prompts, _ = read_prompts(src)
+    distill(base, prompts, dst, max_new_tokens, batch_size, progress=True)
+    done = {str(r["id"]): r for r in map(json.loads, dst.read_text().splitlines())}
+    return [done[str(r["id"])] for r in rows]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct-sdlm", help="adapter folder or built-in SDLM name")
@@ -54,24 +71,13 @@ def main() -> int:
 
     import torch
 
-    from sdlm.distill import _encode, distill, read_prompts
+    from sdlm.distill import _encode
     from sdlm.model import SDLM
     from sdlm.tpf import summarize, tokens_per_forward
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    sets = prompt_sets(args.n)
-    base = None
-    answers: dict[str, list[dict]] = {}
-    for name, rows in sets.items():
-        src = work / f"prompts-{name}.jsonl"
-        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        dst = work / f"greedy-{name}-{args.max_new_tokens}.jsonl"
-        prompts, _ = read_prompts(src)
-        if base is None:
-            base = SDLM.load(args.base, quiet=True)
-        distill(base, prompts, dst, args.max_new_tokens, args.batch_size, progress=True)
-        answers[name] = [json.loads(l) for l in dst.read_text().splitlines()]
+    base = SDLM.load(args.base, quiet=True)
+    answers = {name: greedy_answers(base, name, rows, Path(args.work), args.max_new_tokens, args.batch_size)
+               for name, rows in prompt_sets(args.n).items()}
     del base
 
     sdlm = SDLM.load(args.model, quiet=True)

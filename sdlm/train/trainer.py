@@ -138,12 +138,13 @@ class TrainConfig:
         if unknown:
             raise SDLMError(f"recipe {path}: unknown keys {unknown}; known keys: {sorted(known)}")
         # a relative data path is read relative to the recipe when it exists there
-        def _resolve(d: str) -> str:
-            return str(p.parent / d) if d and not Path(d).exists() and (p.parent / d).exists() else d
+        def _resolve(d):
+            if isinstance(d, str) and d and not Path(d).exists() and (p.parent / d).exists():
+                return str(p.parent / d)
+            return d
 
         data = raw.get("data", "")
-        raw["data"] = [_resolve(d) if isinstance(d, str) else d for d in data] if isinstance(data, list) else (
-            _resolve(data) if isinstance(data, str) else data)
+        raw["data"] = [_resolve(d) for d in data] if isinstance(data, list) else _resolve(data)
         return cls(**{k: _coerce(cls, k, v) for k, v in raw.items()})
 
 
@@ -294,8 +295,7 @@ class Trainer:
             self.train_seconds += dt
             self.block_tokens += agg["n_block_targets"]
             self.step += 1
-            last = self._record(agg, dt, n_micro)
-            last["sample_tokens_per_s"] = sum(int(ex.ids.shape[0]) for ex in samples) / dt
+            last = self._record(agg, dt, n_micro, sample_tokens=sum(int(ex.ids.shape[0]) for ex in samples))
             bar.update(1)
             bar.set_postfix_str(
                 f"loss {last['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in last['slot_acc'][:4])} "
@@ -321,7 +321,7 @@ class Trainer:
         dist.barrier()
         return {"final": str(final), **last}
 
-    def _record(self, agg: dict, dt: float, n_micro: int = 1) -> dict:
+    def _record(self, agg: dict, dt: float, n_micro: int = 1, sample_tokens: int = 0) -> dict:
         acc = (agg["slot_correct"] / agg["slot_count"].clamp_min(1)).tolist()
         sl = (agg["slot_loss_sum"] / agg["slot_count"].clamp_min(1)).tolist()
         return {
@@ -331,6 +331,7 @@ class Trainer:
             "slot_acc": [round(x, 4) for x in acc],
             "block_tokens": agg["n_block_targets"],
             "block_tokens_per_s": agg["n_block_targets"] / dt,
+            "sample_tokens_per_s": sample_tokens / dt,
             "processes": self.dist.world,
             "lr": self.opt.param_groups[0]["lr"],
             "seconds": round(self.train_seconds, 2),
