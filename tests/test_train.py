@@ -160,6 +160,21 @@ def test_recipe_errors(tmp_path):
         TrainConfig.from_yaml(RECIPE, {"retrofit": "magic"})
 
 
+def test_schedule_over_time_decays_by_whichever_ends_first():
+    from sdlm.errors import SDLMError
+    from sdlm.train.trainer import lr_factor
+
+    cfg = TrainConfig(model="m", data="d.jsonl", schedule="linear", warmup_steps=0, steps=100)
+    assert lr_factor(cfg, 50, seconds=590) == pytest.approx(0.5)  # by steps: time is ignored
+    cfg = TrainConfig(model="m", data="d.jsonl", schedule="linear", warmup_steps=0, steps=100,
+                      schedule_over="time", time_limit_minutes=10)
+    assert lr_factor(cfg, 10, seconds=450) == pytest.approx(0.25)  # time ends it first
+    assert lr_factor(cfg, 80, seconds=60) == pytest.approx(0.2)  # steps end it first
+    assert lr_factor(cfg, 10, seconds=600) == 0.0
+    with pytest.raises(SDLMError, match="time_limit_minutes"):
+        TrainConfig(model="m", data="d.jsonl", schedule_over="time")
+
+
 def test_data_list_and_gzip_read_as_one_file(tmp_path):
     """`data:` as a list of files, one gzip-compressed, gives the samples of their concatenation."""
     import gzip

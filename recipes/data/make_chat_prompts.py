@@ -1,4 +1,5 @@
-"""Write recipes/data/chat_prompts.jsonl: general chat, explanation and code prompts for `sdlm distill`.
+"""Write recipes/data/chat_prompts.jsonl and chat_prompts_2.jsonl: general chat, explanation and code
+prompts for `sdlm distill`.
 
 The GSM8K/MBPP corpus teaches the drafts math and code answers only. These prompts widen it with
 the other kinds of request a chat model gets: explanations, how-tos, comparisons, short creative
@@ -6,6 +7,9 @@ writing and questions about Python's standard library. They are built offline fr
 topic lists (below) and from the standard library itself, so the file is reproducible:
 
     python recipes/data/make_chat_prompts.py
+
+The first file (3345 prompts) made the answers of the stage-2 corpus; the second ("round 2") adds new
+phrasings of the same topics and new topics, never a prompt of the first file.
 
 Held out: no topic of bench/prompts/chat.jsonl appears here (checked at the end), so that
 benchmark stays unseen by training.
@@ -22,6 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "chat_prompts.jsonl"
+OUT2 = HERE / "chat_prompts_2.jsonl"
 BENCH = HERE.parent.parent / "bench" / "prompts" / "chat.jsonl"
 
 CONCEPTS = """
@@ -126,6 +131,73 @@ convert a list to a string; find the most common element in a list; split a list
 CODE_TASK_TEMPLATES = ["Write a Python function to {x}.", "How can I {x} in Python? Show the code and explain it."]
 
 
+# round 2: new phrasings of the topics above, and new topics
+CONCEPTS_2 = """
+the periodic table; chemical reactions; acids and bases; rust; fire; ice; steam engines; electricity grids;
+transistors; computer memory; the CPU; pixels; video compression; sound waves; radio; television; smartphones;
+social media; search engines; artificial intelligence; robots; 3D printing; blockchain; open source software;
+version control; unit testing; software bugs; spreadsheets; algorithms; data structures; binary search;
+hash functions; regular expressions; the command line; variables in programming; loops in programming;
+functions in programming; object-oriented programming; APIs; web browsers; websites; cookies on the web;
+the immune response to a cold; allergies; sleep cycles; dreams; the brain; muscles; bones; the skin; blood;
+the lungs; the kidneys; hormones; genetics; cells; photosynthesis in algae; fungi; mushrooms; lichens; moss;
+wolves; bears; owls; penguins; octopuses; sharks; butterflies; spiders; snakes; frogs; horses; cows; honey;
+volcanic islands; glaciers; rivers; lakes; waterfalls; caves; mountains; canyons; the ocean floor; the Arctic;
+Antarctica; the Sahara; the Amazon river; the Nile; the Himalayas; the equator; latitude and longitude; seasons
+on Mars; the solar system; eclipses; meteor showers; the Milky Way; astronauts; the International Space Station;
+money; trade; markets; entrepreneurship; advertising; marketing; customer service; small businesses; contracts;
+voting; elections; the United Nations; human rights; laws; courts; juries; newspapers; libraries; museums;
+mythology; fairy tales; the alphabet; writing systems; dictionaries; translation; sign language; handwriting;
+theatre; film; animation; comics; novels; jazz; rock music; classical music; the violin; drums; dance; sculpture;
+pottery; gardening; beekeeping; farming; irrigation; bread; pasta; rice; fermentation; yogurt; salt; sugar;
+olive oil; vegetables; fruit; breakfast cereals; sandwiches; soup; pizza; restaurants; kitchens; knives;
+first aid; fitness; stretching; walking; cycling; swimming; tennis; volunteering; patience; honesty; gratitude;
+resilience; decision making; problem solving; goal setting; feedback; mentoring; remote work; productivity;
+email etiquette; online safety; phishing; backups; privacy; digital footprints; ergonomics; posture
+"""
+CONCEPT_TEMPLATES_2 = [
+    "How would you explain {x} to a child?",
+    "What are some common misconceptions about {x}?",
+    "Tell me about {x}.",
+    "What should everyone know about {x}?",
+    "Describe {x} in a few sentences.",
+    "Can you summarize what {x} is and why it matters?",
+]
+TASKS_2 = """
+learn a new word every day; improve my memory; stop biting my nails; sleep better on weekdays; write a thank-you
+note; apologize to a friend; start a book club; plan a picnic; host a dinner party; keep my desk tidy; learn to draw;
+learn to juggle; make a paper airplane; sharpen a knife safely; change a light bulb; unclog a sink; paint a room;
+hang a picture straight; repot a plant; grow tomatoes; make a smoothie; cook an omelette; make pancakes;
+make a salad dressing; store leftovers safely; plan meals for a week; shop for a used car; rent my first apartment;
+prepare for a marathon; stretch after a run; carry groceries without back pain; teach my dog to sit;
+introduce a new cat to my home; help a friend who is sad; write a short speech; tell a good joke; start a podcast;
+write a blog post; edit my own writing; learn Python as a beginner; read someone else's code; write a unit test;
+name variables well; use git for the first time; choose a laptop; speed up a slow computer; organize my photos;
+write a polite complaint; prepare for a long flight; beat jet lag; learn basic first aid; plan a study schedule
+"""
+TASK_TEMPLATES_2 = ["What is the best way to {x}?", "I want to {x}. Where should I start?", "List the steps to {x}."]
+THINGS_2 = """
+a lighthouse keeper; a robot learning to paint; a city in the clouds; an owl in the forest; a snowman in spring;
+a child's first kite; a fisherman at dawn; a train station at night; a lonely astronaut; a garden gnome;
+a river that talks; the last leaf of autumn; a violin in an attic; a sleepy dragon; a ship in a bottle;
+a family of ducks; an old map; a busy beehive; a rainy afternoon in a cafe; the smell of fresh bread;
+a fox in the snow; a mountain village; a broken umbrella; a new pair of shoes; a starry beach
+"""
+THING_TEMPLATES_2 = ["Write a haiku about {x}.", "Write four lines of verse about {x}.", "Tell a very short story about {x}."]
+CODE_TASKS_2 = """
+count the characters in a string; find the index of an item in a list; check if a list is sorted; reverse a list;
+find the minimum of a list without min(); join a list of words with commas; count how often each word occurs;
+remove whitespace from a string; check if two strings are anagrams; convert a string to a number safely;
+find all even numbers in a list; square every number in a list; zip two lists into a dictionary; read a CSV file;
+write a list of lines to a file; get today's date; measure how long a function takes; shuffle a list;
+pick a random item from a list; compute the greatest common divisor; convert a number to binary; check if a key
+is in a dictionary; sort a dictionary by value; find duplicates in a list; compute the median of a list;
+transpose a matrix; rotate a list by k places; remove punctuation from a string; count lines in a file;
+make a simple class for a bank account
+"""
+CODE_TASK_TEMPLATES_2 = ["Show me how to {x} in Python.", "Write a Python snippet to {x}, with a short explanation."]
+
+
 def _items(block: str) -> list[str]:
     return [s.strip() for s in block.replace("\n", " ").split(";") if s.strip()]
 
@@ -147,9 +219,40 @@ def _words(s: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", s.lower()) if len(w) > 3}
 
 
+def _expand(groups) -> list[tuple[str, str]]:
+    prompts = []
+    for group, items, templates in groups:
+        for x in items:
+            for t in templates:
+                p = t.format(x=x)
+                prompts.append((group, p[0].upper() + p[1:]))
+    return prompts
+
+
+def _write(prompts: list[tuple[str, str]], out: Path, exclude: set[str] = frozenset()) -> list[str]:
+    """Drop held-out topics and ``exclude``, shuffle, write; return the prompts written."""
+    # held out: drop any prompt that shares its topic with a benchmark chat prompt
+    bench = [json.loads(line)["prompt"] for line in BENCH.read_text().splitlines() if line.strip()]
+    banned = {"hash table", "seasons", "detective", "refrigerator", "weather", "climate and", "the sea", "sleep",
+              "photosynthesis", "exercise", "a bill", "machine learning", "vaccine", "breakfast", "hiking",
+              "list and a tuple", "emails"}
+    seen = set(exclude)
+    kept = []
+    for g, p in prompts:
+        if p in bench or p in seen or any(b in p.lower() for b in banned):
+            continue
+        seen.add(p)
+        kept.append((g, p))
+    random.Random(0).shuffle(kept)
+    with open(out, "w") as f:
+        for i, (g, p) in enumerate(kept):
+            f.write(json.dumps({"source": f"chat-{g}", "id": i, "prompt": p}) + "\n")
+    print(f"{len(kept)} prompts ({len(prompts) - len(kept)} held out or repeated) -> {out}")
+    return [p for _, p in kept]
+
+
 def main() -> None:
-    prompts: list[tuple[str, str]] = []
-    for group, items, templates in (
+    first = _write(_expand((
         ("concept", _items(CONCEPTS), CONCEPT_TEMPLATES),
         ("howto", _items(TASKS), TASK_TEMPLATES),
         ("creative", _items(THINGS), THING_TEMPLATES),
@@ -157,22 +260,18 @@ def main() -> None:
         ("device", _items(DEVICES), DEVICE_TEMPLATES),
         ("code-task", _items(CODE_TASKS), CODE_TASK_TEMPLATES),
         ("code-stdlib", _stdlib_functions(), CODE_TEMPLATES),
-    ):
-        for x in items:
-            for t in templates:
-                p = t.format(x=x)
-                prompts.append((group, p[0].upper() + p[1:]))
-    # held out: drop any prompt that shares its topic with a benchmark chat prompt
-    bench = [json.loads(line)["prompt"] for line in BENCH.read_text().splitlines() if line.strip()]
-    banned = {"hash table", "seasons", "detective", "refrigerator", "weather", "climate and", "the sea", "sleep",
-              "photosynthesis", "exercise", "a bill", "machine learning", "vaccine", "breakfast", "hiking",
-              "list and a tuple", "emails"}
-    kept = [(g, p) for g, p in prompts if p not in bench and not any(b in p.lower() for b in banned)]
-    random.Random(0).shuffle(kept)
-    with open(OUT, "w") as f:
-        for i, (g, p) in enumerate(kept):
-            f.write(json.dumps({"source": f"chat-{g}", "id": i, "prompt": p}) + "\n")
-    print(f"{len(kept)} prompts ({len(prompts) - len(kept)} held out) -> {OUT}")
+    )), OUT)
+    concepts = _items(CONCEPTS) + _items(CONCEPTS_2)
+    _write(_expand((
+        ("concept", concepts, CONCEPT_TEMPLATES_2),
+        ("concept", _items(CONCEPTS_2), CONCEPT_TEMPLATES),
+        ("howto", _items(TASKS) + _items(TASKS_2), TASK_TEMPLATES_2),
+        ("howto", _items(TASKS_2), TASK_TEMPLATES),
+        ("creative", _items(THINGS) + _items(THINGS_2), THING_TEMPLATES_2),
+        ("creative", _items(THINGS_2), THING_TEMPLATES),
+        ("code-task", _items(CODE_TASKS) + _items(CODE_TASKS_2), CODE_TASK_TEMPLATES_2),
+        ("code-task", _items(CODE_TASKS_2), CODE_TASK_TEMPLATES),
+    )), OUT2, exclude=set(first))
 
 
 if __name__ == "__main__":

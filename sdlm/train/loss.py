@@ -56,6 +56,16 @@ class Packed:
         """Tokens that are not padding."""
         return int((self.info.seq >= 0).sum())
 
+    def to(self, device: torch.device | str) -> "Packed":
+        """The same batch on ``device``: the masks are then built there (a (T x T) mask per row
+        is the largest tensor of a step; building it on the host and copying it is slow)."""
+        i = self.info
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Packed(
+            mv(self.input_ids), TokenInfo(mv(i.pos), mv(i.block), mv(i.start), mv(i.seq)), mv(self.block_labels),
+            mv(self.slot), mv(self.ar_labels), self.n_clean, mv(self.teacher_col),
+        )
+
     def columns(self, idx: torch.Tensor) -> "Packed":
         i = self.info
         return Packed(
@@ -148,20 +158,23 @@ class LossOutput:
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int):
     """Block CE and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
-    labels = labels.to(logits.device)
+    labels, slots = labels.to(logits.device), slots.to(logits.device)
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
     correct = (logits.argmax(-1) == labels).float()
-    slot_loss = torch.zeros(block_size).index_add_(0, slots, ce.detach().float().cpu())
-    slot_correct = torch.zeros(block_size).index_add_(0, slots, correct.cpu())
-    slot_count = torch.zeros(block_size).index_add_(0, slots, torch.ones_like(correct).cpu())
+    per_slot = torch.zeros(3, block_size, device=logits.device)
+    per_slot[0].index_add_(0, slots, ce.detach().float())
+    per_slot[1].index_add_(0, slots, correct)
+    per_slot[2].index_add_(0, slots, torch.ones_like(correct))
+    slot_loss, slot_correct, slot_count = per_slot.cpu()  # one transfer
     return ce.mean(), slot_loss, slot_correct, slot_count
 
 
 def dense_loss(sdlm: SDLM, batch: Packed, block_size: int, ar_loss_weight: float = 0.0) -> LossOutput:
     """Reference: one forward over the whole training layout with the dense (T x T) mask."""
     cfg = sdlm.config
+    batch = batch.to(sdlm.device)
     has_block = batch.block_labels != IGNORE  # (B, T)
-    has_ar = (batch.ar_labels != IGNORE) & (ar_loss_weight > 0)
+    has_ar = (batch.ar_labels != IGNORE) & bool(ar_loss_weight > 0)
     keep = torch.nonzero((has_block | has_ar).any(0)).flatten()  # LM head only where some row has a target
     mask = additive(allowed(batch.info, batch.info, cfg.causal_within_block), sdlm.dtype)  # (B, 1, T, T)
     logits = _forward_keep(sdlm, batch.input_ids, batch.info, mask, None, keep)  # (B, N, V)
@@ -184,8 +197,9 @@ def two_pass_loss(sdlm: SDLM, batch: Packed, block_size: int, distill: float = 0
     from transformers import DynamicCache
 
     cfg = sdlm.config
+    batch = batch.to(sdlm.device)
     L, T = batch.n_clean, batch.input_ids.shape[1]
-    clean, blocks = batch.columns(torch.arange(L)), batch.columns(torch.arange(L, T))
+    clean, blocks = batch.columns(torch.arange(L, device=sdlm.device)), batch.columns(torch.arange(L, T, device=sdlm.device))
     has_block = blocks.block_labels != IGNORE
     keep = torch.nonzero(has_block.any(0)).flatten()
     kb = has_block[:, keep]

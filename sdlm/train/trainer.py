@@ -67,6 +67,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     """constant, linear or cosine (after warm-up)."""
+    schedule_over: str = "steps"
+    """``steps``: the schedule runs over ``steps``. ``time``: over whichever of ``steps`` and
+    ``time_limit_minutes`` ends the run first, so a run sized by time still decays to zero at its end
+    (for a fixed budget on a machine whose step time is not known in advance)."""
     warmup_steps: int = 20
     steps: int = 100
     samples_per_step: int = 8
@@ -105,6 +109,10 @@ class TrainConfig:
             raise SDLMError(f"block_size must be >= 1, got {self.block_size}")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise SDLMError(f"unknown schedule {self.schedule!r}: use constant, linear or cosine")
+        if self.schedule_over not in ("steps", "time"):
+            raise SDLMError(f"unknown schedule_over {self.schedule_over!r}: use steps or time")
+        if self.schedule_over == "time" and not self.time_limit_minutes:
+            raise SDLMError("schedule_over: time needs time_limit_minutes")
         if self.samples_per_step < self.grad_accum:
             raise SDLMError("samples_per_step must be >= grad_accum (each micro-batch needs a sample)")
         if not 0.0 <= self.distill <= 1.0:
@@ -159,10 +167,13 @@ def _coerce(cls, key: str, value):
     return value
 
 
-def lr_factor(cfg: TrainConfig, step: int) -> float:
+def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """The learning-rate multiplier at ``step``, after ``seconds`` of training time."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule_over == "time":
+        frac = max(frac, seconds / (60 * cfg.time_limit_minutes))
     if cfg.schedule == "linear":
         return max(0.0, 1.0 - frac)
     if cfg.schedule == "cosine":
@@ -274,7 +285,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             for g in self.opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(cfg, self.step)
+                g["lr"] = cfg.lr * lr_factor(cfg, self.step, self.train_seconds)
             samples = self._samples(self.step)
             if len(samples) < n_micro:
                 raise SDLMError(f"samples_per_step={cfg.samples_per_step} is less than grad_accum x processes = {n_micro}")
