@@ -26,7 +26,7 @@ import torch
 
 from .accept import confident_prefix, cut_at_eos, greedy_accept, speculative_accept
 from .errors import SDLMError
-from .layout import ar_step, confidence_step, speculative_step
+from .layout import StepLayout, ar_step, confidence_step, speculative_step
 from .model import SDLM
 from .sampling import Sampler, confidence
 
@@ -183,17 +183,16 @@ class Decoder:
             first = cached if cfg.use_cache else 0
             uncached = ids[first:]
 
-            if cfg.mode == "ar":
-                new, proposed, keep = self._ar(uncached, first, cache, cached, generator)
-            elif cfg.mode == "confidence":
-                new, proposed, keep = self._confidence(uncached, first, cache, cached, generator)
-            else:
+            if cfg.mode == "speculative":
                 drafts = drafts[: max(remaining - 1, 0)]  # the bonus token needs one slot of the budget
                 if draft_q is not None:
                     draft_q = draft_q[: len(drafts)]
-                new, proposed, keep, drafts, draft_q = self._speculative(
-                    uncached, first, drafts, draft_q, cache, cached, generator
-                )
+            step = self._layout(uncached, first, drafts)
+            logits = self.sdlm.step_logits(step, cache, cached)
+            out = self._accept(logits, uncached, first, drafts, draft_q, generator)
+            new, proposed, keep, drafts, draft_q = out.tokens, out.proposed, out.keep, out.drafts, out.draft_q
+            if cache is not None:
+                SDLM.crop(cache, first + len(step.input_ids) - keep)  # rejected drafts, block KV (computed over masks)
             if cfg.use_cache:
                 cached = keep
 
@@ -231,33 +230,32 @@ class Decoder:
 
     # ------------------------------------------------------------ the three steps
 
-    def _ar(self, uncached, first, cache, cached, generator):
-        """One causal token. The cache ends holding every committed token."""
-        logits = self.sdlm.step_logits(ar_step(uncached, first), cache, cached)  # (1, V)
-        tok, _ = self.sampler.choose(logits, generator)
-        return [int(tok[0])], 0, first + len(uncached)
+    def _layout(self, uncached, first, drafts) -> StepLayout:
+        """The new tokens of one step (SPEC §3): what the mode feeds after the cached ones."""
+        if self.config.mode == "ar":
+            return ar_step(uncached, first)
+        if self.config.mode == "confidence":
+            return confidence_step(uncached, first, self.block_size, self.mask_token_id)
+        return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id)
 
-    def _confidence(self, uncached, first, cache, cached, generator):
-        """SPEC §3.1: one block after the committed tokens; commit its confident prefix."""
-        D = self.block_size
-        step = confidence_step(uncached, first, D, self.mask_token_id)
-        logits = self.sdlm.step_logits(step, cache, cached)  # (D, V): slot j predicts x_{n+j}
-        toks, probs = self.sampler.choose(logits, generator)
-        a = confident_prefix(confidence(probs, toks, self.config.confidence), self.config.threshold)
+    def _accept(self, logits, uncached, first, drafts, draft_q, generator) -> "_Accepted":
+        """What one step commits, from its ``n_logits`` logits (see the step layouts)."""
         n = first + len(uncached)
-        if cache is not None:
-            SDLM.crop(cache, D)  # the block's KV was computed over masks: it must not stay
-        return toks[:a].tolist(), D, n
-
-    def _speculative(self, uncached, first, drafts, draft_q, cache, cached, generator):
-        """SPEC §3.2: verify the drafts causally, commit the accepted ones and a bonus token,
-        and take the next drafts from the candidate block that follows the accepted ones."""
-        D, k = self.block_size, len(drafts)
-        step = speculative_step(uncached, first, drafts, D, self.mask_token_id)
-        logits = self.sdlm.step_logits(step, cache, cached)  # ((k+1) + (k+1)*D, V)
+        if self.config.mode == "ar":  # one causal token; every committed token's KV stays
+            tok, _ = self.sampler.choose(logits, generator)
+            return _Accepted([int(tok[0])], 0, n)
+        D = self.block_size
+        if self.config.mode == "confidence":
+            # §3.1: slot j predicts x_{n+j}; commit the confident prefix. The block's KV was computed
+            # over masks: it must not stay.
+            toks, probs = self.sampler.choose(logits, generator)
+            a = confident_prefix(confidence(probs, toks, self.config.confidence), self.config.threshold)
+            return _Accepted(toks[:a].tolist(), D, n)
+        # §3.2: verify the drafts causally, commit the accepted ones and a bonus token, and take the
+        # next drafts from the candidate block that follows the accepted ones.
+        k = len(drafts)
         causal = logits[: k + 1]  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
         blocks = logits[k + 1 :].view(k + 1, D, -1)  # (k+1, D, V): candidate blocks B_0 .. B_k
-
         if self.sampler.greedy:
             targets, _ = self.sampler.choose(causal)  # (k+1,)
             a = greedy_accept(drafts, targets.tolist())
@@ -265,18 +263,14 @@ class Decoder:
         else:
             p = self.sampler.probs(causal)
             a, bonus = speculative_accept(drafts, draft_q, p, generator)
-
-        n = first + len(uncached)
-        if cache is not None:
-            # keep x_0..x_{n-1} and the accepted drafts (exact causal KV); drop rejected drafts and blocks
-            SDLM.crop(cache, (k - a) + (k + 1) * D)
-        # B_a starts at position n+a-1; its slot j predicts n+a+j. Slot 0 is replaced by the bonus
-        # token, slots 1..D-1 are the drafts for n+a+1 .. n+a+D-1.
+        # keep x_0..x_{n-1} and the accepted drafts (exact causal KV). B_a starts at position n+a-1;
+        # its slot j predicts n+a+j. Slot 0 is replaced by the bonus token, slots 1..D-1 are the
+        # drafts for n+a+1 .. n+a+D-1.
         next_drafts, next_q = [], None
         if D > 1:
             toks, probs = self.sampler.choose(blocks[a, 1:], generator)
             next_drafts, next_q = toks.tolist(), probs
-        return list(drafts[:a]) + [bonus], k, n + a, next_drafts, next_q
+        return _Accepted(list(drafts[:a]) + [bonus], k, n + a, next_drafts, next_q)
 
     # ------------------------------------------------------------ helpers
 
@@ -314,6 +308,17 @@ class Decoder:
             if any(s in text for s in self.config.stop):
                 return new[:m], text, True
         return new, text_before, False
+
+
+@dataclass
+class _Accepted:
+    tokens: list[int]
+    """Committed by the step (before the EOS / stop / length cut)."""
+    proposed: int
+    keep: int
+    """Committed tokens whose KV is exact after the step: the cache keeps positions 0 .. keep-1."""
+    drafts: list[int] = field(default_factory=list)
+    draft_q: torch.Tensor | None = None
 
 
 def reference_decode(sdlm: SDLM, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:

@@ -7,6 +7,8 @@ vocab 259 = 256 bytes + bos/eos/pad; retrofitting adds ``<|mask|>`` as id 259).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +90,20 @@ def use_oracle_drafts(sdlm, monkeypatch, sequence: list[int], good=lambda pos: p
         return logits
 
     monkeypatch.setattr(sdlm, "step_logits", step_logits)
+
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The tiny recipe (a 2-layer Llama on repeated letter patterns) trained for a few seconds:
+    its drafts are really accepted (>= 2 tokens per forward at D = 4)."""
+    from sdlm.model import SDLM
+    from sdlm.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    cfg = TrainConfig.from_yaml(TINY_RECIPE, {"out_dir": str(out), "steps": 300, "lr": 1.0e-2, "schedule": "constant",
+                                              "samples_per_step": 8, "save_every": 0, "eval_every": 0, "heldout": 0})
+    Trainer(cfg).run(progress=False)
+    return SDLM.load(str(out / "final"))

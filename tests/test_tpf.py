@@ -9,7 +9,6 @@ repeated letter patterns) learns to draft, so here:
 - SPEC §3.4's one-forward count equals the real decoder's forward count.
 """
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,21 +17,10 @@ from sdlm.adapter import AdapterConfig, attach
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.model import SDLM
 from sdlm.tpf import block_drafts, replay, summarize, tokens_per_forward
-from sdlm.train.trainer import TrainConfig, Trainer
 
 from conftest import hf_greedy, make_sdlm
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 PROMPTS = ["qwe qwe qwe", "abcd abcd ab", "zz zz zz zz", "hello hello", "mno"]  # words not in the data
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> SDLM:
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    cfg = TrainConfig.from_yaml(RECIPE, {"out_dir": str(out), "steps": 300, "lr": 1.0e-2, "schedule": "constant",
-                                         "samples_per_step": 8, "save_every": 0, "eval_every": 0, "heldout": 0})
-    Trainer(cfg).run(progress=False)
-    return SDLM.load(str(out / "final"))
 
 
 def ids(s: SDLM, text: str) -> list[int]:

@@ -1,0 +1,215 @@
+"""Batched decoding: many prompts through one forward pass per step, in every mode.
+
+Each row of the batch runs exactly the step of :class:`sdlm.decode.Decoder` (the
+same layouts, the same accept rule, its own generator): rows differ in how many
+tokens they commit per step, so the steps are ragged. They are made rectangular
+without touching any row's result:
+
+- a step is ``[committed/draft tokens, padding | block tokens, padding]``: the
+  causal part of every row is padded to the longest, then the blocks;
+- padding, and the KV of what a row rejects (drafts that failed verification),
+  stays in the shared cache as dead entries: their keys are marked with
+  ``seq = -1`` in the mask (:func:`sdlm.masks.allowed`), so no real token ever
+  attends to them, and each row's logical positions go on from its own length;
+- the block part is the end of every row, so one crop removes all block KV.
+
+A finished row leaves the batch (its cache rows are dropped), so short answers
+cost nothing once done. With ``use_cache=False`` each step recomputes every row
+from scratch, as the reference decoder does.
+
+Greedy output equals decoding the prompts one at a time (in float32; the tests
+check it for every mode). With sampling, row ``i`` uses its own generator seeded
+like a lone decoder's, so it draws the same numbers too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .accept import cut_at_eos
+from .decode import Decoder, Generation
+from .masks import TokenInfo, additive, allowed
+
+
+@dataclass
+class _Row:
+    index: int
+    ids: list[int]
+    n_prompt: int
+    max_new: int
+    generator: torch.Generator
+    first: int = 0  # committed tokens whose KV is in the cache
+    drafts: list[int] = field(default_factory=list)
+    draft_q: torch.Tensor | None = None
+    text_before: str = ""
+    forwards: int = 0
+    hist: Counter = field(default_factory=Counter)
+
+
+def generate_batch(
+    decoder: Decoder,
+    prompts: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[Generation]:
+    """Decode ``prompts`` (token ids) ``batch_size`` at a time; one :class:`Generation` each, in order.
+
+    Prompts of similar length share a batch. A generation's ``seconds`` is the
+    wall time of the batch it ran in (the rows ran together).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for p in prompts:
+        decoder._check_prompt(len(p))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", dynamic_ncols=True)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        for i, gen in zip(chunk, _run(decoder, [prompts[i] for i in chunk])):
+            results[i] = gen
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is not None:
+        g.manual_seed(seed)
+    else:
+        g.seed()
+    return g
+
+
+def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]:
+    cfg, sdlm = decoder.config, decoder.sdlm
+    start = time.perf_counter()
+    rows = [
+        _Row(i, [int(t) for t in p], len(p), decoder._max_new(len(p)), _generator(cfg.seed))
+        for i, p in enumerate(prompts)
+    ]
+    done: list[Generation | None] = [None] * len(rows)
+    cache = decoder._new_cache() if cfg.use_cache else None
+    pad_id = sdlm.tokenizer.pad_token_id if sdlm.tokenizer.pad_token_id is not None else 0
+    causal_within_block = sdlm.config.causal_within_block if sdlm.config else False
+    # what the cache holds, per row: positions and which entries are real (alive) KV
+    k_pos = torch.zeros((len(rows), 0), dtype=torch.long)
+    k_alive = torch.zeros((len(rows), 0), dtype=torch.bool)
+    active = list(rows)
+
+    while active:
+        steps, uncached, n_causal = [], [], []
+        for r in active:
+            first = r.first if cfg.use_cache else 0
+            u = r.ids[first:]
+            if cfg.mode == "speculative":
+                remaining = r.max_new - (len(r.ids) - r.n_prompt)
+                r.drafts = r.drafts[: max(remaining - 1, 0)]  # the bonus token needs one slot of the budget
+                if r.draft_q is not None:
+                    r.draft_q = r.draft_q[: len(r.drafts)]
+            st = decoder._layout(u, first, r.drafts)
+            steps.append(st)
+            uncached.append(u)
+            n_causal.append(len(u) + (len(r.drafts) if cfg.mode == "speculative" else 0))
+        B = len(active)
+        C = max(n_causal)
+        K = max(len(st.input_ids) - c for st, c in zip(steps, n_causal))
+        T = C + K
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        blk = torch.full((B, T), -1, dtype=torch.long)
+        bstart = torch.full((B, T), -1, dtype=torch.long)
+        seq = torch.full((B, T), -1, dtype=torch.long)
+        read: list[torch.Tensor] = []  # per row: the columns of its n_logits logits
+        for b, (st, c) in enumerate(zip(steps, n_causal)):
+            m = len(st.input_ids) - c
+            cols = torch.cat([torch.arange(c), torch.arange(C, C + m)])
+            ids[b, cols] = st.input_ids
+            pos[b, cols] = st.info.pos
+            blk[b, cols] = st.info.block
+            bstart[b, cols] = st.info.start
+            seq[b, cols] = 0
+            read.append(cols[-st.n_logits :])
+        q = TokenInfo(pos, blk, bstart, seq)
+        if cache is not None:
+            past = TokenInfo(k_pos, torch.full_like(k_pos, -1), torch.full_like(k_pos, -1),
+                             torch.where(k_alive, 0, -1))
+            keys = TokenInfo.cat([past, q])
+        else:
+            keys = q
+        mask = additive(allowed(q, keys, causal_within_block), sdlm.dtype)  # (B, 1, T, S+T)
+        need = torch.unique(torch.cat(read))  # sorted: the LM head runs on these columns only
+        if sdlm._takes_logits_to_keep:
+            logits = sdlm.forward(ids, pos, mask, q.is_block, cache, need.to(sdlm.device))
+        else:
+            logits = sdlm.forward(ids, pos, mask, q.is_block, cache)[:, need]
+        logits = logits.float().cpu()
+        if cache is not None:
+            sdlm.crop(cache, K)  # every row's blocks (KV over masks) and block padding
+
+        alive_now = torch.zeros((B, C), dtype=torch.bool)
+        finished = []
+        for b, r in enumerate(active):
+            first = r.first if cfg.use_cache else 0
+            lg = logits[b, torch.searchsorted(need, read[b])]
+            out = decoder._accept(lg, uncached[b], first, r.drafts, r.draft_q, r.generator)
+            alive_now[b, : out.keep - first] = True  # the committed and accepted draft tokens of this step
+            r.first, r.drafts, r.draft_q = out.keep, out.drafts, out.draft_q
+            remaining = r.max_new - (len(r.ids) - r.n_prompt)
+            new, reason = cut_at_eos(out.tokens, decoder.eos_ids, remaining)
+            if cfg.stop:
+                new, r.text_before, stopped = decoder._cut_at_stop(r.ids[r.n_prompt :], new, r.text_before)
+                reason = "stop" if stopped else reason
+            r.ids.extend(new)
+            r.forwards += 1
+            r.hist[len(new)] += 1
+            if reason is not None:
+                toks = r.ids[r.n_prompt :]
+                done[r.index] = Generation(r.n_prompt, toks, decoder.decode_text(toks), r.forwards,
+                                           time.perf_counter() - start, reason, dict(r.hist))
+                finished.append(b)
+        if cache is not None:
+            k_pos = torch.cat([k_pos, pos[:, :C]], 1)
+            k_alive = torch.cat([k_alive, alive_now], 1)
+        if finished:
+            keep_rows = [b for b in range(B) if b not in finished]
+            active = [active[b] for b in keep_rows]
+            if cache is not None and active:
+                idx = torch.tensor(keep_rows)
+                _select_rows(cache, idx.to(sdlm.device))
+                k_pos, k_alive = k_pos[idx], k_alive[idx]
+                k_pos, k_alive = _trim_dead_columns(cache, k_pos, k_alive)
+    seconds = time.perf_counter() - start
+    for g in done:
+        g.seconds = seconds  # type: ignore[union-attr]
+    return done  # type: ignore[return-value]
+
+
+def _select_rows(cache, idx: torch.Tensor) -> None:
+    """Keep rows ``idx`` of a transformers cache (``batch_select_indices``, transformers 4.38+ and 5)."""
+    cache.batch_select_indices(idx)
+
+
+def _trim_dead_columns(cache, k_pos: torch.Tensor, k_alive: torch.Tensor):
+    """Drop cache columns that are dead in every remaining row at the end (padding of longer rows)."""
+    alive_any = k_alive.any(0)
+    n = int(alive_any.shape[0])
+    last = int(torch.nonzero(alive_any).max()) + 1 if bool(alive_any.any()) else 0
+    if last < n:
+        from .model import _crop
+
+        _crop(cache, n - last)
+        return k_pos[:, :last], k_alive[:, :last]
+    return k_pos, k_alive
