@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for one or more prompts")
-    g.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one generation each)")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (one generation each)")
     _add_model_args(g)
     g.add_argument("--mode", default="speculative", choices=["ar", "confidence", "speculative"],
                    help="speculative: lossless, the model's own AR output, faster (default); confidence: faster, "
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="use prompts as plain text even if the model has a chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="decode this many prompts together, one forward per step for all (output as with 1; "
+                        "no streaming; default: %(default)s)")
+    g.add_argument("--prompts-file", default=None,
+                   help="read more prompts from this file, one per line (or JSONL with a 'prompt' field)")
 
     r = sub.add_parser("retrofit", help="add the mask token and SDLM settings to a model and save it as an HF folder")
     _add_model_args(r)
@@ -87,12 +92,37 @@ def cmd_generate(args) -> int:
         seed=args.seed, stop=tuple(args.stop),
     )
     cfg.validate()  # before the model loads: bad flags fail fast
-    for p in args.prompts:
+    prompts = list(args.prompts) + (_read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise SDLMError("no prompt given: pass prompt text, or --prompts-file FILE")
+    for p in prompts:
         if not p.strip():
             raise SDLMError("a prompt is empty: give some text to continue")
+    if args.batch_size < 1:
+        raise SDLMError(f"--batch-size must be >= 1, got {args.batch_size}")
     sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device)
     decoder = Decoder(sdlm, cfg)
-    for prompt in args.prompts:
+    if args.batch_size > 1:
+        from .batched import generate_batch
+
+        import time
+
+        ids = [encode_prompt(sdlm, p, chat=False if args.no_chat else None) for p in prompts]
+        t0 = time.perf_counter()
+        gens = generate_batch(decoder, ids, args.batch_size, progress=len(prompts) > args.batch_size)
+        seconds = time.perf_counter() - t0
+        for prompt, gen in zip(prompts, gens):
+            if args.json:
+                print(json.dumps({"prompt": prompt, "mode": cfg.mode, "block_size": decoder.block_size, **gen.to_dict()}))
+            else:
+                print(gen.text)
+                print(f"[{gen.new_tokens} tokens, {gen.forwards} forwards, {gen.tokens_per_forward:.2f} tokens/forward, "
+                      f"{cfg.mode}, D={decoder.block_size}]", file=sys.stderr)
+        total = sum(g.new_tokens for g in gens)
+        print(f"[{len(gens)} prompts, {total} tokens in {seconds:.1f} s: {total / max(seconds, 1e-9):.1f} tokens/s, "
+              f"batch size {args.batch_size}]", file=sys.stderr)
+        return 0
+    for prompt in prompts:
         ids = encode_prompt(sdlm, prompt, chat=False if args.no_chat else None)
         if args.json:
             gen = decoder.generate(ids)
@@ -103,6 +133,30 @@ def cmd_generate(args) -> int:
                   f"{gen.tokens_per_second:.1f} tokens/s, {cfg.mode}, D={decoder.block_size}]", file=sys.stderr)
         sys.stdout.flush()
     return 0
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    """One prompt per line; JSONL lines with a ``prompt`` field are read as such. Blank lines are skipped."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise SDLMError(f"--prompts-file {path} not found: give a text file with one prompt per line")
+    out = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SDLMError(f"{path}, line {i}: not valid JSON ({e}); use plain text or JSONL") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise SDLMError(f"{path}, line {i}: a JSONL prompt needs a 'prompt' text field")
+            out.append(rec["prompt"])
+        else:
+            out.append(line)
+    return out
 
 
 def _stream_text(decoder, ids):

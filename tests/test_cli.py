@@ -35,6 +35,18 @@ def test_generate_modes_agree(capsys, mode):
     assert json.loads(out)["tokens"] == json.loads(ref_out)["tokens"]
 
 
+def test_generate_batched_equals_one_at_a_time(capsys, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text('a longer prompt here\n\n{"prompt": "zz"}\n')
+    args = ["--model", "random:llama", "--mode", "speculative", "--max-new-tokens", "9", "--json", "--no-chat"]
+    code, out, err = run(capsys, "generate", "abc", "--prompts-file", str(f), "--batch-size", "3", *args)
+    assert code == 0 and "3 prompts" in err
+    batched = [json.loads(l) for l in out.splitlines()]
+    assert [r["prompt"] for r in batched] == ["abc", "a longer prompt here", "zz"]
+    _, out, _ = run(capsys, "generate", "abc", "a longer prompt here", "zz", *args)
+    assert [r["tokens"] for r in batched] == [json.loads(l)["tokens"] for l in out.splitlines()]
+
+
 def test_retrofit_then_confidence(capsys, tmp_path):
     code, out, _ = run(capsys, "retrofit", "--model", "random:llama", "--block-size", "3", "--out", str(tmp_path / "m"))
     assert code == 0 and json.loads(out)["block_size"] == 3
@@ -54,6 +66,9 @@ def test_retrofit_then_confidence(capsys, tmp_path):
         (["generate", "   ", "--model", "random:llama"], "empty"),
         (["generate", "x" * 600, "--model", "random:llama", "--no-chat"], "more than the model's context"),
         (["generate", "hi", "--model", "random:nosucharch"], "random:"),
+        (["generate", "--model", "random:llama"], "no prompt given"),
+        (["generate", "hi", "--model", "random:llama", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["generate", "--prompts-file", "/no/such/file", "--model", "random:llama"], "not found"),
     ],
 )
 def test_bad_input(capsys, argv, needle):
