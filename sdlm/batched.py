@@ -149,13 +149,15 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
             keys = TokenInfo.cat([past, q])
         else:
             keys = q
-        mask = additive(allowed(q, keys, causal_within_block), sdlm.dtype)  # (B, 1, T, S+T)
+        dev = sdlm.device
+        on_dev = lambda i: TokenInfo(i.pos.to(dev), i.block.to(dev), i.start.to(dev), i.seq.to(dev))  # noqa: E731
+        mask = additive(allowed(on_dev(q), on_dev(keys), causal_within_block), sdlm.dtype)  # (B, 1, T, S+T)
         need = torch.unique(torch.cat(read))  # sorted: the LM head runs on these columns only
         if sdlm._takes_logits_to_keep:
-            logits = sdlm.forward(ids, pos, mask, q.is_block, cache, need.to(sdlm.device))
+            logits = sdlm.forward(ids, pos, mask, q.is_block, cache, need.to(dev))
         else:
-            logits = sdlm.forward(ids, pos, mask, q.is_block, cache)[:, need]
-        logits = logits.float().cpu()
+            logits = sdlm.forward(ids, pos, mask, q.is_block, cache)[:, need.to(dev)]
+        logits = logits.float()  # stays on the device: each row's accept rule runs there, as a lone decoder's does
         if cache is not None:
             sdlm.crop(cache, K)  # every row's blocks (KV over masks) and block padding
 
@@ -163,7 +165,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         finished = []
         for b, r in enumerate(active):
             first = r.first if cfg.use_cache else 0
-            lg = logits[b, torch.searchsorted(need, read[b])]
+            lg = logits[b, torch.searchsorted(need, read[b]).to(dev)]
             out = decoder._accept(lg, uncached[b], first, r.drafts, r.draft_q, r.generator)
             alive_now[b, : out.keep - first] = True  # the committed and accepted draft tokens of this step
             r.first, r.drafts, r.draft_q = out.keep, out.drafts, out.draft_q
