@@ -82,9 +82,9 @@ def main() -> int:
         print(f"tau={tau}: {res['tokens_per_forward']:.2f} tokens/forward, same output {same}/{len(gens)}, "
               f"same answer {same_answer}/{len(gens)}, accuracy {sc['accuracy']:.3f} "
               f"(base {base_score['accuracy']:.3f})", flush=True)
-    out["machine"] = f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32"
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        out["machine"] = f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+        if args.out:  # after every tau: a long run keeps what it has measured
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
