@@ -150,8 +150,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         else:
             keys = q
         dev = sdlm.device
-        on_dev = lambda i: TokenInfo(i.pos.to(dev), i.block.to(dev), i.start.to(dev), i.seq.to(dev))  # noqa: E731
-        mask = additive(allowed(on_dev(q), on_dev(keys), causal_within_block), sdlm.dtype)  # (B, 1, T, S+T)
+        mask = additive(allowed(q.to(dev), keys.to(dev), causal_within_block), sdlm.dtype)  # (B, 1, T, S+T)
         need = torch.unique(torch.cat(read))  # sorted: the LM head runs on these columns only
         if sdlm._takes_logits_to_keep:
             logits = sdlm.forward(ids, pos, mask, q.is_block, cache, need.to(dev))

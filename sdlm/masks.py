@@ -62,6 +62,10 @@ class TokenInfo:
             seq,
         )
 
+    def to(self, device: torch.device | str) -> "TokenInfo":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TokenInfo(mv(self.pos), mv(self.block), mv(self.start), mv(self.seq))
+
     @property
     def is_block(self) -> torch.Tensor:
         return self.block >= 0

@@ -59,10 +59,9 @@ class Packed:
     def to(self, device: torch.device | str) -> "Packed":
         """The same batch on ``device``: the masks are then built there (a (T x T) mask per row
         is the largest tensor of a step; building it on the host and copying it is slow)."""
-        i = self.info
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Packed(
-            mv(self.input_ids), TokenInfo(mv(i.pos), mv(i.block), mv(i.start), mv(i.seq)), mv(self.block_labels),
+            mv(self.input_ids), self.info.to(device), mv(self.block_labels),
             mv(self.slot), mv(self.ar_labels), self.n_clean, mv(self.teacher_col),
         )
 
