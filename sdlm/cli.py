@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "some quality cost (needs a retrofitted model); ar: one token per forward")
     g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold tau in [0, 1] (mode confidence)")
     g.add_argument("--confidence", default="prob", choices=["prob", "entropy"], help="confidence measure")
+    g.add_argument("--first-token", default="block", choices=["block", "causal"],
+                   help="mode confidence: the first token of each step from the block's slot 0 (block, the paper) "
+                        "or from the model's own next-token prediction (causal: closer to the model's own output)")
     g.add_argument("--block-size", type=int, default=None, help="block size D (default: the model's trained D)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -88,7 +91,7 @@ def cmd_generate(args) -> int:
 
     cfg = GenerationConfig(
         mode=args.mode, block_size=args.block_size, threshold=args.threshold, confidence=args.confidence,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        first_token=args.first_token, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop),
     )
     cfg.validate()  # before the model loads: bad flags fail fast

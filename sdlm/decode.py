@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("ar", "confidence", "speculative")
 CONFIDENCES = ("prob", "entropy")
+FIRST_TOKENS = ("block", "causal")
 
 
 @dataclass
@@ -48,6 +49,12 @@ class GenerationConfig:
     """Confidence threshold tau in [0, 1] for mode ``confidence``."""
     confidence: str = "prob"
     """``prob`` (probability of the chosen token) or ``entropy`` (1 - H/log V)."""
+    first_token: str = "block"
+    """Mode ``confidence``: who picks the always-committed first token of a step. ``block``: the
+    block's slot 0 (SPEC §3.1, the paper). ``causal``: the model's own next-token prediction at the
+    last committed token, read from the same forward; the block's slots 1.. are then committed only
+    when its slot 0 agrees with it (with the block-gated adapter that first token is the base
+    model's own, so the output stays much closer to it; at threshold 1 it equals ``ar``)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -64,6 +71,8 @@ class GenerationConfig:
             raise SDLMError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
         if self.confidence not in CONFIDENCES:
             raise SDLMError(f"unknown confidence {self.confidence!r}: use 'prob' or 'entropy'")
+        if self.first_token not in FIRST_TOKENS:
+            raise SDLMError(f"unknown first token source {self.first_token!r}: use 'block' or 'causal'")
         if self.block_size is not None and self.block_size < 1:
             raise SDLMError(f"block size must be >= 1, got {self.block_size}: use --block-size 4 (or any D >= 1)")
         if not 0.0 <= self.threshold <= 1.0:
@@ -235,7 +244,8 @@ class Decoder:
         if self.config.mode == "ar":
             return ar_step(uncached, first)
         if self.config.mode == "confidence":
-            return confidence_step(uncached, first, self.block_size, self.mask_token_id)
+            return confidence_step(uncached, first, self.block_size, self.mask_token_id,
+                                   causal_first=self.config.first_token == "causal")
         return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id)
 
     def _accept(self, logits, uncached, first, drafts, draft_q, generator) -> "_Accepted":
@@ -248,6 +258,13 @@ class Decoder:
         if self.config.mode == "confidence":
             # §3.1: slot j predicts x_{n+j}; commit the confident prefix. The block's KV was computed
             # over masks: it must not stay.
+            if self.config.first_token == "causal":  # logits: the causal one at x_{n-1}, then the block
+                t, _ = self.sampler.choose(logits[:1], generator)
+                toks, probs = self.sampler.choose(logits[1:], generator)
+                a = 1
+                if int(toks[0]) == int(t[0]):  # slots 1.. assumed the block's own slot 0: only then go on
+                    a = confident_prefix(confidence(probs, toks, self.config.confidence), self.config.threshold)
+                return _Accepted([int(t[0])] + toks[1:a].tolist(), D, n)
             toks, probs = self.sampler.choose(logits, generator)
             a = confident_prefix(confidence(probs, toks, self.config.confidence), self.config.threshold)
             return _Accepted(toks[:a].tolist(), D, n)

@@ -124,15 +124,19 @@ def ar_step(uncached: Sequence[int], first_pos: int) -> StepLayout:
     return StepLayout(ids, TokenInfo.clean(torch.arange(first_pos, first_pos + len(ids))), 1)
 
 
-def confidence_step(uncached: Sequence[int], first_pos: int, block_size: int, mask_token_id: int) -> StepLayout:
+def confidence_step(
+    uncached: Sequence[int], first_pos: int, block_size: int, mask_token_id: int, causal_first: bool = False
+) -> StepLayout:
     """SPEC §3.1: uncached committed tokens, then one block ``[x_{n-1}, M x (D-1)]`` at ``n-1``.
 
-    Reads the D block logits; slot j predicts ``x_{n+j}``.
+    Reads the D block logits; slot j predicts ``x_{n+j}``. With ``causal_first`` it reads D + 1:
+    the causal logit at ``x_{n-1}`` (the model's own prediction of ``x_n``), then the block's.
     """
     clean = ar_step(uncached, first_pos)
     n = first_pos + len(uncached)
     bids, binfo = block(int(clean.input_ids[-1]), n - 1, block_size, mask_token_id, 0)
-    return StepLayout(torch.cat([clean.input_ids, bids]), TokenInfo.cat([clean.info, binfo]), block_size)
+    n_logits = block_size + 1 if causal_first else block_size
+    return StepLayout(torch.cat([clean.input_ids, bids]), TokenInfo.cat([clean.info, binfo]), n_logits)
 
 
 def speculative_step(

@@ -31,10 +31,14 @@ def _same(batched, alone):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("mode,D,tau", [("ar", 4, 0.9), ("speculative", 2, 0.9), ("speculative", 4, 0.9),
-                                        ("speculative", 8, 0.9), ("confidence", 4, 0.5), ("confidence", 4, 0.9)])
+                                        ("speculative", 8, 0.9), ("confidence", 4, 0.5), ("confidence", 4, 0.9),
+                                        ("confidence-causal", 4, 0.5)])
 def test_batched_equals_one_at_a_time(trained, mode, D, tau, use_cache):
     prompts = _ids(trained, PROMPTS)
-    cfg = GenerationConfig(mode=mode, block_size=D, threshold=tau, max_new_tokens=30, use_cache=use_cache)
+    first = "causal" if mode.endswith("-causal") else "block"
+    mode = mode.removesuffix("-causal")
+    cfg = GenerationConfig(mode=mode, block_size=D, threshold=tau, max_new_tokens=30, use_cache=use_cache,
+                           first_token=first)
     alone = [Decoder(trained, cfg).generate(p) for p in prompts]
     batched = generate_batch(Decoder(trained, cfg), prompts, batch_size=4)
     _same(batched, alone)

@@ -28,6 +28,7 @@ MODES = {
     "speculative": dict(mode="speculative"),
     "speculative-sampled": dict(mode="speculative", temperature=1.0, top_k=40, seed=7),
     "confidence-sampled": dict(mode="confidence", temperature=0.8, top_p=0.9, threshold=0.02, seed=3),
+    "confidence-causal": dict(mode="confidence", first_token="causal", threshold=0.0),
 }
 # cold enough that sampling mostly follows the greedy path the oracle drafts are taken from
 COLD = dict(mode="speculative", temperature=0.01, seed=11)
@@ -48,7 +49,7 @@ def test_cached_equals_reference(sdlm_model, mode, D):
     got = Decoder(sdlm_model, cfg).generate(prompt)
     assert_same_generation(got, reference_decode(sdlm_model, prompt, cfg))
     assert got.new_tokens == 20 or got.finish_reason == "eos"
-    if MODES[mode].get("threshold") == 0.0:
+    if MODES[mode].get("threshold") == 0.0 and "first_token" not in MODES[mode]:
         # every confidence is > 0: each step commits the whole block (the last one what is left)
         assert set(got.accept_histogram) <= {D, 20 % D or D}
 
@@ -225,6 +226,45 @@ def test_scripted_confidence_commits_the_confident_prefix(llama, monkeypatch, D,
     assert g.accept_histogram == ({c: 12 // c, 12 % c: 1} if 12 % c else {c: 12 // c})
 
 
+class _Disagree:
+    """Wraps ScriptedModel: the causal logit of every step's last committed token points elsewhere
+    at the listed positions (the model's own next token differs from the block's slot 0 there)."""
+
+    def __init__(self, fake, where):
+        self.fake, self.where = fake, set(where)
+
+    def step_logits(self, step, cache=None, cached_len=0):
+        out = self.fake.step_logits(step, cache, cached_len)
+        r = len(step.input_ids) - step.n_logits  # the first logit read: the causal one at x_{n-1}
+        t = int(step.info.pos[r])
+        if not bool(step.info.is_block[r]) and t in self.where:
+            out[0] = 0.0
+            out[0, (self.fake.y[t + 1] + 1) % V_BYTES] = 20.0
+        return out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_scripted_confidence_causal_first_token(llama, monkeypatch, use_cache):
+    # first_token="causal": every step's first token is the causal prediction; the block's slots
+    # 1.. follow only where its slot 0 agrees with it
+    y = truth(64)
+    fake = scripted(monkeypatch, llama, y, "confident:4")
+    cfg = GenerationConfig(mode="confidence", first_token="causal", block_size=4, threshold=0.5, max_new_tokens=12,
+                           use_cache=use_cache)
+    g = Decoder(llama, cfg).generate(y[:6])
+    assert g.tokens == y[6:18] and g.accept_histogram == {4: 3}  # agreement everywhere: as first_token="block"
+    # step 2 reads the causal logit at position 9 (the last token step 1 committed); there it
+    # predicts another token than the block's slot 0, so step 2 commits that causal token alone
+    monkeypatch.setattr(llama, "step_logits", _Disagree(fake, {9}).step_logits)
+    cfg.max_new_tokens = 5
+    g = Decoder(llama, cfg).generate(y[:6])
+    assert g.tokens == y[6:10] + [(y[10] + 1) % V_BYTES]
+    assert g.accept_histogram == {4: 1, 1: 1}
+    # the same script with first_token="block": the block's slot 0 picks the token, y[10]
+    cfg.first_token = "block"
+    assert Decoder(llama, cfg).generate(y[:6]).tokens == y[6:11]
+
+
 @pytest.mark.parametrize("kind,per_forward", [("prob", 1), ("entropy", 4)])
 def test_scripted_confidence_kind_is_used(llama, monkeypatch, kind, per_forward):
     # two near-equal candidates per slot: the chosen token's probability is ~0.52 (< 0.7) but the
@@ -359,7 +399,7 @@ def test_untrained_model_modes():
 @pytest.mark.parametrize(
     "kw",
     [dict(mode="fast"), dict(confidence="logit"), dict(block_size=0), dict(threshold=1.5), dict(max_new_tokens=0),
-     dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0)],
+     dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(first_token="slot0")],
 )
 def test_bad_settings_are_user_errors(llama, kw):
     with pytest.raises(SDLMError):

@@ -80,3 +80,20 @@ def test_shipped_adapter_exact_tpf_matches_decoding(shipped, reference):
         got = Decoder(shipped, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=MAX_NEW)).generate(ids)
         t = tokens_per_forward(shipped, ids, expected, 4, max_new_tokens=MAX_NEW)
         assert (t.new_tokens, t.forwards) == (got.new_tokens, got.forwards)
+
+
+def test_shipped_confidence_causal_first_token(shipped, reference):
+    """first_token="causal": at threshold 1 every step commits the model's own next token, so the output
+    is the bare base's generate; at 0.9 every step starts with it and still commits more than one."""
+    for tau in (1.0, 0.9):
+        dec = Decoder(shipped, GenerationConfig(mode="confidence", first_token="causal", threshold=tau,
+                                                block_size=4, max_new_tokens=MAX_NEW))
+        tok = fw = 0
+        for p, (ids, expected) in reference.items():
+            got = dec.generate(ids)
+            if tau == 1.0:
+                assert got.tokens == expected, (p, shipped.tokenizer.decode(got.tokens))
+            else:
+                assert got.tokens[0] == expected[0]
+            tok, fw = tok + got.new_tokens, fw + got.forwards
+        assert tok / fw == 1.0 if tau == 1.0 else tok / fw > 1.2

@@ -41,6 +41,24 @@ def test_trained_drafts_are_accepted_and_stay_exact(trained):
     assert total_tok / total_fw >= 2.0
 
 
+def test_confidence_causal_first_token_follows_the_model(trained):
+    # first_token="causal" with threshold 1 commits the model's own greedy token each step: exactly AR;
+    # lower thresholds still commit several tokens per forward on this trained model
+    tok = fw = 0
+    for text in PROMPTS:
+        prompt = ids(trained, text)
+        ref = hf_greedy(trained, prompt, 30)
+        for use_cache in (True, False):
+            cfg = GenerationConfig(mode="confidence", first_token="causal", threshold=1.0, block_size=4,
+                                   max_new_tokens=30, use_cache=use_cache)
+            assert Decoder(trained, cfg).generate(prompt).tokens == ref
+        g = Decoder(trained, GenerationConfig(mode="confidence", first_token="causal", threshold=0.5, block_size=4,
+                                              max_new_tokens=30)).generate(prompt)
+        assert g.tokens[0] == ref[0]
+        tok, fw = tok + g.new_tokens, fw + g.forwards
+    assert tok / fw >= 2.0
+
+
 @pytest.mark.parametrize("D", [2, 4, 8])
 def test_one_forward_count_equals_the_decoder(trained, D):
     results = []
