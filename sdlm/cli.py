@@ -91,8 +91,8 @@ def cmd_generate(args) -> int:
 
     cfg = GenerationConfig(
         mode=args.mode, block_size=args.block_size, threshold=args.threshold, confidence=args.confidence,
-        first_token=args.first_token, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop),
+        first_token=args.first_token, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
     )
     cfg.validate()  # before the model loads: bad flags fail fast
     prompts = list(args.prompts) + (_read_prompts_file(args.prompts_file) if args.prompts_file else [])

@@ -73,6 +73,9 @@ class GenerationConfig:
             raise SDLMError(f"unknown confidence {self.confidence!r}: use 'prob' or 'entropy'")
         if self.first_token not in FIRST_TOKENS:
             raise SDLMError(f"unknown first token source {self.first_token!r}: use 'block' or 'causal'")
+        if self.first_token == "causal" and self.mode != "confidence":
+            raise SDLMError(f"first token 'causal' is for mode confidence (mode {self.mode} already commits the "
+                            "model's own tokens): drop --first-token or use --mode confidence")
         if self.block_size is not None and self.block_size < 1:
             raise SDLMError(f"block size must be >= 1, got {self.block_size}: use --block-size 4 (or any D >= 1)")
         if not 0.0 <= self.threshold <= 1.0:

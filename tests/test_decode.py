@@ -399,7 +399,8 @@ def test_untrained_model_modes():
 @pytest.mark.parametrize(
     "kw",
     [dict(mode="fast"), dict(confidence="logit"), dict(block_size=0), dict(threshold=1.5), dict(max_new_tokens=0),
-     dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(first_token="slot0")],
+     dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(first_token="slot0"),
+     dict(mode="speculative", first_token="causal")],
 )
 def test_bad_settings_are_user_errors(llama, kw):
     with pytest.raises(SDLMError):
