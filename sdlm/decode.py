@@ -261,14 +261,11 @@ class Decoder:
         if self.config.mode == "confidence":
             # §3.1: slot j predicts x_{n+j}; commit the confident prefix. The block's KV was computed
             # over masks: it must not stay.
-            if self.config.first_token == "causal":  # logits: the causal one at x_{n-1}, then the block
-                t, _ = self.sampler.choose(logits[:1], generator)
-                toks, probs = self.sampler.choose(logits[1:], generator)
-                a = 1
-                if int(toks[0]) == int(t[0]):  # slots 1.. assumed the block's own slot 0: only then go on
-                    a = confident_prefix(confidence(probs, toks, self.config.confidence), self.config.threshold)
-                return _Accepted([int(t[0])] + toks[1:a].tolist(), D, n)
             toks, probs = self.sampler.choose(logits, generator)
+            if self.config.first_token == "causal":  # logits: the causal one at x_{n-1}, then the block
+                t, toks, probs = int(toks[0]), toks[1:], probs[1:]
+                if int(toks[0]) != t:  # slots 1.. assumed the block's own slot 0: commit the model's token alone
+                    return _Accepted([t], D, n)
             a = confident_prefix(confidence(probs, toks, self.config.confidence), self.config.threshold)
             return _Accepted(toks[:a].tolist(), D, n)
         # §3.2: verify the drafts causally, commit the accepted ones and a bonus token, and take the
