@@ -210,18 +210,23 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs -> recipe overrides (values read as YAML: numbers, lists, ...)."""
     import yaml
 
-    from .train.trainer import TrainConfig, Trainer
-
     overrides = {}
-    for kv in args.set:
+    for kv in pairs:
         if "=" not in kv:
             raise SDLMError(f"--set {kv!r}: write KEY=VALUE, e.g. --set steps=200")
         k, v = kv.split("=", 1)
         overrides[k] = yaml.safe_load(v)
-    cfg = TrainConfig.from_yaml(args.recipe, overrides)
+    return overrides
+
+
+def cmd_train(args) -> int:
+    from .train.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_yaml(args.recipe, parse_overrides(args.set))
     result = Trainer(cfg).run(progress=not args.no_progress)
     print(json.dumps(result))
     return 0

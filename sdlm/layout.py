@@ -79,28 +79,36 @@ def training_layout(
     if D < 1:
         raise ValueError("block_size must be >= 1")
     loss_mask = loss_mask.bool()
-    parts_ids, parts_info, labels, slots = [ids], [TokenInfo.clean(torch.arange(L))], [], []
-    for b, p in enumerate(block_starts):
-        if not 0 <= p < L:
-            raise ValueError(f"block start {p} outside the sequence of length {L}")
-        bids, binfo = block(int(ids[p]), p, D, mask_token_id, b)
-        parts_ids.append(bids)
-        parts_info.append(binfo)
-        lab = torch.full((D,), IGNORE, dtype=torch.long)
-        for j in range(D):
-            t = p + j + 1
-            if t >= L or not loss_mask[t]:
-                break  # past the end of the response: this and later slots are ignored
-            lab[j] = ids[t]
-        labels.append(lab)
-        slots.append(torch.arange(D))
+    p = torch.as_tensor(list(block_starts), dtype=torch.long).reshape(-1)  # (K,)
+    K = p.shape[0]
+    if K and (int(p.min()) < 0 or int(p.max()) >= L):
+        bad = int(p[(p < 0) | (p >= L)][0])
+        raise ValueError(f"block start {bad} outside the sequence of length {L}")
+    j = torch.arange(D)
+    # all K blocks at once: block b is [x_{p_b}, M x (D-1)] at positions p_b .. p_b+D-1
+    b_ids = torch.full((K, D), mask_token_id, dtype=torch.long)
+    b_ids[:, 0] = ids[p]
+    b_pos = p[:, None] + j  # (K, D)
+    b_block = torch.arange(K)[:, None].expand(K, D)
+    b_start = p[:, None].expand(K, D)
+    # slot j targets x_{p+j+1}, kept only while every target up to it is in the loss span
+    t = b_pos + 1
+    in_span = (t < L) & loss_mask[t.clamp(max=L - 1)]
+    keep = torch.cumprod(in_span.long(), dim=1).bool()
+    b_labels = torch.where(keep, ids[t.clamp(max=L - 1)], torch.full_like(t, IGNORE))
 
-    T = L + D * len(block_starts)
+    T = L + D * K
     ar_labels = torch.full((T,), IGNORE, dtype=torch.long)
     ar_labels[: L - 1] = torch.where(loss_mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
-    block_labels = torch.cat([torch.full((L,), IGNORE, dtype=torch.long)] + labels)
-    slot = torch.cat([torch.full((L,), -1, dtype=torch.long)] + slots)
-    return TrainingLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), block_labels, slot, ar_labels, L)
+    clean = TokenInfo.clean(torch.arange(L))
+    info = TokenInfo(
+        torch.cat([clean.pos, b_pos.reshape(-1)]),
+        torch.cat([clean.block, b_block.reshape(-1)]),
+        torch.cat([clean.start, b_start.reshape(-1)]),
+    )
+    block_labels = torch.cat([torch.full((L,), IGNORE, dtype=torch.long), b_labels.reshape(-1)])
+    slot = torch.cat([torch.full((L,), -1, dtype=torch.long), j.repeat(K)])
+    return TrainingLayout(torch.cat([ids, b_ids.reshape(-1)]), info, block_labels, slot, ar_labels, L)
 
 
 # ---------------------------------------------------------------- inference

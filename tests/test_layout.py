@@ -58,6 +58,38 @@ def test_training_layout_rejects_bad_input():
         training_layout(X, torch.ones(8, dtype=torch.bool), [1], 0, M)
 
 
+def _training_layout_reference(ids, loss_mask, starts, D, mask_id):
+    """The layout written block by block, slot by slot: the slow reference for the vectorised one."""
+    L = ids.shape[0]
+    out_ids, pos, blk, start, labels, slots = ids.tolist(), list(range(L)), [-1] * L, [-1] * L, [I] * L, [-1] * L
+    for b, p in enumerate(starts):
+        for j in range(D):
+            out_ids.append(int(ids[p]) if j == 0 else mask_id)
+            pos.append(p + j), blk.append(b), start.append(p), slots.append(j)
+            ok = all(t < L and bool(loss_mask[t]) for t in range(p + 1, p + j + 2))
+            labels.append(int(ids[p + j + 1]) if ok else I)
+    return out_ids, pos, blk, start, labels, slots
+
+
+@pytest.mark.parametrize("D", [1, 2, 4, 8])
+def test_training_layout_equals_the_slot_by_slot_reference(D):
+    g = torch.Generator().manual_seed(D)
+    for trial in range(20):
+        L = int(torch.randint(2, 40, (1,), generator=g))
+        ids = torch.randint(0, 50, (L,), generator=g)
+        loss = torch.rand(L, generator=g) < 0.7  # several spans with gaps: multi-turn
+        starts = sorted(torch.randperm(L, generator=g)[: int(torch.randint(0, L, (1,), generator=g))].tolist())
+        lay = training_layout(ids, loss, starts, D, M)
+        r_ids, r_pos, r_blk, r_start, r_lab, r_slot = _training_layout_reference(ids, loss, starts, D, M)
+        assert lay.input_ids.tolist() == r_ids
+        assert lay.info.pos.tolist() == r_pos
+        assert lay.info.block.tolist() == r_blk
+        assert lay.info.start.tolist()[L:] == r_start[L:]
+        assert lay.block_labels.tolist() == r_lab
+        assert lay.slot.tolist() == r_slot
+        assert lay.n_clean == L
+
+
 def test_block_start_candidates_and_sampling():
     loss = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0], dtype=torch.bool)
     # from the token just before the first response token (2) up to the last with a target (4)

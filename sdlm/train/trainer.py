@@ -228,6 +228,7 @@ class Trainer:
         self.step = 0
         self.block_tokens = 0  # trained block targets so far
         self.train_seconds = 0.0
+        self.prep_seconds = 0.0  # host time spent laying out and packing the current step
 
     # ------------------------------------------------------------ data for one step
 
@@ -237,9 +238,15 @@ class Trainer:
         out = []
         for i in range(step * k, step * k + k):
             epoch, j = divmod(i, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch))
-            out.append(self.train[int(perm[j])])
+            out.append(self.train[int(self._epoch_order(epoch)[j])])
         return out
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The seeded order of the training samples in ``epoch`` (kept for the current epoch)."""
+        if getattr(self, "_order", (None,))[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train), generator=gen))
+        return self._order[1]
 
     def _layouts(self, examples: list[Example], generator: torch.Generator):
         D = self.cfg.block_size
@@ -251,7 +258,9 @@ class Trainer:
         return lays
 
     def loss(self, examples: list[Example], generator: torch.Generator) -> LossOutput:
+        t0 = time.perf_counter()
         batch = pack(self._layouts(examples, generator), row_tokens=self.cfg.row_tokens)
+        self.prep_seconds += time.perf_counter() - t0
         with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.cfg.retrofit == "block-adapter":
                 return two_pass_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.distill)
@@ -271,8 +280,6 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", dynamic_ncols=True)
         last = {}
-        # micro-batches per step, over all processes: process r runs micro-batches r, r+W, r+2W, ...
-        n_micro = cfg.grad_accum * dist.world
         while self.step < cfg.steps:
             over_time = cfg.time_limit_minutes is not None and self.train_seconds >= 60 * cfg.time_limit_minutes
             if dist.any(over_time):
@@ -283,30 +290,7 @@ class Trainer:
                     _append_jsonl(metrics_path, self.evaluate_tpf())
                 dist.barrier()
                 break
-            t0 = time.perf_counter()
-            for g in self.opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(cfg, self.step, self.train_seconds)
-            samples = self._samples(self.step)
-            if len(samples) < n_micro:
-                raise SDLMError(f"samples_per_step={cfg.samples_per_step} is less than grad_accum x processes = {n_micro}")
-            self.opt.zero_grad(set_to_none=True)
-            agg = None
-            for m in range(dist.rank, n_micro, dist.world):
-                gen = torch.Generator().manual_seed((cfg.seed * 7919 + self.step) * 1009 + m)
-                out = self.loss(samples[m::n_micro], gen)
-                (out.loss / n_micro).backward()
-                agg = _accumulate(agg, out)
-            dist.all_reduce_grads(self.params)
-            agg = dist.all_reduce_metrics(agg)
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.opt.step()
-            if self.sdlm.device.type == "cuda":
-                torch.cuda.synchronize(self.sdlm.device)
-            dt = dist.max(time.perf_counter() - t0)
-            self.train_seconds += dt
-            self.block_tokens += agg["n_block_targets"]
-            self.step += 1
-            last = self._record(agg, dt, n_micro, sample_tokens=sum(int(ex.ids.shape[0]) for ex in samples))
+            last = self.train_step()
             bar.update(1)
             bar.set_postfix_str(
                 f"loss {last['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in last['slot_acc'][:4])} "
@@ -332,6 +316,37 @@ class Trainer:
         dist.barrier()
         return {"final": str(final), **last}
 
+    def train_step(self) -> dict:
+        """One optimiser step (all micro-batches of every process); returns its metrics record."""
+        cfg, dist = self.cfg, self.dist
+        # micro-batches per step, over all processes: process r runs micro-batches r, r+W, r+2W, ...
+        n_micro = cfg.grad_accum * dist.world
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(cfg, self.step, self.train_seconds)
+        samples = self._samples(self.step)
+        if len(samples) < n_micro:
+            raise SDLMError(f"samples_per_step={cfg.samples_per_step} is less than grad_accum x processes = {n_micro}")
+        self.opt.zero_grad(set_to_none=True)
+        self.prep_seconds = 0.0
+        agg = None
+        for m in range(dist.rank, n_micro, dist.world):
+            gen = torch.Generator().manual_seed((cfg.seed * 7919 + self.step) * 1009 + m)
+            out = self.loss(samples[m::n_micro], gen)
+            (out.loss / n_micro).backward()
+            agg = _accumulate(agg, out)
+        dist.all_reduce_grads(self.params)
+        agg = dist.all_reduce_metrics(agg)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        if self.sdlm.device.type == "cuda":
+            torch.cuda.synchronize(self.sdlm.device)
+        dt = dist.max(time.perf_counter() - t0)
+        self.train_seconds += dt
+        self.block_tokens += agg["n_block_targets"]
+        self.step += 1
+        return self._record(agg, dt, n_micro, sample_tokens=sum(int(ex.ids.shape[0]) for ex in samples))
+
     def _record(self, agg: dict, dt: float, n_micro: int = 1, sample_tokens: int = 0) -> dict:
         acc = (agg["slot_correct"] / agg["slot_count"].clamp_min(1)).tolist()
         sl = (agg["slot_loss_sum"] / agg["slot_count"].clamp_min(1)).tolist()
@@ -343,6 +358,8 @@ class Trainer:
             "block_tokens": agg["n_block_targets"],
             "block_tokens_per_s": agg["n_block_targets"] / dt,
             "sample_tokens_per_s": sample_tokens / dt,
+            "prep_seconds": round(self.prep_seconds, 4),
+            "step_seconds": round(dt, 4),
             "processes": self.dist.world,
             "lr": self.opt.param_groups[0]["lr"],
             "seconds": round(self.train_seconds, 2),
