@@ -1,5 +1,5 @@
-"""Write recipes/data/chat_prompts.jsonl and chat_prompts_2.jsonl: general chat, explanation and code
-prompts for `sdlm distill`.
+"""Write recipes/data/chat_prompts.jsonl, chat_prompts_2.jsonl and chat_prompts_3.jsonl: general chat,
+explanation and code prompts for `sdlm distill`.
 
 The GSM8K/MBPP corpus teaches the drafts math and code answers only. These prompts widen it with
 the other kinds of request a chat model gets: explanations, how-tos, comparisons, short creative
@@ -9,7 +9,10 @@ topic lists (below) and from the standard library itself, so the file is reprodu
     python recipes/data/make_chat_prompts.py
 
 The first file (3345 prompts) made the answers of the stage-2 corpus; the second ("round 2") adds new
-phrasings of the same topics and new topics, never a prompt of the first file.
+phrasings of the same topics and new topics, never a prompt of the first file. The third ("round 3")
+adds new kinds of everyday request (definitions, why-questions, short emails and messages, pros and cons, plans,
+advice under a budget or time limit, Python errors, SQL and shell basics, new creative forms), never a prompt of
+the first two files.
 
 Held out: no topic of bench/prompts/chat.jsonl appears here (checked at the end), so that
 benchmark stays unseen by training.
@@ -27,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "chat_prompts.jsonl"
 OUT2 = HERE / "chat_prompts_2.jsonl"
+OUT3 = HERE / "chat_prompts_3.jsonl"
 BENCH = HERE.parent.parent / "bench" / "prompts" / "chat.jsonl"
 
 CONCEPTS = """
@@ -198,6 +202,532 @@ make a simple class for a bank account
 CODE_TASK_TEMPLATES_2 = ["Show me how to {x} in Python.", "Write a Python snippet to {x}, with a short explanation."]
 
 
+# round 3: new kinds of everyday request (definitions, why-questions, short messages, pros and cons, plans,
+# constraints, Python errors, SQL and shell basics, new creative forms) and new phrasings of the topics above
+PAIRS_3 = """
+a cold and the flu; jam and jelly; a violin and a viola; a guitar and a ukulele; a moth and a butterfly;
+a bee and a wasp; a turtle and a tortoise; a seal and a sea lion; a dolphin and a porpoise; a llama and an alpaca;
+a leopard and a cheetah; an ape and a monkey; a rat and a mouse; a raven and a crow; a herb and a spice;
+a soup and a stew; a latte and a cappuccino; green tea and black tea; butter and margarine; a lemon and a lime;
+a sweet potato and a yam; a cupcake and a muffin; an omelette and a frittata; a kayak and a canoe;
+a museum and a gallery; a novel and a novella; a biography and an autobiography; fiction and nonfiction;
+a dialect and a language; a debit card and a credit card; a savings account and a checking account;
+a salary and a wage; gross income and net income; a recession and a depression; a manager and a leader;
+a mentor and a coach; a job and a career; a psychologist and a psychiatrist; a sprain and a strain;
+fog and mist; hail and sleet; a river and a stream; a hill and a mountain; a pond and a lake;
+an island and a peninsula; a planet and a dwarf planet; a solar eclipse and a lunar eclipse;
+a galaxy and a solar system; a laptop and a tablet; an app and a website; a file and a folder;
+a URL and a domain name; an IP address and a MAC address; Wi-Fi and Bluetooth; an SSD and a hard drive;
+a computer virus and a computer worm; a bit and a byte; a library and a framework; an API and an SDK;
+SQL and NoSQL databases; a process and a thread; concurrency and parallelism; `==` and `is` in Python;
+`append` and `extend` in Python; `sort()` and `sorted()` in Python; a module and a package in Python;
+`break` and `continue` in Python; a syntax error and a runtime error; an argument and a parameter;
+a local variable and a global variable; static typing and dynamic typing; unit tests and integration tests;
+Git and GitHub; a commit and a push in Git; a branch and a fork; empathy and sympathy; affect and effect;
+fewer and less; who and whom; borrow and lend; a colon and a semicolon; a prefix and a suffix;
+a synonym and an antonym; an adjective and an adverb; a president and a prime minister; a patent and a copyright;
+a misdemeanor and a felony; a lease and a mortgage; a warranty and a guarantee; a podcast and a radio show;
+a marathon and a half marathon; jogging and running; a yacht and a sailboat; a cyclone and a typhoon
+"""
+PAIR_TEMPLATES_3 = [
+    "What is the difference between {x}?",
+    "How are {x} different from each other?",
+    "Explain the difference between {x} in simple terms.",
+]
+FACTS_3 = """
+giraffes; hedgehogs; kangaroos; jellyfish; tigers; pandas; camels; hummingbirds; crows; parrots; bats; squirrels;
+sloths; axolotls; seahorses; koalas; flamingos; turtles; snails; earthworms; goldfish; lions; cheetahs; gorillas;
+the Eiffel Tower; the Great Wall of China; the pyramids of Giza; Mount Everest; the Grand Canyon; Venice; Iceland;
+Japan; Australia; Canada; the Pacific Ocean; the Alps; Saturn; Venus; Neptune; Pluto; the human eye;
+the human tongue; fingerprints; teeth; hair; coins; paper; glass; pencils; chess pieces; playing cards; the piano
+keyboard; lighthouses; castles; libraries of the ancient world; the Vikings; the Aztecs; ancient Greece;
+the Statue of Liberty; the Colosseum; the Taj Mahal; bananas; potatoes; apples; honeybees; maple syrup; popcorn;
+owls; peacocks; polar bears; snow leopards; orcas; ladybugs; chameleons; the Amazon rainforest; New Zealand;
+Egypt's pharaohs; the London Underground; the Moon's surface; the human skeleton; bicycles; umbrellas
+"""
+FACT_TEMPLATES_3 = [
+    "Give me five fun facts about {x}.",
+    "Tell me three things most people don't know about {x}.",
+    "What are some surprising facts about {x}?",
+]
+IDEAS_3 = """
+a rainy Sunday afternoon; a cheap date night; a birthday gift for my mother; a school science project;
+a family game night; a name for a new bakery; a team-building activity at work; a vegetarian dinner; a picnic menu;
+a small balcony garden; a first blog post; a Halloween costume; a theme for a kids' party; a weekend hobby;
+a short story for children; a photo project; a New Year's resolution; a fun lesson about fractions;
+an anniversary surprise; a healthy lunch to take to work; a podcast episode; a gift for a coworker who is retiring;
+a message for a Mother's Day card; a quick weeknight dinner; celebrating a friend's promotion;
+a fundraiser for a local school; a group activity for a book club; a YouTube channel about cooking;
+an icebreaker for a meeting; a science activity for kids at home; snacks for a movie night; a theme for a wedding;
+a cozy reading corner; a new family tradition; a small business I could start from home; a volunteer project;
+a community event; a thank-you gift for a teacher; a short weekend getaway; learning new vocabulary in a fun way;
+a dessert without added sugar; a houseplant for a dark room; a character in a fantasy novel;
+a logo for a coffee shop; a slogan for a bike shop; a snowy day with kids; a garden party; a road trip playlist;
+a fun Friday at the office; a themed dinner party; a school talent show act; a small kitchen makeover;
+a walking tour of my town; a gift for a new neighbor; a first date conversation; a family photo shoot;
+a short film with friends; a cheap summer activity for teenagers
+"""
+IDEA_TEMPLATES_3 = ["Give me three ideas for {x}.", "Suggest five ideas for {x}."]
+TIPS_3 = """
+a first day at a new job; moving to a new city; living with roommates; writing a good résumé;
+a long car trip with kids; a job interview over video; taking notes in class; running a first marathon;
+learning to drive; staying calm in traffic; buying a used bicycle; shopping at a farmers' market;
+hosting guests for the holidays; visiting a museum with children; taking care of a new puppy; cooking for one person;
+decluttering a small apartment; working at a standing desk; traveling with only a carry-on bag;
+talking to a shy child; starting at a new school; making small talk at a party; keeping a long-distance friendship;
+reading a difficult book; painting with watercolors; taking portraits of friends; growing herbs on a windowsill;
+camping for the first time; cycling safely in the city; using public transport in a new city;
+saving for a big purchase; negotiating the price of a car; writing a wedding speech; staying organized at work;
+answering tough interview questions; learning a musical instrument as an adult; packing lunches for school;
+running a garage sale; leading a book club; teaching a class for the first time; going back to school as an adult;
+writing a short story; choosing a ripe watermelon; caring for leather shoes; keeping cut flowers fresh;
+staying warm at home in winter; reading nutrition labels; working in a noisy office; sharing a kitchen;
+giving a toast at a dinner; writing a birthday card; flying with a baby; keeping a plant alive in an office;
+making a good cup of coffee; driving at night; organizing a small pantry; writing a polite complaint letter;
+calming a crying baby; speaking up in meetings
+"""
+TIP_TEMPLATES_3 = ["Give me five tips for {x}.", "What are your best tips for {x}?"]
+PROS_CONS_3 = """
+working from home; living in a big city; living in the countryside; buying a used car; renting instead of buying a
+home; owning an electric car; taking a gap year; learning online; studying abroad; having a dog; freelancing;
+a four-day work week; social media for teenagers; a standing desk; buying food in bulk; cooking at home;
+paying with cash; giving a child a smartphone; homeschooling; living alone; open-plan offices;
+e-books compared with paper books; gas stoves; solar panels on a house; nuclear power; self-driving cars;
+fast fashion; tiny houses; being self-employed; joining a gym; school uniforms; online shopping; streaming music;
+early retirement; minimalism; a vegetarian diet; a big wedding; living near family; moving abroad;
+raising a child with two languages; taking out a student loan; using a password manager; smart home devices;
+buying a house with a friend; leasing a car; remote meetings; having a side job; living in a small town;
+wind farms; online classes for children; wearing a smartwatch; renting a car on holiday; shared bank accounts;
+buying a new phone every year; working night shifts; adopting an older dog; living on a boat; flying compared
+with taking the train
+"""
+PROS_CONS_TEMPLATES_3 = ["List the pros and cons of {x}.", "What are the advantages and disadvantages of {x}?"]
+WORDS_3 = """
+serendipity; nostalgia; ambiguous; resilient; meticulous; candid; pragmatic; eloquent; frugal; diligent;
+gregarious; ubiquitous; ephemeral; benevolent; skeptical; whimsical; tenacious; humble; optimistic; nuance;
+irony; sarcasm; paradox; cliché; euphemism; idiom; jargon; etiquette; hospitality; integrity; compromise;
+consensus; bias; dilemma; wanderlust; zeitgeist; déjà vu; schadenfreude; bittersweet; mundane; quaint; vivid;
+subtle; tedious; lethargic; reluctant; inevitable; spontaneous; sustainable; authentic; vulnerable; ambitious;
+conscientious; altruism; apathy; anecdote; analogy; hyperbole; satire; trivia; rhetoric; cynical; naive; stoic;
+eccentric; mediocre; procrastinate; empathize; ponder; thrive; cherish; linger; meander; scrutinize;
+gullible; resourceful; versatile; obsolete; tactful; persuade; reconcile; mitigate; advocate; hinder;
+leisure; solitude; courtesy; hindsight; foresight; kudos; fiasco; hustle; savvy; wholesome
+"""
+WORD_TEMPLATES_3 = [
+    "What does the word {x} mean?",
+    "Use the word {x} in two example sentences.",
+    "Explain the word {x} and give a synonym.",
+]
+TERMS_3 = """
+bandwidth; latency; cache; firmware; malware; firewall; VPN; two-factor authentication; browser extension;
+software update; pixel density; time complexity; refactoring; technical debt; deployment;
+backend; frontend; pull request; syntax; runtime; bytecode; virtual machine;
+software container; dependency; open-source license; user interface; user experience; prototype;
+opportunity cost; interest rate; dividend; net worth; gross domestic product; liquidity; diversification;
+depreciation; budget deficit; emergency fund; down payment; credit limit; pension; tax deduction;
+entropy; osmosis; catalyst; half-life; wavelength; inertia; momentum; biodiversity; carbon footprint;
+ecosystem; food chain; habitat; symbiosis; mutation; enzyme; calorie; gluten; antioxidant;
+burnout; work-life balance; mindfulness; gig economy; fair trade; carbon offset; peer pressure;
+growth mindset; impostor syndrome; confirmation bias; placebo; deadline; stakeholder; key performance
+indicator; mission statement; brand; niche market; bottleneck; feedback loop; rule of thumb; spam filter;
+screenshot; QR code reader; operating system update; search algorithm; invoice; receipt;
+subscription; loyalty program; compound growth; side hustle; carbon tax; heat wave; food desert;
+supply chain; minimum wage; trade deficit; startup; venture capitalist; angel investor
+"""
+TERM_TEMPLATES_3 = [
+    "What does the term {x} mean?",
+    "Give a one-sentence definition of the term {x}.",
+    "Explain the term {x} with a simple example.",
+]
+WHY_3 = """
+cats purr; bread goes stale; onions make people cry; the sky is blue; leaves change color in autumn;
+ice floats on water; we get goosebumps; we yawn; our fingers wrinkle in the bath; popcorn pops;
+the ocean is salty; dogs wag their tails; cats usually land on their feet; we get hiccups;
+metal feels colder than wood; soap removes grease; soap bubbles are round; stars twinkle;
+planes leave white trails in the sky; cut apples turn brown; milk goes sour; coffee keeps people awake;
+hair turns gray with age; our voices sound different on recordings; cold ice cream gives us brain freeze;
+spicy food feels hot; mosquitoes bite some people more than others; zebras have stripes; flamingos are pink;
+birds fly in a V shape; giraffes have long necks; bees make honey; moths fly toward lights; fireflies glow;
+snakes shed their skin; some trees lose their leaves in winter; rivers curve; sunsets are red and orange;
+we see lightning before we hear thunder; snowflakes have six sides; water boils at a lower temperature in the
+mountains; salt melts ice on roads; a spoon looks bent in a glass of water; our ears pop on an airplane;
+we blink; we cannot tickle ourselves; knuckles crack; our stomachs growl when we are hungry; we sneeze;
+muscles get sore after a hard workout; bruises change color; healing wounds itch; the Leaning Tower of Pisa leans;
+English spelling is so irregular; a week has seven days; phone batteries wear out over time;
+computers slow down as they get older; cold glasses get wet on the outside on a hot day; old books smell sweet;
+some cheeses have holes; bananas turn brown; hot air rises; dogs sniff everything; cats knead soft blankets;
+the Moon looks bigger near the horizon; garlic smells so strong; heavy ships float; some animals hibernate;
+airplanes fly so high; tomatoes count as fruit; dogs have wet noses; teenagers' voices crack;
+time seems to pass faster as we get older; some people get motion sickness; we shiver when we are cold;
+cities are warmer than the countryside; we get sunburned; people have different blood types;
+a moving bicycle stays upright; golf balls have dimples; car tires have treads; some songs get stuck in our heads;
+cats dislike water; chili peppers are hot; carrots are orange; pineapples sting the tongue; nuts go rancid;
+a kettle whistles; microwaved food heats unevenly; glass is transparent; rubber bounces; magnets stick to some metals
+"""
+WHY_TEMPLATES_3 = ["Explain why {x}.", "Can you tell me why {x}?"]
+WHY_QUESTIONS_3 = """
+do cats purr; does bread go stale; do onions make people cry; is the sky blue; do leaves change color in autumn;
+does ice float on water; do we get goosebumps; do we yawn; do our fingers wrinkle in the bath; does popcorn pop;
+is the ocean salty; do dogs wag their tails; do we get hiccups; does metal feel colder than wood; do stars twinkle;
+do cut apples turn brown; does milk go sour; does hair turn gray with age; do our voices sound different on
+recordings; does spicy food feel hot; do zebras have stripes; are flamingos pink; do birds fly in a V shape;
+do giraffes have long necks; do bees make honey; do moths fly toward lights; do fireflies glow;
+do snakes shed their skin; are sunsets red and orange; do we see lightning before we hear thunder;
+does salt melt ice on roads; does a spoon look bent in a glass of water; do our ears pop on an airplane; do we blink;
+do knuckles crack; does my stomach growl when I am hungry; do we sneeze; do muscles get sore after a hard workout;
+do bruises change color; do healing wounds itch; does the Leaning Tower of Pisa lean; does a week have seven days;
+do phone batteries wear out over time; do bananas turn brown; does hot air rise; do dogs sniff everything;
+does the Moon look bigger near the horizon; do heavy ships float; do some animals hibernate; do dogs have wet noses;
+do we shiver when we are cold; do golf balls have dimples; do songs get stuck in our heads; are chili peppers hot;
+are carrots orange; does a kettle whistle; does rubber bounce; does the Moon have craters; do volcanoes erupt;
+do deserts get cold at night; is Venus so hot; does Mars look red; is the Earth round; do we have leap years;
+are shadows longer in the evening; is a rainbow curved; is wet sand darker than dry sand; does bread rise;
+do cakes sink in the middle; does iron rust; are leaves green; do roses have thorns; do trees have rings;
+do birds sing in the morning; do dogs tilt their heads; do cows have four stomachs; do camels have humps;
+do owls hoot at night; do ducks stay dry in water; does time seem to pass faster as we get older;
+do some people get motion sickness; do we get sunburned; do cats knead soft blankets; does garlic smell so strong;
+does soap remove grease
+"""
+WHY_QUESTION_TEMPLATES_3 = ["Why {x}?", "Why {x}? Please explain it simply."]
+MESSAGES_3 = """
+my landlord asking for a leaking tap to be fixed; my manager asking for a day off next Friday;
+a teacher asking for an extension on an assignment; a neighbor asking them to keep the noise down at night;
+a colleague thanking them for their help on a project; a client to move our meeting to next week;
+a shop about a late delivery; a hotel asking about early check-in; a restaurant to book a table for eight;
+my child's school explaining an absence; a recruiter to follow up after an interview; a company declining a job offer;
+a professor asking for a letter of recommendation; a gym to cancel my membership;
+a shop asking for a refund for a broken kettle; my team announcing that I am leaving the company;
+a new colleague to welcome them to the team; a speaker to thank them for their talk;
+a dentist's office to change an appointment; a plumber asking for a price estimate;
+an author to say that I enjoyed their book; my bank about a charge I do not recognize;
+a library asking to renew a book; a local charity offering to volunteer; a coworker asking them to review my report;
+my family about plans for a reunion; a classmate to plan a group project; a seller asking if an item is still
+available; an airline about lost luggage; my landlord giving notice that I am moving out;
+the organizer of an event to say that I cannot attend; a former teacher asking for career advice;
+my boss asking to work from home on Fridays; a new client to introduce myself; a supplier about a delayed order;
+a friend congratulating them on a new job; a neighbor thanking them for watering my plants;
+a teacher thanking them at the end of the school year; a colleague apologizing for missing a meeting;
+my team reminding them of a deadline on Friday; the city council about a broken streetlight;
+a tutor asking about lessons for my son; a museum asking about group tours; a garage asking about the cost of a repair;
+my internet provider about a slow connection; a friend to invite them to dinner on Saturday;
+a babysitter to confirm the time for Saturday evening; a volunteer thanking them for their time;
+a colleague asking to swap shifts next week; a landlord asking if I may keep a cat; a coach to say that my daughter
+will miss practice; a customer to thank them for their order; a host to thank them for a lovely evening;
+an old manager asking for a reference; a club to ask how to join; a neighbor to introduce myself;
+a hairdresser to book an appointment; a teacher asking how my son is doing in class
+"""
+MESSAGE_TEMPLATES_3 = [
+    "Write a short, polite email to {x}.",
+    "Write a short message to {x}.",
+    "Help me write a brief note to {x}.",
+]
+WRITING_3 = """
+a short toast for my sister's wedding; a two-sentence description of a reusable water bottle;
+a friendly reminder about tomorrow's team meeting; a short bio for my profile on a work website;
+a thank-you card for a birthday present; a short speech to welcome new students; an out-of-office reply;
+a short announcement for a lost cat poster; a one-paragraph review of a local café; a short invitation to a
+housewarming party; a polite reply turning down an invitation; a short note to leave for a house sitter;
+a two-line greeting for a holiday card; a short introduction of myself for the first day of a class;
+a short product description for handmade candles; a short apology to a customer for a delayed order;
+a short rule list for a shared kitchen; a short welcome message for a community garden group;
+a farewell card message for a coworker; a short description of my small bakery for its website;
+a friendly sign asking visitors to take their shoes off; a short request for feedback after a workshop;
+a one-paragraph summary of why I want to volunteer at an animal shelter; a short speech for a retirement party;
+a short description for a used bicycle I want to sell; a short motivational message for a team before a big launch;
+a short letter to my future self; a short condolence message for a friend; a text message to cancel plans politely;
+a short note to thank a nurse
+"""
+WRITING_TEMPLATES_3 = ["Write {x}.", "Can you help me write {x}?"]
+BUDGET_3 = """
+decorate my bedroom; eat healthily; travel around Europe; throw a birthday party; furnish my first apartment;
+stay fit; learn to paint; plan a wedding; have fun on a weekend; dress well for work; start a new hobby;
+go on a nice date; make my garden look nice; feed a family of four; celebrate an anniversary;
+keep my kids entertained in the summer; improve my home office; start a small business; take up photography;
+learn to play an instrument; update my bathroom; keep my home warm in winter; host a holiday party;
+go camping; buy gifts for friends; set up a home gym; visit a big city; learn a new language; enjoy a day out with
+children; make my kitchen look new
+"""
+BUDGET_TEMPLATES_3 = ["How can I {x} on a small budget?", "What are some cheap ways to {x}?"]
+TEN_MINUTES_3 = """
+learn a new language; get stronger; improve my drawing; keep my house clean; learn to meditate; read more;
+practice the piano; learn to code; improve my writing; stay in touch with friends; learn about history;
+get more flexible; reduce stress; practice gratitude; improve my posture; get better at chess;
+study for an exam; learn to knit; get better at mental math; grow my vocabulary; keep my garden tidy;
+plan healthy meals; keep up with the news; improve my typing speed; practice a speech; work on a side project;
+learn basic Spanish; get my finances in order; learn to sing; declutter my home
+"""
+TEN_MINUTES_TEMPLATES_3 = [
+    "How can I {x} if I only have 10 minutes a day?",
+    "I only have 15 minutes a day. How can I {x}?",
+]
+PLANS_3 = """
+a relaxing weekend at home; a productive Monday morning; learning to cook in one month; a week of vegetarian
+dinners; a first visit to Paris; a child's birthday party; cleaning my whole house in a weekend; saving for a holiday;
+reading twelve books in a year; training for a five-kilometer run; moving to a new apartment;
+learning to draw in three months; a family reunion; a weekly study group; a garage sale; a rainy day with kids;
+spring cleaning; a monthly budget for a student; getting back in shape after a long break;
+learning Python in eight weeks; writing a short novel; decluttering my home; starting a vegetable garden;
+a surprise party for a friend; a three-day trip to Rome; a calm evening routine; getting ready for a new baby;
+a weekly cleaning schedule; a charity bake sale; a morning routine before work; a school science fair project;
+a team's first week with a new colleague; a day in London with teenagers; preparing for a driving test
+"""
+PLAN_TEMPLATES_3 = ["Suggest a plan for {x}.", "Help me make a simple plan for {x}."]
+PY_ERRORS_3 = """
+`IndexError: list index out of range`; `KeyError`; `TypeError: 'int' object is not iterable`;
+`TypeError: can only concatenate str (not "int") to str`; `NameError: name 'x' is not defined`;
+`AttributeError: 'NoneType' object has no attribute 'append'`; `ValueError: invalid literal for int() with base 10`;
+`ZeroDivisionError: division by zero`; `IndentationError: unexpected indent`; `SyntaxError: invalid syntax`;
+`ModuleNotFoundError: No module named 'requests'`; `ImportError: cannot import name`;
+`FileNotFoundError: [Errno 2] No such file or directory`; `RecursionError: maximum recursion depth exceeded`;
+`UnboundLocalError: local variable referenced before assignment`;
+`TypeError: 'str' object does not support item assignment`; `TypeError: unhashable type: 'list'`;
+`TypeError: missing 1 required positional argument`; `TypeError: 'NoneType' object is not subscriptable`;
+`RuntimeError: dictionary changed size during iteration`; `UnicodeDecodeError: 'utf-8' codec can't decode byte`;
+`PermissionError: [Errno 13] Permission denied`; `OverflowError: math range error`; `AssertionError`;
+`TabError: inconsistent use of tabs and spaces in indentation`; `TypeError: object of type 'int' has no len()`;
+`AttributeError: 'str' object has no attribute 'append'`; `ValueError: too many values to unpack`;
+`IndexError: string index out of range`; `TypeError: list indices must be integers or slices, not str`;
+`json.decoder.JSONDecodeError: Expecting value`; `ValueError: math domain error`;
+`TypeError: 'list' object is not callable`; `SyntaxError: unterminated string literal`; `StopIteration`
+"""
+PY_ERROR_TEMPLATES_3 = [
+    "What does the Python error {x} mean and how do I fix it?",
+    "I got {x} in my Python code. What causes it?",
+    "How do I avoid {x} in Python?",
+]
+PY_CONCEPTS_3 = """
+list comprehensions; dictionary comprehensions; set comprehensions; generator expressions; generators;
+the `yield` keyword; decorators; f-strings; exceptions; custom exceptions; `try`, `except` and `finally`;
+context managers; the `with` statement; lambda functions; `*args` and `**kwargs`; default arguments;
+keyword arguments; type hints; dataclasses; properties; class methods; static methods; inheritance;
+the `__init__` method; the `__repr__` method; magic methods; iterators; slicing; multiple assignment;
+the walrus operator; `enumerate`; `zip`; `map` and `filter`; the `global` keyword; closures; modules and imports;
+virtual environments; `if __name__ == "__main__"`; string formatting; mutable and immutable types; `None`;
+sets; `collections.Counter`; enums; abstract base classes; the `assert` statement; chained comparisons;
+`async` and `await`; threads; the `match` statement; `sorted` with a `key` function; `any` and `all`;
+`isinstance`; docstrings; the `pass` statement; `else` on a loop
+"""
+PY_CONCEPT_TEMPLATES_3 = [
+    "Explain {x} in Python with an example.",
+    "Give a short example of {x} in Python and explain it.",
+    "When should I use {x} in Python?",
+]
+CODE_TASKS_3 = """
+parse a date string like 2024-05-01; read a JSON file and print one field; save a dictionary to a JSON file;
+rename all files in a folder; list all files with a given extension; find the longest word in a sentence;
+convert a string to title case; check that a password has a digit and an uppercase letter;
+generate a random password; simulate rolling two dice; make a number guessing game; make a to-do list for the
+terminal; convert minutes to hours and minutes; convert kilometers to miles; compute the area of a circle;
+print a multiplication table; print a triangle of stars; ask for the user's name and greet them;
+count how often a letter appears in a word; turn a list of names into a numbered list; remove empty strings from a
+list; group words by their first letter; find the oldest person in a list of dictionaries;
+compute a running total of a list; round a number to two decimal places; format a number with thousands separators;
+pad a number with leading zeros; print the current time; count the days between two dates; check whether a file
+exists; create a folder if it does not exist; copy a file; print the lines of a file in reverse order;
+replace a word in a text file; count the unique words in a text; make a simple stopwatch;
+make a tiny calculator that reads two numbers and an operator; make a simple countdown timer;
+keep a shopping list in a class; print a simple progress bar
+"""
+CODE_TASK_TEMPLATES_3 = ["Write a small Python program to {x}.", "Can you write Python code to {x}? Keep it short."]
+SQL_3 = """
+select all rows from a table; select only some columns; filter rows with a WHERE clause; sort results by a column;
+count the rows in a table; find the average value of a column; group rows and count each group; join two tables;
+find rows with missing values; insert a new row; update a row; delete rows that match a condition; create a table;
+add a column to an existing table; find duplicate rows; select the first 10 rows; rename a column in a query result;
+combine the results of two queries; find the maximum value in each group; filter groups with HAVING;
+find text that starts with a given word; select rows between two dates; remove duplicate values from a result;
+create an index; find the rows above the average with a subquery
+"""
+SQL_TEMPLATES_3 = ["How do I {x} in SQL?", "Write an SQL query to {x}, and explain it."]
+SQL_TERMS_3 = """
+a primary key; a foreign key; an index; a view; a transaction; a NULL value; an inner join; a left join;
+normalization; a schema; an aggregate function; a stored procedure
+"""
+SQL_TERM_TEMPLATES_3 = ["What is {x} in SQL?", "Explain {x} in SQL with an example."]
+SHELL_3 = """
+`ls -la`; `cd ..`; `pwd`; `mkdir -p`; `rm -rf`; `cp -r`; `mv`; `cat`; `less`; `head -n 20`; `tail -f`;
+`grep -r`; `find . -name "*.txt"`; `wc -l`; `sort | uniq -c`; `chmod +x`; `chown`; `ps aux`; `kill`; `top`;
+`df -h`; `du -sh`; `tar -xzf`; `curl`; `wget`; `ssh`; `scp`; `echo $PATH`; `export`; `which python`; `history`;
+`man`; `touch`; `ln -s`; `sudo`; `xargs`; `sed 's/old/new/g'`; `awk '{print $1}'`; `diff`; `cut -d, -f1`
+"""
+SHELL_TEMPLATES_3 = ["What does the shell command {x} do?", "Explain the command {x} with an example."]
+SHELL_TASKS_3 = """
+find large files; count the lines in a file; search for a word in many files; rename many files at once;
+see which process is using a port; check free disk space; unzip a file; make a script executable; list hidden files;
+go back to the previous folder; see the last lines of a log file; compare two files; download a file;
+create a new folder; move a file to another folder; delete an empty folder; show the current date and time;
+find where a program is installed; run a command in the background; save a command's output to a file
+"""
+SHELL_TASK_TEMPLATES_3 = ["How do I {x} from the command line?", "What is the shell command to {x}?"]
+SCENES_3 = """
+a farmers' market on a Saturday morning; a campfire at night; a kitchen on a holiday morning;
+a crowded train at rush hour; a quiet forest after rain; a county fair; a bakery at closing time;
+a snowy mountain cabin; a summer storm in the city; a spice market; a school cafeteria at lunch; an old bookshop;
+a football stadium on match day; a busy airport; a night market; a field of sunflowers; an orchard in autumn;
+a rooftop garden; a fishing harbor at dawn; a jazz club; a grandmother's kitchen; a candlelit dinner;
+a playground in the afternoon; a ski slope; a lavender field; a pine forest in winter;
+a coffee shop on a rainy morning; a carnival at night; a chocolate factory; a greenhouse; a flower shop;
+a busy restaurant kitchen; a train platform in the fog; a small island harbor; a picnic in the park;
+a cinema before the film starts; a street parade; a bustling fish market; a barn on a cold morning; a hot spring;
+a music festival at sunset; a cozy attic; an autumn fair; a bus stop in the rain; a desert road at noon;
+a quiet temple; a bakery on a winter morning; an ice rink; a vineyard at harvest time; a market in Morocco
+"""
+SCENE_TEMPLATES_3 = [
+    "Describe {x} using all five senses.",
+    "Write a short descriptive paragraph about {x}.",
+    "Write a short poem about {x}.",
+]
+CHARACTERS_3 = """
+a cat who wants to be a chef; a penguin who hates the cold; a forgetful wizard; a snail in a hurry;
+a robot who learns to laugh; a grumpy old goat; a shy giraffe; a dog who delivers the mail; a cloud that cannot rain;
+a pirate who is afraid of water; a bear who loves honey cake; a clumsy knight; a mouse who wants to fly;
+a tortoise who runs a café; a crow who collects buttons; a little star that falls to Earth;
+a baker who bakes too much bread; a squirrel who forgets where it hid its nuts; an elephant who is afraid of mice;
+a ghost who is afraid of the dark; a dragon who cannot breathe fire; a king with a very long beard;
+a goldfish with big dreams; a lazy lion; a talkative teapot; a hedgehog looking for a friend;
+a puppy on its first day at the park; a scarecrow who befriends the crows; a frog who wants to sing opera;
+a moose in the city; a sock that lost its pair; a chef who cannot taste; a tiny dinosaur; a rabbit who is always late;
+an ant who wants a holiday; a clock that runs backwards; a spider who weaves pictures; a kangaroo with an empty pouch
+"""
+CHARACTER_TEMPLATES_3 = [
+    "Write a limerick about {x}.",
+    "Write a short story about {x}.",
+    "Write a short fable about {x}, with a moral at the end.",
+]
+WHY_MORE_3 = """
+the Moon has craters; volcanoes erupt; deserts get cold at night; Venus is so hot; Mars looks red; the Earth is round;
+we have a leap year every four years; shadows are longer in the evening; a rainbow is curved; thunder rumbles;
+a seashell seems to make a rushing sound; wet sand is darker than dry sand; our breath is visible on cold days;
+eggs harden when they are boiled; sugar dissolves faster in hot tea; bread rises; cakes sink in the middle;
+ice cubes are cloudy in the middle; candles drip; paper turns yellow with age; pennies turn green; iron rusts;
+leaves are green; roses have thorns; cacti have spines; trees have rings; grass grows back after it is cut;
+birds sing in the morning; cats bring their owners dead mice; dogs tilt their heads; horses wear shoes;
+cows have four stomachs; camels have humps; penguins cannot fly; owls hoot at night; ducks stay dry in water
+"""
+RECOMMEND_3 = """
+board games for a family with young kids; classic novels for a teenager; houseplants that are hard to kill;
+easy recipes for a beginner cook; podcasts about history; card games for two players; hobbies for someone who
+works from home; indoor activities for a rainy day; outdoor games for a children's party; books about space for a
+ten-year-old; songs for a road trip; gifts for someone who loves gardening; apps for learning a language;
+simple science experiments for kids; books to improve my writing; strategy games for beginners;
+films for a family movie night; ways to relax after work; quiet hobbies for an evening at home;
+herbs that are easy to grow; weekend activities for couples; easy instruments to learn as an adult;
+beginner projects for learning Python; puzzles to keep my mind sharp; snacks for a long car trip;
+dishes to bring to a potluck; flowers that attract butterflies; pets for a small apartment;
+books for someone who wants to start cooking; games to play with friends online
+"""
+RECOMMEND_TEMPLATES_3 = ["Can you recommend some {x}?", "Suggest a few {x}, with a short reason for each."]
+POLITE_3 = """
+Send me the report now.; I need your answer today.; You did this wrong.; Stop calling me after work.;
+Move your car.; I don't like your idea.; Give me a refund.; Your music is too loud.; I can't come to your party.;
+This food is cold.; You are late again.; Clean up your mess.; I want a different room.; Answer my question.;
+Don't touch my things.; Fix my computer.; Tell me why the order is late.; I won't do that task.;
+Your report has too many mistakes.; I need more time.; Pay me back the money.; That meeting was a waste of time.;
+I am not interested.; Call me back.; Where is my package?
+"""
+POLITE_TEMPLATES_3 = [
+    "Rewrite this sentence so that it sounds more polite: \"{x}\"",
+    "Make this message sound friendlier: \"{x}\"",
+]
+GRAMMAR_3 = """
+Me and him went to the store yesterday.; She don't like apples.; Their going to the park later.;
+I have went there many times.; The dog wagged it's tail.; Between you and I, the plan is bad.;
+He runned very fast.; There is many reasons to stay.; Your the best friend I have.; I could of helped you.;
+We was late for the bus.; The childs are playing outside.; She is more taller than her brother.;
+I seen that movie last week.; Everyone have their own opinion.; He gave the book to my sister and I.;
+Less people came than we expected.; I am agree with you.; She has lived here since five years.;
+If I was you, I would call her.
+"""
+GRAMMAR_TEMPLATES_3 = ["Fix the grammar in this sentence: \"{x}\"", "What is wrong with this sentence? \"{x}\""]
+PHRASES_3 = """
+good morning; thank you very much; where is the train station; how much does this cost; I would like a coffee,
+please; excuse me; nice to meet you; what time is it; can you help me; I don't understand; see you tomorrow;
+happy birthday; where is the bathroom; the bill, please; I am lost; do you speak English; I love this city;
+how are you; good night; I am sorry
+"""
+PHRASE_TEMPLATES_3 = ["How do you say \"{x}\" in Spanish?", "How do you say \"{x}\" in French?"]
+MYTHS_3 = """
+we only use 10 percent of our brains; goldfish have a three-second memory; lightning never strikes the same place
+twice; bats are blind; the Great Wall of China can be seen from space; cracking your knuckles causes arthritis;
+we lose most of our body heat through our heads; sugar makes children hyperactive; bulls hate the color red;
+chameleons change color to blend in; ostriches bury their heads in the sand; you should wait an hour after eating
+before swimming; shaving makes hair grow back thicker; reading in dim light damages your eyes; camels store water
+in their humps; a penny dropped from a tall building could kill someone; humans have only five senses;
+carrots help you see in the dark; dogs see only in black and white; touching a baby bird makes its mother reject it;
+hair and nails keep growing after death; Napoleon was very short; the tongue has separate zones for each taste;
+the Sun is yellow; people swallow spiders at night without noticing; mother birds abandon eggs that people touch;
+cold temperatures give you a cold; blood is blue inside the body; water drains the other way in the southern
+hemisphere; glass is a slow-moving liquid
+"""
+MYTH_TEMPLATES_3 = ["Is it true that {x}?", "Someone told me that {x}. Is that right?"]
+CHOICES_3 = """
+a laptop for school; running shoes; a first car; a good mattress; a houseplant for my office; a bicycle for
+commuting; a tent for family camping; a backpack for travel; a phone plan; a winter coat; a good chef's knife;
+a cutting board; a dog breed for a small apartment; a name for my new kitten; a university course; a piano teacher;
+a dentist; a moving company; a health insurance plan; a savings account; a programming language to learn first;
+a text editor for coding; a camera for beginners; a pair of glasses; a desk chair; a paint color for a bedroom;
+a wedding venue; a book for a long flight; a gift for a ten-year-old; a vacuum cleaner; a holiday destination;
+a board game for a group of friends; a font for a presentation; a laptop bag; a baby stroller; a kitchen table
+"""
+CHOICE_TEMPLATES_3 = ["What should I consider when choosing {x}?", "How do I choose {x}?"]
+WHAT_IF_3 = """
+you swallow chewing gum; you drink too much coffee; a bee stings you; you touch a jellyfish;
+you leave milk out overnight; you put metal in a microwave; you mix bleach and vinegar; you never brush your teeth;
+you forget to water a cactus; a plant gets no sunlight; you pour water on a grease fire; you eat a whole lemon;
+a phone falls into water; you charge a phone all night; you stare at the Sun; you freeze bread;
+you overwater a houseplant; you skip lunch every day; you heat a sealed can; you shake a soda bottle and open it;
+you mix oil and water; you put salt in a glass of ice water; you leave a car in the sun all day;
+you plant an apple seed; you boil an egg for an hour; you blow up a balloon too much; you never back up your laptop;
+you stop using a muscle; you mix red and green light; you put a spoon in a glass of hot water
+"""
+WHAT_IF_TEMPLATES_3 = ["What happens if {x}?", "What happens if {x}? Explain it simply."]
+IMAGINE_3 = """
+the Moon disappeared; the Earth stopped spinning; all the bees disappeared; it never rained again;
+the internet went down for a week; you fell into a black hole; all the ice at the North Pole melted;
+people never needed to eat; everyone spoke the same language; the Sun were twice as big; there were no cars;
+trees could walk; we had no electricity for a month; humans could breathe underwater; the Earth had two moons;
+dinosaurs had never died out; nobody could lie; money did not exist; everyone could read minds; cats could talk
+"""
+IMAGINE_TEMPLATES_3 = ["What would happen if {x}?", "Imagine that {x}. What would change?"]
+RECIPES_3 = """
+guacamole; banana bread; a simple tomato sauce; hot chocolate; lemonade; fried rice; hummus;
+a grilled cheese sandwich; a vegetable curry; mashed potatoes; a fruit salad; chocolate chip muffins;
+a simple lentil soup; roasted vegetables; a chickpea salad; homemade pizza dough; apple crumble; iced tea;
+scrambled tofu; a quick stir-fry; garlic bread; a tuna sandwich; a bean chili; pesto; a yogurt parfait;
+potato wedges; a mug cake; a cucumber salad; popcorn on the stove; baked salmon; a simple risotto;
+oatmeal cookies; vegetable soup; a caprese salad; a milkshake; roast chicken; a simple flatbread;
+a cheese omelette; tomato soup; a peanut butter smoothie
+"""
+RECIPE_TEMPLATES_3 = ["How do I make {x}?", "Give me a simple recipe for {x}."]
+PEOPLE_3 = """
+Marie Curie; Albert Einstein; Isaac Newton; Charles Darwin; Leonardo da Vinci; William Shakespeare;
+Ada Lovelace; Alan Turing; Nikola Tesla; Thomas Edison; Galileo Galilei; Cleopatra; Julius Caesar;
+Napoleon Bonaparte; Abraham Lincoln; Nelson Mandela; Mahatma Gandhi; Martin Luther King Jr.; Rosa Parks;
+Florence Nightingale; Amelia Earhart; Neil Armstrong; Yuri Gagarin; Wolfgang Amadeus Mozart;
+Ludwig van Beethoven; Johann Sebastian Bach; Vincent van Gogh; Pablo Picasso; Frida Kahlo; Jane Austen;
+Charles Dickens; Confucius; Aristotle; Plato; Socrates; Archimedes; Marco Polo; Christopher Columbus;
+Queen Victoria; Genghis Khan; Louis Pasteur; Alexander Fleming; Gregor Mendel; Johannes Gutenberg;
+Harriet Tubman; Grace Hopper; Rachel Carson; Mary Anning; Stephen Hawking; Carl Linnaeus
+"""
+PEOPLE_TEMPLATES_3 = ["Who was {x}?", "Why is {x} famous? Answer in a short paragraph."]
+DEVICES_3 = """
+a toaster; an electric kettle; an air conditioner; a smoke detector; a QR code; noise cancellation in headphones;
+an induction cooktop; a pressure cooker; a heat pump; a hearing aid; a pacemaker; an electric toothbrush;
+contactless payment; a traffic light; an escalator; a hot air balloon; a helicopter; a sailboat; a fire extinguisher;
+a thermos flask; a sewing machine; a mechanical watch; a digital camera sensor; an e-reader screen; a dam;
+a canal lock; a water tower; the gears of a bicycle; a car's braking system; an airbag; a fingerprint sensor;
+face recognition on a phone; a USB cable; a metal detector; a coffee machine; a loudspeaker; a doorbell camera
+"""
+CONCEPT_TEMPLATES_3 = [
+    "Give me five quick facts about {x}.",
+    "Explain {x} in three sentences.",
+    "Write a short quiz with three questions about {x}, and give the answers.",
+]
+TASK_TEMPLATES_3 = ["I want to {x}. What mistakes should I avoid?"]
+OLD_PAIR_TEMPLATES_3 = ["How are {x} different from each other?"]
+OLD_THING_TEMPLATES_3 = ["Write a limerick about {x}."]
+
+
 def _items(block: str) -> list[str]:
     return [s.strip() for s in block.replace("\n", " ").split(";") if s.strip()]
 
@@ -262,7 +792,7 @@ def main() -> None:
         ("code-stdlib", _stdlib_functions(), CODE_TEMPLATES),
     )), OUT)
     concepts = _items(CONCEPTS) + _items(CONCEPTS_2)
-    _write(_expand((
+    second = _write(_expand((
         ("concept", concepts, CONCEPT_TEMPLATES_2),
         ("concept", _items(CONCEPTS_2), CONCEPT_TEMPLATES),
         ("howto", _items(TASKS) + _items(TASKS_2), TASK_TEMPLATES_2),
@@ -272,6 +802,46 @@ def main() -> None:
         ("code-task", _items(CODE_TASKS) + _items(CODE_TASKS_2), CODE_TASK_TEMPLATES_2),
         ("code-task", _items(CODE_TASKS_2), CODE_TASK_TEMPLATES),
     )), OUT2, exclude=set(first))
+    _write(_expand((
+        ("compare", _items(PAIRS_3), PAIR_TEMPLATES_3),
+        ("compare", _items(PAIRS), OLD_PAIR_TEMPLATES_3),
+        ("facts", _items(FACTS_3), FACT_TEMPLATES_3),
+        ("ideas", _items(IDEAS_3), IDEA_TEMPLATES_3),
+        ("tips", _items(TIPS_3), TIP_TEMPLATES_3),
+        ("pros-cons", _items(PROS_CONS_3), PROS_CONS_TEMPLATES_3),
+        ("define", _items(WORDS_3), WORD_TEMPLATES_3),
+        ("define", _items(TERMS_3), TERM_TEMPLATES_3),
+        ("why", _items(WHY_3) + _items(WHY_MORE_3), WHY_TEMPLATES_3),
+        ("why", _items(WHY_QUESTIONS_3), WHY_QUESTION_TEMPLATES_3),
+        ("myth", _items(MYTHS_3), MYTH_TEMPLATES_3),
+        ("what-if", _items(WHAT_IF_3), WHAT_IF_TEMPLATES_3),
+        ("what-if", _items(IMAGINE_3), IMAGINE_TEMPLATES_3),
+        ("people", _items(PEOPLE_3), PEOPLE_TEMPLATES_3),
+        ("device", _items(DEVICES_3), DEVICE_TEMPLATES),
+        ("recommend", _items(RECOMMEND_3), RECOMMEND_TEMPLATES_3),
+        ("recommend", _items(CHOICES_3), CHOICE_TEMPLATES_3),
+        ("recipe", _items(RECIPES_3), RECIPE_TEMPLATES_3),
+        ("rewrite", _items(POLITE_3), POLITE_TEMPLATES_3),
+        ("rewrite", _items(GRAMMAR_3), GRAMMAR_TEMPLATES_3),
+        ("rewrite", _items(PHRASES_3), PHRASE_TEMPLATES_3),
+        ("writing", _items(MESSAGES_3), MESSAGE_TEMPLATES_3),
+        ("writing", _items(WRITING_3), WRITING_TEMPLATES_3),
+        ("howto", _items(BUDGET_3), BUDGET_TEMPLATES_3),
+        ("howto", _items(TEN_MINUTES_3), TEN_MINUTES_TEMPLATES_3),
+        ("howto", _items(TASKS) + _items(TASKS_2), TASK_TEMPLATES_3),
+        ("plan", _items(PLANS_3), PLAN_TEMPLATES_3),
+        ("code-error", _items(PY_ERRORS_3), PY_ERROR_TEMPLATES_3),
+        ("code-concept", _items(PY_CONCEPTS_3), PY_CONCEPT_TEMPLATES_3),
+        ("code-task", _items(CODE_TASKS_3), CODE_TASK_TEMPLATES_3),
+        ("sql", _items(SQL_3), SQL_TEMPLATES_3),
+        ("sql", _items(SQL_TERMS_3), SQL_TERM_TEMPLATES_3),
+        ("shell", _items(SHELL_3), SHELL_TEMPLATES_3),
+        ("shell", _items(SHELL_TASKS_3), SHELL_TASK_TEMPLATES_3),
+        ("creative", _items(SCENES_3), SCENE_TEMPLATES_3),
+        ("creative", _items(CHARACTERS_3), CHARACTER_TEMPLATES_3),
+        ("creative", _items(THINGS) + _items(THINGS_2), OLD_THING_TEMPLATES_3),
+        ("concept", [x for x in concepts if "email" not in x], CONCEPT_TEMPLATES_3),
+    )), OUT3, exclude=set(first) | set(second))
 
 
 if __name__ == "__main__":
