@@ -59,6 +59,35 @@ def test_two_pass_equals_dense_loss_and_grads():
         assert torch.allclose(a, b_, atol=1e-5)
 
 
+def test_slot_weights_weight_the_block_loss():
+    """slot_weights: a weighted mean over targets, the same in the dense and the two-pass step."""
+    from sdlm.errors import SDLMError
+
+    s, ad = adapted()
+    b = batch(s)
+    plain = dense_loss(s, b, 4)
+    assert torch.allclose(dense_loss(s, b, 4, slot_weights=[2.0, 2.0, 2.0, 2.0]).loss, plain.loss, atol=1e-6)
+    only0 = dense_loss(s, b, 4, slot_weights=[1.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(only0.loss, plain.slot_loss_sum[0] / plain.slot_count[0], atol=1e-5)
+    w = [1.0, 0.5, 0.25, 0.125]
+    by_slot = plain.slot_loss_sum / plain.slot_count * plain.slot_count * torch.tensor(w)
+    ref = by_slot.sum() / (plain.slot_count * torch.tensor(w)).sum()
+    grads = []
+    for fn in (dense_loss, two_pass_loss):
+        for p in ad.lora_parameters().values():
+            p.grad = None
+        out = fn(s, b, 4, slot_weights=w) if fn is dense_loss else fn(s, b, 4, 0.0, w)
+        out.loss.backward()
+        assert torch.allclose(out.loss, ref, atol=1e-5)
+        assert torch.allclose(out.block_loss, plain.block_loss, atol=1e-5)  # reported CE stays the plain mean
+        grads.append([p.grad.clone() for p in ad.lora_parameters().values()])
+    for a, b_ in zip(*grads):
+        assert torch.allclose(a, b_, atol=1e-5)
+    for bad in ([1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, -1.0, 1.0, 1.0], "high"):
+        with pytest.raises(SDLMError, match="slot_weights"):
+            TrainConfig(model="m", data="d.jsonl", block_size=4, slot_weights=bad)
+
+
 def test_padding_does_not_change_the_loss():
     """A sample's loss is the same alone and padded inside a batch."""
     s, _ = adapted()

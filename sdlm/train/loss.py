@@ -156,7 +156,7 @@ class LossOutput:
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int):
-    """Block CE and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
+    """Per-target block CE (N,) and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
     labels, slots = labels.to(logits.device), slots.to(logits.device)
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
     correct = (logits.argmax(-1) == labels).float()
@@ -165,11 +165,24 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, bl
     per_slot[1].index_add_(0, slots, correct)
     per_slot[2].index_add_(0, slots, torch.ones_like(correct))
     slot_loss, slot_correct, slot_count = per_slot.cpu()  # one transfer
-    return ce.mean(), slot_loss, slot_correct, slot_count
+    return ce, slot_loss, slot_correct, slot_count
 
 
-def dense_loss(sdlm: SDLM, batch: Packed, block_size: int, ar_loss_weight: float = 0.0) -> LossOutput:
-    """Reference: one forward over the whole training layout with the dense (T x T) mask."""
+def _slot_mean(ce: torch.Tensor, slots: torch.Tensor, slot_weights: list[float] | None) -> torch.Tensor:
+    """Mean of per-target losses ``ce`` (N,); with ``slot_weights``, target i counts
+    ``slot_weights[slot_i]`` times (a weighted mean: the weights' scale does not matter)."""
+    if slot_weights is None:
+        return ce.mean()
+    w = torch.as_tensor(slot_weights, dtype=ce.dtype, device=ce.device)[slots.to(ce.device)]
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
+def dense_loss(
+    sdlm: SDLM, batch: Packed, block_size: int, ar_loss_weight: float = 0.0, slot_weights: list[float] | None = None
+) -> LossOutput:
+    """Reference: one forward over the whole training layout with the dense (T x T) mask.
+
+    ``slot_weights`` (one per slot) turns the block loss into a weighted mean over targets."""
     cfg = sdlm.config
     batch = batch.to(sdlm.device)
     has_block = batch.block_labels != IGNORE  # (B, T)
@@ -178,20 +191,25 @@ def dense_loss(sdlm: SDLM, batch: Packed, block_size: int, ar_loss_weight: float
     mask = additive(allowed(batch.info, batch.info, cfg.causal_within_block), sdlm.dtype)  # (B, 1, T, T)
     logits = _forward_keep(sdlm, batch.input_ids, batch.info, mask, None, keep)  # (B, N, V)
     kb, ka = has_block[:, keep], has_ar[:, keep]
-    block_loss, sl, sc, sn = _metrics(logits[kb], batch.block_labels[:, keep][kb], batch.slot[:, keep][kb], block_size)
-    loss, ar_loss = block_loss, None
+    slots = batch.slot[:, keep][kb]
+    ce, sl, sc, sn = _metrics(logits[kb], batch.block_labels[:, keep][kb], slots, block_size)
+    block_loss, ar_loss = ce.mean(), None
+    loss = _slot_mean(ce, slots, slot_weights)
     if ka.any():
         ar_loss = F.cross_entropy(logits[ka].float(), batch.ar_labels[:, keep][ka].to(logits.device))
         loss = loss + ar_loss_weight * ar_loss
     return LossOutput(loss, block_loss.detach(), None if ar_loss is None else ar_loss.detach(), sl, sc, sn, int(kb.sum()))
 
 
-def two_pass_loss(sdlm: SDLM, batch: Packed, block_size: int, distill: float = 0.0) -> LossOutput:
+def two_pass_loss(
+    sdlm: SDLM, batch: Packed, block_size: int, distill: float = 0.0, slot_weights: list[float] | None = None
+) -> LossOutput:
     """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
 
     ``distill`` > 0 mixes in soft targets: the base model's own next-token
     distribution at the matching clean position (the clean pass computes it
-    anyway), ``(1 - distill) * CE(hard) + distill * CE(soft)``.
+    anyway), ``(1 - distill) * CE(hard) + distill * CE(soft)``. ``slot_weights``
+    as in :func:`dense_loss`.
     """
     from transformers import DynamicCache
 
@@ -219,11 +237,13 @@ def two_pass_loss(sdlm: SDLM, batch: Packed, block_size: int, distill: float = 0
     keys = TokenInfo.cat([clean.info, blocks.info])
     mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
     logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep)  # (B, N, V)
-    block_loss, sl, sc, sn = _metrics(logits[kb], blocks.block_labels[:, keep][kb], blocks.slot[:, keep][kb], block_size)
-    loss = block_loss
+    slots = blocks.slot[:, keep][kb]
+    ce, sl, sc, sn = _metrics(logits[kb], blocks.block_labels[:, keep][kb], slots, block_size)
+    block_loss = ce.mean()
+    loss = _slot_mean(ce, slots, slot_weights)
     if distill > 0:
-        soft = F.cross_entropy(logits[kb].float(), teacher)
-        loss = (1 - distill) * block_loss + distill * soft
+        soft = _slot_mean(F.cross_entropy(logits[kb].float(), teacher, reduction="none"), slots, slot_weights)
+        loss = (1 - distill) * loss + distill * soft
     return LossOutput(loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
 
 

@@ -63,6 +63,10 @@ class TrainConfig:
     distill: float = 0.0
     """block-adapter only: weight of soft targets (the base model's own next-token distribution,
     from the clean pass) against the data's hard labels; 1.0 = soft targets only."""
+    slot_weights: list[float] | None = None
+    """One weight per block slot (length block_size): the block loss becomes the weighted mean over
+    targets, e.g. [1, 0.8, 0.6, 0.4] to favour the early slots that every accepted prefix needs.
+    None = every target counts the same."""
     lr: float = 5e-4
     weight_decay: float = 0.0
     schedule: str = "constant"
@@ -119,6 +123,12 @@ class TrainConfig:
             raise SDLMError(f"distill must be between 0 and 1, got {self.distill}")
         if self.distill > 0 and self.retrofit != "block-adapter":
             raise SDLMError("distill (soft targets from the frozen base) needs retrofit: block-adapter")
+        if self.slot_weights is not None:
+            w = self.slot_weights
+            if not isinstance(w, list) or len(w) != self.block_size or not all(isinstance(x, (int, float)) for x in w):
+                raise SDLMError(f"slot_weights must be a list of block_size={self.block_size} numbers, got {w!r}")
+            if any(x < 0 for x in w) or not any(x > 0 for x in w):
+                raise SDLMError(f"slot_weights must be >= 0 with at least one > 0, got {w}")
         if not self.data:
             raise SDLMError("the recipe names no data: set `data:` to a JSONL file")
         if isinstance(self.data, list) and not all(isinstance(d, str) and d for d in self.data):
@@ -263,8 +273,8 @@ class Trainer:
         self.prep_seconds += time.perf_counter() - t0
         with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.cfg.retrofit == "block-adapter":
-                return two_pass_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.distill)
-            return dense_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.ar_loss_weight)
+                return two_pass_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.distill, self.cfg.slot_weights)
+            return dense_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.ar_loss_weight, self.cfg.slot_weights)
 
     # ------------------------------------------------------------ the loop
 
