@@ -100,12 +100,8 @@ def training_layout(
     T = L + D * K
     ar_labels = torch.full((T,), IGNORE, dtype=torch.long)
     ar_labels[: L - 1] = torch.where(loss_mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
-    clean = TokenInfo.clean(torch.arange(L))
-    info = TokenInfo(
-        torch.cat([clean.pos, b_pos.reshape(-1)]),
-        torch.cat([clean.block, b_block.reshape(-1)]),
-        torch.cat([clean.start, b_start.reshape(-1)]),
-    )
+    blocks = TokenInfo(b_pos.reshape(-1), b_block.reshape(-1), b_start.reshape(-1))
+    info = TokenInfo.cat([TokenInfo.clean(torch.arange(L)), blocks])
     block_labels = torch.cat([torch.full((L,), IGNORE, dtype=torch.long), b_labels.reshape(-1)])
     slot = torch.cat([torch.full((L,), -1, dtype=torch.long), j.repeat(K)])
     return TrainingLayout(torch.cat([ids, b_ids.reshape(-1)]), info, block_labels, slot, ar_labels, L)

@@ -239,6 +239,7 @@ class Trainer:
         self.block_tokens = 0  # trained block targets so far
         self.train_seconds = 0.0
         self.prep_seconds = 0.0  # host time spent laying out and packing the current step
+        self._order: tuple[int | None, torch.Tensor | None] = (None, None)  # (epoch, its sample order)
 
     # ------------------------------------------------------------ data for one step
 
@@ -253,7 +254,7 @@ class Trainer:
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         """The seeded order of the training samples in ``epoch`` (kept for the current epoch)."""
-        if getattr(self, "_order", (None,))[0] != epoch:
+        if self._order[0] != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
             self._order = (epoch, torch.randperm(len(self.train), generator=gen))
         return self._order[1]
