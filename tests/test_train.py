@@ -311,3 +311,60 @@ def test_bf16_export_and_init_adapter(tmp_path):
     assert all(torch.equal(got[k], w[k].float()) for k in w)
     with pytest.raises(Exception, match="not an adapter folder"):
         Trainer(tiny(tmp_path / "c", retrofit="block-adapter", init_adapter=str(tmp_path)))
+
+
+@pytest.mark.parametrize("slot_weights", [None, [1.0, 0.7, 0.4, 0.2]])
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_samples_run_apart_give_the_packed_loss_and_grads(slot_weights, distill):
+    """Each sample as its own forward (``norm`` = the batch's) sums to the packed batch's loss and gradients.
+
+    A one-sample batch also takes the fast path (no clean mask, logits exactly at the targets): it must
+    equal the dense reference."""
+    from sdlm.train.loss import _plain_causal, loss_norm
+    from sdlm.train.trainer import _combine
+
+    s, ad = adapted()
+    lays = _layouts(s)
+
+    def run(parts, norm):
+        for p in ad.lora_parameters().values():
+            p.grad = None
+        outs = []
+        for part in parts:
+            o = two_pass_loss(s, pack(part), 4, distill, slot_weights, norm)
+            o.loss.backward()
+            outs.append(o)
+        return _combine(outs), [p.grad.clone() for p in ad.lora_parameters().values()]
+
+    whole, g_whole = run([lays], None)
+    apart, g_apart = run([[lay] for lay in lays], loss_norm(lays, slot_weights))
+    assert torch.allclose(whole.loss, apart.loss, atol=1e-5)
+    assert torch.allclose(whole.block_loss, apart.block_loss, atol=1e-5)
+    assert torch.equal(whole.slot_count, apart.slot_count) and torch.equal(whole.slot_correct, apart.slot_correct)
+    assert whole.n_block_targets == apart.n_block_targets
+    for x, y in zip(g_whole, g_apart):
+        assert torch.allclose(x, y, atol=1e-5)
+    one = pack([lays[0]])
+    assert _plain_causal(one.columns(torch.arange(one.n_clean)).info)
+    assert not _plain_causal(pack(lays[:2], row_tokens=10_000).info)  # two samples in a row: masked
+    if distill == 0.0:
+        fast, ref = two_pass_loss(s, one, 4, 0.0, slot_weights), dense_loss(s, one, 4, slot_weights=slot_weights)
+        assert torch.allclose(fast.loss, ref.loss, atol=1e-5)
+
+
+def test_trainer_split_samples_matches_packed(tmp_path):
+    """``split_samples`` is an execution choice: the same steps, losses and weights either way."""
+    runs = {}
+    for split in (False, True):
+        tr = Trainer(tiny(tmp_path / str(split), retrofit="block-adapter", steps=3, save_every=0, eval_every=0,
+                          split_samples=split))
+        assert tr.split_samples is split
+        recs = [tr.train_step() for _ in range(3)]
+        runs[split] = ([r["loss"] for r in recs], [r["block_tokens"] for r in recs],
+                       {k: v.clone() for k, v in tr.adapter.state_dict().items()})
+    (la, na, wa), (lb, nb, wb) = runs[False], runs[True]
+    assert na == nb and la == pytest.approx(lb, abs=1e-5)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert Trainer(tiny(tmp_path / "d", retrofit="block-adapter")).split_samples  # CPU default: on
+    assert not Trainer(tiny(tmp_path / "e", retrofit="full", split_samples=True)).split_samples  # dense path only

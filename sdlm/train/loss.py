@@ -168,13 +168,27 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, bl
     return ce, slot_loss, slot_correct, slot_count
 
 
-def _slot_mean(ce: torch.Tensor, slots: torch.Tensor, slot_weights: list[float] | None) -> torch.Tensor:
+def _slot_mean(
+    ce: torch.Tensor, slots: torch.Tensor, slot_weights: list[float] | None, norm: float | None = None
+) -> torch.Tensor:
     """Mean of per-target losses ``ce`` (N,); with ``slot_weights``, target i counts
-    ``slot_weights[slot_i]`` times (a weighted mean: the weights' scale does not matter)."""
+    ``slot_weights[slot_i]`` times (a weighted mean: the weights' scale does not matter).
+    With ``norm``, the (weighted) sum is divided by ``norm`` instead of by its own weight."""
     if slot_weights is None:
-        return ce.mean()
+        return ce.mean() if norm is None else ce.sum() / norm
     w = torch.as_tensor(slot_weights, dtype=ce.dtype, device=ce.device)[slots.to(ce.device)]
-    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+    return (w * ce).sum() / (w.sum().clamp_min(1e-12) if norm is None else norm)
+
+
+def loss_norm(layouts: list[TrainingLayout], slot_weights: list[float] | None = None) -> float:
+    """The denominator of the block loss over ``layouts``: their number of targets, or their
+    summed slot weights. Parts of a batch given this ``norm`` (:func:`two_pass_loss`) add up to
+    the whole batch's mean loss."""
+    total = 0.0
+    for lay in layouts:
+        slots = lay.slot[lay.block_labels != IGNORE]
+        total += float(len(slots)) if slot_weights is None else float(torch.tensor(slot_weights)[slots].sum())
+    return total
 
 
 def dense_loss(
@@ -202,14 +216,25 @@ def dense_loss(
 
 
 def two_pass_loss(
-    sdlm: SDLM, batch: Packed, block_size: int, distill: float = 0.0, slot_weights: list[float] | None = None
+    sdlm: SDLM,
+    batch: Packed,
+    block_size: int,
+    distill: float = 0.0,
+    slot_weights: list[float] | None = None,
+    norm: float | None = None,
 ) -> LossOutput:
     """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
 
     ``distill`` > 0 mixes in soft targets: the base model's own next-token
     distribution at the matching clean position (the clean pass computes it
     anyway), ``(1 - distill) * CE(hard) + distill * CE(soft)``. ``slot_weights``
-    as in :func:`dense_loss`.
+    as in :func:`dense_loss`. ``norm`` (see :func:`loss_norm`): divide the summed
+    target losses by it instead of averaging, so the losses of a batch run in parts
+    add up to the batch's loss.
+
+    A batch of one unpadded sample (one row) runs its clean pass without a mask
+    (plain causal attention, which attention kernels run at half the cost of a
+    masked one) and takes its logits at exactly the target columns.
     """
     from transformers import DynamicCache
 
@@ -223,7 +248,7 @@ def two_pass_loss(
 
     cache = DynamicCache()
     with torch.no_grad():  # the clean pass: base model only (gate 0), it fills the cache
-        mask = additive(allowed(clean.info, clean.info), sdlm.dtype)
+        mask = None if _plain_causal(clean.info) else additive(allowed(clean.info, clean.info), sdlm.dtype)
         if distill > 0:
             tcol = blocks.teacher_col[:, keep][kb]  # (N,) clean column of each target's teacher
             rows = torch.nonzero(kb)[:, 0]
@@ -237,14 +262,25 @@ def two_pass_loss(
     keys = TokenInfo.cat([clean.info, blocks.info])
     mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
     logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep)  # (B, N, V)
+    # every kept column a target (one row): a view, not a gather (whose backward fills a zero (B, N, V))
+    logits = logits.flatten(0, 1) if bool(kb.all()) else logits[kb]
     slots = blocks.slot[:, keep][kb]
-    ce, sl, sc, sn = _metrics(logits[kb], blocks.block_labels[:, keep][kb], slots, block_size)
+    ce, sl, sc, sn = _metrics(logits, blocks.block_labels[:, keep][kb], slots, block_size)
     block_loss = ce.mean()
-    loss = _slot_mean(ce, slots, slot_weights)
+    loss = _slot_mean(ce, slots, slot_weights, norm)
     if distill > 0:
-        soft = _slot_mean(F.cross_entropy(logits[kb].float(), teacher, reduction="none"), slots, slot_weights)
+        soft = _slot_mean(F.cross_entropy(logits.float(), teacher, reduction="none"), slots, slot_weights, norm)
         loss = (1 - distill) * loss + distill * soft
     return LossOutput(loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
+
+
+def _plain_causal(info: TokenInfo) -> bool:
+    """One row of one sample's clean tokens at positions 0, 1, ..., no padding: plain causal attention."""
+    if info.pos.shape[0] != 1 or not bool((info.block < 0).all()):
+        return False
+    if info.seq is not None and not bool((info.seq == 0).all()):
+        return False
+    return bool(torch.equal(info.pos[0], torch.arange(info.pos.shape[1], device=info.pos.device)))
 
 
 def _forward_keep(sdlm: SDLM, ids, info: TokenInfo, mask, cache, keep: torch.Tensor) -> torch.Tensor:

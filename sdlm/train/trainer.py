@@ -26,7 +26,7 @@ from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
 from ..model import SDLM
 from .data import Example, build_examples, read_records
-from .loss import LossOutput, dense_loss, pack, two_pass_loss
+from .loss import LossOutput, dense_loss, loss_norm, pack, two_pass_loss
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,12 @@ class TrainConfig:
     max_length: int = 512
     row_tokens: int | None = 1024
     """Pack several samples (clean + blocks) into rows of up to this many tokens (None: one per row)."""
+    split_samples: bool | None = None
+    """block-adapter only: run each sample of a micro-batch as a forward and backward of its own
+    instead of packing them into rows. The loss and gradients are the same (the step's mean over
+    its targets); there is no padding and no attention across samples, and the LM head runs at
+    exactly the targets. None = on for CPU, where it is faster; off on GPUs, where large packed
+    forwards keep the device busy."""
     heldout: int = 0
     """Samples kept out of training for evaluation."""
     eval_every: int = 0
@@ -268,14 +274,34 @@ class Trainer:
             lays.append(training_layout(ex.ids, ex.loss_mask, starts, D, self.sdlm.config.mask_token_id))
         return lays
 
-    def loss(self, examples: list[Example], generator: torch.Generator) -> LossOutput:
+    @property
+    def split_samples(self) -> bool:
+        if self.cfg.retrofit != "block-adapter":
+            return False
+        return self.cfg.split_samples if self.cfg.split_samples is not None else self.sdlm.device.type == "cpu"
+
+    def loss(self, examples: list[Example], generator: torch.Generator, backward_scale: float | None = None) -> LossOutput:
+        """The loss of one micro-batch; with ``backward_scale``, also the backward pass of
+        ``backward_scale`` x loss (then the returned loss is detached)."""
+        cfg = self.cfg
         t0 = time.perf_counter()
-        batch = pack(self._layouts(examples, generator), row_tokens=self.cfg.row_tokens)
+        layouts = self._layouts(examples, generator)
+        parts = [[lay] for lay in layouts] if self.split_samples else [layouts]
+        norm = loss_norm(layouts, cfg.slot_weights) if len(parts) > 1 else None
+        batches = [pack(p, row_tokens=cfg.row_tokens) for p in parts]
         self.prep_seconds += time.perf_counter() - t0
-        with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.cfg.retrofit == "block-adapter":
-                return two_pass_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.distill, self.cfg.slot_weights)
-            return dense_loss(self.sdlm, batch, self.cfg.block_size, self.cfg.ar_loss_weight, self.cfg.slot_weights)
+        outs = []
+        for batch in batches:
+            with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                if cfg.retrofit == "block-adapter":
+                    out = two_pass_loss(self.sdlm, batch, cfg.block_size, cfg.distill, cfg.slot_weights, norm)
+                else:
+                    out = dense_loss(self.sdlm, batch, cfg.block_size, cfg.ar_loss_weight, cfg.slot_weights)
+            if backward_scale is not None:
+                (out.loss * backward_scale).backward()
+                out.loss = out.loss.detach()
+            outs.append(out)
+        return _combine(outs)
 
     # ------------------------------------------------------------ the loop
 
@@ -343,9 +369,7 @@ class Trainer:
         agg = None
         for m in range(dist.rank, n_micro, dist.world):
             gen = torch.Generator().manual_seed((cfg.seed * 7919 + self.step) * 1009 + m)
-            out = self.loss(samples[m::n_micro], gen)
-            (out.loss / n_micro).backward()
-            agg = _accumulate(agg, out)
+            agg = _accumulate(agg, self.loss(samples[m::n_micro], gen, backward_scale=1.0 / n_micro))
         dist.all_reduce_grads(self.params)
         agg = dist.all_reduce_metrics(agg)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -539,6 +563,18 @@ class Dist:
         t = torch.tensor([1.0 if flag else 0.0])
         td.all_reduce(t, op=td.ReduceOp.MAX)
         return bool(t > 0)
+
+
+def _combine(outs: list[LossOutput]) -> LossOutput:
+    """One LossOutput for a batch run in parts (each part's loss already over the whole batch's norm)."""
+    if len(outs) == 1:
+        return outs[0]
+    n = sum(o.n_block_targets for o in outs)
+    block_loss = sum(o.block_loss * o.n_block_targets for o in outs) / max(n, 1)
+    return LossOutput(
+        sum(o.loss for o in outs), block_loss, None,
+        sum(o.slot_loss_sum for o in outs), sum(o.slot_correct for o in outs), sum(o.slot_count for o in outs), n,
+    )
 
 
 def _accumulate(agg: dict | None, out: LossOutput) -> dict:
