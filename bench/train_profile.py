@@ -6,6 +6,10 @@
 Nothing is saved to the recipe's ``out_dir`` (the trainer's checkpoints are not written). Prints the
 trainer's own per-step figures (trained block tokens/s, sample tokens/s, host time spent laying out and
 packing), then the operators that took the most time (device time on a GPU, CPU time otherwise).
+
+``--flops`` also runs one more step under ``torch.utils.flop_counter`` and times one large matrix
+product on the same device: the step's matrix-product work at that rate is a floor on its time, so
+it gives the most trained block tokens/s the step could reach with everything else free.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="steps run first, not profiled")
     ap.add_argument("--rows", type=int, default=25, help="operators to list")
     ap.add_argument("--out", help="also write the report here")
+    ap.add_argument("--flops", action="store_true", help="also count the step's matrix-product FLOPs and the floor they set")
     args = ap.parse_args()
 
     cfg = TrainConfig.from_yaml(args.recipe, parse_overrides(args.set))
@@ -53,10 +59,47 @@ def main() -> None:
         "",
         prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows),
     ]
+    if args.flops:
+        lines += ["", flop_floor(tr)]
     report = "\n".join(lines)
     print(report)
     if args.out:
         Path(args.out).write_text(report + "\n")
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, k: int = 576, m: int = 1536) -> float:
+    """FLOP/s of one (n x k) @ (k x m) product on ``device``, best of a few."""
+    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, m, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(8):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * n * k * m / best
+
+
+def flop_floor(tr: Trainer) -> str:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        rec = tr.train_step()
+    counts = counter.get_flop_counts().get("Global", {})
+    mm = sum(v for k, v in counts.items() if "mm" in str(k))  # mm, addmm, bmm: linear layers, LM head, LoRA
+    dtype = torch.bfloat16 if tr.bf16 else torch.float32
+    rate = matmul_rate(tr.sdlm.device, dtype)
+    per_token = mm / max(rec["block_tokens"], 1)
+    return (
+        f"matrix products: {mm / 1e9:.0f} GFLOP in a step of {rec['block_tokens']} trained block tokens "
+        f"({per_token / 1e6:.0f} MFLOP per token; attention not counted). This device multiplies at "
+        f"{rate / 1e9:.0f} GFLOP/s ({dtype}, 2048x576 @ 576x1536, best of 8), so matrix products alone "
+        f"bound the step at {rate / per_token:.0f} trained block tokens/s (with everything else free)."
+    )
 
 
 if __name__ == "__main__":

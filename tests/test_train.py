@@ -368,3 +368,44 @@ def test_trainer_split_samples_matches_packed(tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     assert Trainer(tiny(tmp_path / "d", retrofit="block-adapter")).split_samples  # CPU default: on
     assert not Trainer(tiny(tmp_path / "e", retrofit="full", split_samples=True)).split_samples  # dense path only
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_weight_copies_change_nothing(arch):
+    """Frozen linears with bf16 copies give bit-identical losses and gradients under bf16 autocast,
+    and float32 results outside it; trained or tied weights get no copy."""
+    from sdlm.train.trainer import shadow_bf16_linears
+
+    s, ad = adapted(arch)
+    b = batch(s)
+
+    def run():
+        for p in ad.lora_parameters().values():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = two_pass_loss(s, b, 4)
+        o.loss.backward()
+        return o.loss.detach(), [p.grad.clone() for p in ad.lora_parameters().values()]
+
+    plain = run()
+    with torch.no_grad():
+        fp32 = dense_loss(s, b, 4).loss
+    n = shadow_bf16_linears(s.model)
+    lin = [m for m in s.model.modules() if type(m) is torch.nn.Linear]
+    frozen = [m for m in lin if not any(p.requires_grad for p in m.parameters())]
+    tied = s.model.get_output_embeddings().weight is s.model.get_input_embeddings().weight
+    assert n == len(frozen) - (1 if tied else 0) and n > 0
+    shadowed = run()
+    assert torch.equal(plain[0], shadowed[0])
+    for x, y in zip(plain[1], shadowed[1]):
+        assert torch.equal(x, y)
+    with torch.no_grad():
+        assert torch.equal(dense_loss(s, b, 4).loss, fp32)  # outside autocast: the float32 weights
+        m = next(m for m in frozen if m.weight is not s.model.get_output_embeddings().weight)
+        x = torch.randn(3, m.in_features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        m.weight.mul_(2)  # inside autocast the layer reads its bf16 copy, outside the float32 weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(m(x), y)
+        assert torch.equal(m(x), torch.nn.functional.linear(x, m.weight, m.bias)) and not torch.allclose(m(x), y.float(), atol=1e-2)
