@@ -620,11 +620,11 @@ def shadow_bf16_linears(model: torch.nn.Module) -> int:
         w16 = mod.weight.detach().to(torch.bfloat16)
         b16 = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
 
-        def forward(x, mod=mod, w16=w16, b16=b16):
+        def forward(x, *args, mod=mod, w16=w16, b16=b16, **kwargs):
             dev = x.device.type
-            if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
+            if not args and not kwargs and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
                 return F.linear(x.to(torch.bfloat16), w16, b16)
-            return F.linear(x, mod.weight, mod.bias)
+            return torch.nn.Linear.forward(mod, x, *args, **kwargs)
 
         mod.forward = forward
         n += 1
