@@ -409,3 +409,29 @@ def test_bf16_weight_copies_change_nothing(arch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(m(x), y)
         assert torch.equal(m(x), torch.nn.functional.linear(x, m.weight, m.bias)) and not torch.allclose(m(x), y.float(), atol=1e-2)
+
+
+def test_padding_in_the_block_part_changes_nothing():
+    """Rows whose block parts differ in length (padding after the shorter ones): the two-pass step, which
+    gates the whole block part on, padding included, still equals the dense reference."""
+    s, ad = adapted()
+    g = torch.Generator().manual_seed(5)
+    lays = []
+    for L, n_blocks in ((26, 6), (22, 2), (15, 1)):
+        ids = torch.randint(0, 250, (L,), generator=g)
+        lm = torch.zeros(L, dtype=torch.bool)
+        lm[5:] = True
+        lays.append(training_layout(ids, lm, sample_block_starts(lm, n_blocks, g), 4, s.config.mask_token_id))
+    b = pack(lays)
+    assert int((b.info.seq[:, b.n_clean :] < 0).sum()) > 0  # there is padding in the block part
+    res = []
+    for fn in (dense_loss, two_pass_loss):
+        for p in ad.lora_parameters().values():
+            p.grad = None
+        o = fn(s, b, 4)
+        o.loss.backward()
+        res.append((o, [p.grad.clone() for p in ad.lora_parameters().values()]))
+    (d, gd), (t, gt) = res
+    assert torch.allclose(d.loss, t.loss, atol=1e-5) and torch.equal(d.slot_correct, t.slot_correct)
+    for x, y in zip(gd, gt):
+        assert torch.allclose(x, y, atol=1e-5)

@@ -261,7 +261,10 @@ def two_pass_loss(
             _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, torch.tensor([L - 1]))
     keys = TokenInfo.cat([clean.info, blocks.info])
     mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
-    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep)  # (B, N, V)
+    # Gate 1 on the whole block part, padding included: padding sees only padding, no real token sees
+    # it and no loss reads it, so its value is free, and an all-ones gate skips the gate multiply.
+    gate = blocks.info.block != -1
+    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep, gate)  # (B, N, V)
     # every kept column a target (one row): a view, not a gather (whose backward fills a zero (B, N, V))
     logits = logits.flatten(0, 1) if bool(kb.all()) else logits[kb]
     slots = blocks.slot[:, keep][kb]
@@ -283,8 +286,10 @@ def _plain_causal(info: TokenInfo) -> bool:
     return bool(torch.equal(info.pos[0], torch.arange(info.pos.shape[1], device=info.pos.device)))
 
 
-def _forward_keep(sdlm: SDLM, ids, info: TokenInfo, mask, cache, keep: torch.Tensor) -> torch.Tensor:
-    """Forward a (B, T) batch; return logits (B, N, V) at the ``keep`` columns only."""
+def _forward_keep(sdlm: SDLM, ids, info: TokenInfo, mask, cache, keep: torch.Tensor, gate=None) -> torch.Tensor:
+    """Forward a (B, T) batch; return logits (B, N, V) at the ``keep`` columns only.
+    ``gate``: the adapter's gate (default: on at block tokens)."""
+    gate = info.is_block if gate is None else gate
     if sdlm._takes_logits_to_keep:
-        return sdlm.forward(ids, info.pos, mask, info.is_block, cache, keep.to(sdlm.device))
-    return sdlm.forward(ids, info.pos, mask, info.is_block, cache)[:, keep]
+        return sdlm.forward(ids, info.pos, mask, gate, cache, keep.to(sdlm.device))
+    return sdlm.forward(ids, info.pos, mask, gate, cache)[:, keep]
