@@ -367,6 +367,11 @@ def test_trainer_split_samples_matches_packed(tmp_path):
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     assert Trainer(tiny(tmp_path / "d", retrofit="block-adapter")).split_samples  # CPU default: on
+    from sdlm.errors import SDLMError
+
+    for key in ("split_samples", "bf16_weights", "train_mask_embedding"):
+        with pytest.raises(SDLMError, match=f"{key}.*true or false"):
+            tiny(tmp_path / "f", **{key: "maybe"})
     assert not Trainer(tiny(tmp_path / "e", retrofit="full", split_samples=True)).split_samples  # dense path only
 
 

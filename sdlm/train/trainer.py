@@ -185,6 +185,9 @@ def _coerce(cls, key: str, value):
             return float(value) if kind.startswith("float") else int(value)
         except ValueError:
             raise SDLMError(f"recipe key {key!r} must be a number, got {value!r}") from None
+    if kind in ("bool", "bool | None") and not isinstance(value, bool) and not (value is None and "None" in kind):
+        allowed = "true or false" + (" (or null: the default)" if "None" in kind else "")
+        raise SDLMError(f"recipe key {key!r} must be {allowed}, got {value!r}")
     return value
 
 
