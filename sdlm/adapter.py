@@ -181,11 +181,11 @@ def _linear_names(model) -> list[str]:
 
 def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
     def gate_hook(module, args, out):
+        if sdlm.gate_all:
+            return out  # all block tokens: multiplying by 1 would only cost time
         gate = sdlm.gate
         if gate is None:
             return out * 0  # no gate set: the adapter is off (plain calls give the base model)
-        if sdlm.gate_all:
-            return out  # all block tokens: multiplying by 1 would only cost time
         return out * gate[..., None].to(out.dtype)
 
     for name, mod in sdlm.model.named_modules():

@@ -76,7 +76,7 @@ class SDLM:
         self.name = name
         self.adapter = None  # sdlm.adapter.Adapter when a LoRA adapter is attached
         self.gate: torch.Tensor | None = None  # (B, T) bool, True on block tokens; read by gated adapters
-        self.gate_all = False  # every token of the current forward is a block token (the gate is a no-op)
+        self.gate_all = False  # the current forward was told every token is a block token (no gate multiply)
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
         # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); 5.17 knows only the old one
@@ -202,18 +202,19 @@ class SDLM:
         return logits[0, -step.n_logits :].float()
 
     def forward(self, input_ids, position_ids, mask4d, gate, cache=None, logits_to_keep: int | torch.Tensor = 0):
-        """The one call into the HF model. ``gate`` (B, T) marks block tokens for gated adapters.
+        """The one call into the HF model. ``gate`` (B, T) marks block tokens for gated adapters;
+        ``True``: every token is a block token (the adapter runs without a gate multiply).
 
         ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it)."""
         dev = self.device
         kwargs = {}
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        self.gate = gate.to(dev)
-        self.gate_all = bool(self.gate.all())
+        self.gate_all = gate is True
+        self.gate = None if self.gate_all else gate.to(dev)
         adapter = getattr(self, "adapter", None)
         if adapter is not None and adapter.config.kind == "block-adapter":
-            adapter.set_active(bool(self.gate.any()))  # no block token: skip the LoRA work
+            adapter.set_active(self.gate_all or bool(self.gate.any()))  # no block token: skip the LoRA work
         try:
             out = self.model(
                 input_ids=input_ids.to(dev),

@@ -263,8 +263,7 @@ def two_pass_loss(
     mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
     # Gate 1 on the whole block part, padding included: padding sees only padding, no real token sees
     # it and no loss reads it, so its value is free, and an all-ones gate skips the gate multiply.
-    gate = blocks.info.block != -1
-    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep, gate)  # (B, N, V)
+    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep, gate=True)  # (B, N, V)
     # every kept column a target (one row): a view, not a gather (whose backward fills a zero (B, N, V))
     logits = logits.flatten(0, 1) if bool(kb.all()) else logits[kb]
     slots = blocks.slot[:, keep][kb]
@@ -288,7 +287,7 @@ def _plain_causal(info: TokenInfo) -> bool:
 
 def _forward_keep(sdlm: SDLM, ids, info: TokenInfo, mask, cache, keep: torch.Tensor, gate=None) -> torch.Tensor:
     """Forward a (B, T) batch; return logits (B, N, V) at the ``keep`` columns only.
-    ``gate``: the adapter's gate (default: on at block tokens)."""
+    ``gate``: the adapter's gate (default: on at block tokens; ``True``: on everywhere)."""
     gate = info.is_block if gate is None else gate
     if sdlm._takes_logits_to_keep:
         return sdlm.forward(ids, info.pos, mask, gate, cache, keep.to(sdlm.device))

@@ -239,8 +239,8 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
-        shadow = cfg.bf16_weights if cfg.bf16_weights is not None else self.bf16
-        self.bf16_shadowed = shadow_bf16_linears(self.sdlm.model) if shadow and self.bf16 and cfg.retrofit != "full" else 0
+        if self.bf16 and cfg.bf16_weights is not False and cfg.retrofit != "full":
+            shadow_bf16_linears(self.sdlm.model)
 
         eos = self.sdlm.eos_token_ids()
         records = [r for src in cfg.data_sources for r in read_records(src)]
