@@ -10,11 +10,15 @@ packing), then the operators that took the most time (device time on a GPU, CPU 
 ``--flops`` also runs one more step under ``torch.utils.flop_counter`` and times one large matrix
 product on the same device: the step's matrix-product work at that rate is a floor on its time, so
 it gives the most trained block tokens/s the step could reach with everything else free.
+
+``--no-profiler`` times the same steps without the profiler (whose own overhead slows a GPU step that
+waits on the host), for speed figures to compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="steps run first, not profiled")
     ap.add_argument("--rows", type=int, default=25, help="operators to list")
     ap.add_argument("--out", help="also write the report here")
+    ap.add_argument("--no-profiler", action="store_true", help="time the steps only (no profiler overhead, no operator table)")
     ap.add_argument("--flops", action="store_true", help="also count the step's matrix-product FLOPs and the floor they set")
     args = ap.parse_args()
 
@@ -46,19 +51,22 @@ def main() -> None:
         tr.train_step()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     recs = []
-    with torch.profiler.profile(activities=acts) as prof:
+    with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
             recs.append(tr.train_step())
     med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
     lines = [
         f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), "
-        f"bf16 autocast {tr.bf16}, {args.steps} profiled steps after {args.warmup}",
+        f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, "
+        f"{tr.cfg.samples_per_step} samples per step, {args.steps} {'timed' if args.no_profiler else 'profiled'} "
+        f"steps after {args.warmup}",
         f"median step {med('step_seconds'):.3f} s, of which laying out + packing on the host "
         f"{med('prep_seconds'):.3f} s; {med('block_tokens_per_s'):.0f} trained block tokens/s, "
-        f"{med('sample_tokens_per_s'):.0f} sample tokens/s (profiler overhead included)",
-        "",
-        prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows),
+        f"{med('sample_tokens_per_s'):.0f} sample tokens/s"
+        + ("" if args.no_profiler else " (profiler overhead included)"),
     ]
+    if not args.no_profiler:
+        lines += ["", prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows)]
     if args.flops:
         lines += ["", flop_floor(tr)]
     report = "\n".join(lines)

@@ -239,7 +239,8 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
-        if self.bf16 and cfg.bf16_weights is not False and cfg.retrofit != "full":
+        self.bf16_weights = bool(self.bf16 and cfg.bf16_weights is not False and cfg.retrofit != "full")
+        if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
 
         eos = self.sdlm.eos_token_ids()
