@@ -440,3 +440,24 @@ def test_padding_in_the_block_part_changes_nothing():
     assert torch.allclose(d.loss, t.loss, atol=1e-5) and torch.equal(d.slot_correct, t.slot_correct)
     for x, y in zip(gd, gt):
         assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_train_profile_script(tmp_path):
+    """bench/train_profile.py: the profiled report has the operator table; --no-profiler times the
+    steps alone; neither writes checkpoints."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    base = [sys.executable, str(root / "bench" / "train_profile.py"), str(root / "recipes" / "tiny.yaml"),
+            "--steps", "1", "--warmup", "0", "--rows", "3", "--set", "retrofit=block-adapter",
+            "--set", f"out_dir={tmp_path / 'run'}"]
+    prof = subprocess.run(base + ["--out", str(tmp_path / "prof.txt")], capture_output=True, text=True, cwd=root)
+    assert prof.returncode == 0, prof.stderr
+    report = (tmp_path / "prof.txt").read_text()
+    assert "1 profiled steps" in report and "aten::" in report and "profiler overhead included" in report
+    timed = subprocess.run(base + ["--no-profiler"], capture_output=True, text=True, cwd=root)
+    assert timed.returncode == 0, timed.stderr
+    assert "1 timed steps" in timed.stdout and "bf16 weight copies False" in timed.stdout
+    assert "trained block tokens/s" in timed.stdout and "aten::" not in timed.stdout
+    assert not (tmp_path / "run").exists()
