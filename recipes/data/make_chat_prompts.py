@@ -1,5 +1,5 @@
-"""Write recipes/data/chat_prompts.jsonl, chat_prompts_2.jsonl and chat_prompts_3.jsonl: general chat,
-explanation and code prompts for `sdlm distill`.
+"""Write recipes/data/chat_prompts.jsonl, chat_prompts_2.jsonl, chat_prompts_3.jsonl and chat_prompts_4.jsonl:
+general chat, explanation and code prompts for `sdlm distill`.
 
 The GSM8K/MBPP corpus teaches the drafts math and code answers only. These prompts widen it with
 the other kinds of request a chat model gets: explanations, how-tos, comparisons, short creative
@@ -13,6 +13,10 @@ phrasings of the same topics and new topics, never a prompt of the first file. T
 adds new kinds of everyday request (definitions, why-questions, short emails and messages, pros and cons, plans,
 advice under a budget or time limit, Python errors, SQL and shell basics, new creative forms), never a prompt of
 the first two files.
+The fourth ("round 4") adds more new kinds (explanations for a child or with an analogy, common mistakes, summaries
+of short passages, notes turned into a list or an email, sorting a given list, short factual questions, step-by-step
+instructions, dialogues and role-play, limericks, slogans, riddles, product descriptions, maths words, JavaScript,
+shell and git basics, new Python tasks), never a prompt of the first three files.
 
 Held out: no topic of bench/prompts/chat.jsonl appears here (checked at the end), so that
 benchmark stays unseen by training.
@@ -31,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "chat_prompts.jsonl"
 OUT2 = HERE / "chat_prompts_2.jsonl"
 OUT3 = HERE / "chat_prompts_3.jsonl"
+OUT4 = HERE / "chat_prompts_4.jsonl"
 BENCH = HERE.parent.parent / "bench" / "prompts" / "chat.jsonl"
 
 CONCEPTS = """
@@ -728,6 +733,620 @@ OLD_PAIR_TEMPLATES_3 = ["How are {x} different from each other?"]
 OLD_THING_TEMPLATES_3 = ["Write a limerick about {x}."]
 
 
+# round 4: new kinds of everyday request (explanations for a child, in one paragraph or with an analogy, common
+# mistakes, summaries of short passages, notes turned into a list or an email, sorting a given list, short factual
+# questions, step-by-step instructions, dialogues and role-play, limericks, slogans, riddles, product descriptions,
+# maths words, JavaScript, shell and git basics, new Python tasks) and new phrasings of the topics above
+NEAR_BENCH_4 = ("email", "climate", "greenhouse", "immune", "hash", "artificial intelligence", "fitness", "awake",
+                "yawn", "hibernate", "dreams", "laws")
+CONCEPT_TEMPLATES_4 = [
+    "Explain {x} to a young child, using simple words.",
+    "Explain {x} in one paragraph.",
+    "Explain {x} with an everyday analogy.",
+    "What is the big idea behind {x}? Explain it with one real-life example.",
+]
+DEVICE_TEMPLATES_4 = ["Explain how {x} works to a child."]
+PAIR_TEMPLATES_4 = ["Explain the difference between {x} using an analogy."]
+WHY_TEMPLATES_4 = ["Explain to a child why {x}."]
+TERM_TEMPLATES_4 = ["Explain the term {x} with an everyday analogy."]
+FACT_TEMPLATES_4 = ["Write a short paragraph for children about {x}."]
+PEOPLE_TEMPLATES_4 = ["Tell a child about {x} in a few simple sentences."]
+WORD_TEMPLATES_4 = ["Explain the word {x} to a child, with an example sentence."]
+MISTAKE_TEMPLATES_4 = [
+    "What are the most common mistakes people make when they try to {x}?",
+    "List the common mistakes to avoid if you want to {x}.",
+]
+PASSAGES_4 = """
+The town library will close for two weeks in March while the roof is repaired. During that time, books can be
+returned at the community center on Oak Street. Late fees will not be charged until the library reopens.;
+Honeybees share news by dancing. A bee that has found flowers performs a "waggle dance" that tells the others the
+direction and distance of the food. Scientists worked out the meaning of this dance in the twentieth century.;
+Our company will switch to a new payroll system next month. Employees need to log in once before the 15th to
+confirm their bank details. Anyone who has trouble should contact the HR team.;
+The first bicycles, built in the early 1800s, had no pedals. Riders pushed themselves along with their feet.
+Pedals and chains came decades later and made cycling much faster.;
+Tomatoes were once thought to be poisonous in parts of Europe. They belong to the same plant family as deadly
+nightshade. Today they are eaten all over the world, even though botanists call them fruits.;
+Maria trained for six months to run her first half marathon. On race day it was hot and she had to walk part of
+the way. She still finished, and she has already signed up for next year's race.;
+The city plans to add 40 kilometers of protected bike lanes over the next three years. Officials say this will
+make cycling safer and reduce traffic. Some shop owners worry about losing parking spaces.;
+Octopuses have three hearts and blue blood. They can change the color and texture of their skin in a fraction of
+a second. Many scientists consider them among the most intelligent animals without a backbone.;
+The concert on Saturday has been moved from the park to the school hall. Tickets bought for the park are still
+valid. Doors open at 6 p.m. and the music starts at 7.;
+Regular backups protect your files from broken hardware, theft and mistakes. A good rule is to keep three copies
+of important data on two kinds of storage, with one copy somewhere else. This is called the 3-2-1 rule.;
+The Great Fire of London started in a bakery on Pudding Lane in 1666. It burned for four days and destroyed
+thousands of homes. Surprisingly, only a few deaths were recorded.;
+Ravi's bakery started as a stall at the Sunday market. His sourdough became so popular that he opened a small shop
+two years later. He now employs six people and still bakes every morning himself.;
+Coffee plants grow best in tropical highlands. The beans are really the seeds of a red fruit called a coffee
+cherry. After the harvest, the seeds are dried, roasted and ground.;
+Starting next Monday, the office kitchen will be cleaned every evening. Please wash your own mugs before you
+leave. Dishes left in the sink will be put in a box by the door.;
+Penguins live almost entirely in the Southern Hemisphere. Although they cannot fly, they are excellent swimmers
+and use their wings as flippers. Emperor penguins can dive deeper than 500 meters.;
+The museum's new dinosaur hall opens on 1 June. It includes a full Tyrannosaurus skeleton and a hands-on area for
+children. Entry to the hall is free for museum members.;
+Learning a second language can be slow at first. Many learners feel stuck after a few months, but steady practice
+usually leads to a sudden jump in understanding. Patience matters more than talent.;
+Venice is built on more than a hundred small islands in a lagoon. Instead of streets, many parts of the city have
+canals, and people travel by boat. Rising water levels are a growing threat to the city.;
+Our team missed the project deadline by a week. The main cause was a late change in requirements from the client.
+Next time we will agree on how to handle changes before work begins.;
+Paper was invented in China about two thousand years ago. The knowledge spread slowly along trade routes to the
+Middle East and then to Europe. Before paper, people wrote on papyrus, parchment and bamboo.;
+Tom bought a used car without having it checked by a mechanic. A month later the gearbox failed, and the repair
+cost more than half of what he had paid. He now tells everyone to get an inspection first.;
+Sloths move so slowly that tiny green algae grow on their fur. The green tint helps them hide in the trees. They
+come down to the ground only about once a week.;
+The school will hold its annual science fair on 12 April. Students in grades five to eight may enter alone or in
+pairs. Projects must be registered with a teacher by 20 March.;
+Compound interest means that you earn interest on your interest. Over many years, even small savings can grow a
+lot. That is why starting to save early makes such a difference.;
+The Eiffel Tower was built for the 1889 World's Fair in Paris. Many artists at the time called it ugly and wanted
+it torn down. It is now the best-known symbol of France.;
+Our neighborhood clean-up day is on Sunday at 9 a.m. We will meet at the playground and provide gloves and bags.
+Bring water and wear sturdy shoes.;
+Bamboo is one of the fastest-growing plants on Earth. Some kinds can grow almost a meter in a single day. It is
+strong and light, so it is used for building in many parts of Asia.;
+The new phone has a larger screen and a better camera than last year's model. However, the battery life is about
+the same and the price has gone up. Reviewers say it is a good upgrade only for people with much older phones.;
+Elena forgot her umbrella and got soaked on the way to her job interview. She laughed about it with the
+interviewer, who had been caught in the same downpour that morning. She got the job.;
+The Amazon River carries more water than any other river in the world. It flows through Peru, Colombia and Brazil
+before it reaches the Atlantic Ocean. Thousands of kinds of fish live in it.;
+Most phone chargers keep drawing a little power even when no phone is plugged in. Each one uses very little, but
+together they add up. Unplugging chargers you are not using saves a bit of energy and money.;
+Chess probably began in India around the sixth century. It spread to Persia and then to Europe, where the rules
+slowly changed. The modern rules, with the powerful queen, date from about the fifteenth century.;
+The bus company is changing the number 12 route from next month. Buses will no longer stop at the train station
+but will go along Market Street instead. A new number 14 bus will serve the station every twenty minutes.;
+Ants leave scent trails to guide other ants to food. The more ants use a trail, the stronger the scent becomes.
+When the food runs out, the trail fades and the ants search elsewhere.;
+Our book club read a novel about a family running a small hotel. Most members loved the characters but found the
+ending rushed. We agreed to read something shorter next month.;
+Glass is made mainly from sand heated to a very high temperature. When it cools, it becomes hard and clear. People
+have been making glass for more than four thousand years.;
+The hospital's visiting hours will change on 1 May. Visitors will be welcome from 10 a.m. to 8 p.m., and no more
+than two people may visit a patient at the same time. Children under twelve must come with an adult.;
+Kiwi birds cannot fly and are active mostly at night. They have nostrils at the tip of their long beaks, which
+helps them smell worms underground. They are a national symbol of New Zealand.;
+The printing press made books much cheaper. Before it, books were copied by hand and only the rich could afford
+them. Within fifty years of its invention, millions of books had been printed in Europe.;
+Sam wanted to learn the guitar but kept giving up after a week. This year he set a small goal of practicing for
+ten minutes after dinner. Six months later, he can play a dozen songs.;
+Volcanic soil is often very fertile. That is why many farms lie on the slopes of volcanoes despite the danger.
+Coffee, grapes and rice all grow well in it.;
+The software update fixes a bug that made the app crash when uploading photos. It also adds a dark mode. Users
+should restart the app after installing the update.;
+Camels can go many days without drinking. When they do find water, they can drink more than 100 liters in a few
+minutes. Their humps store fat, not water.;
+The local pool will offer free swimming lessons for children this summer. Lessons run on weekday mornings in July
+and August. Parents must sign up at the front desk.;
+The ancient Romans built roads across their empire. Many were so well made that parts of them are still used
+today. The roads helped armies, traders and messengers move quickly.;
+Our landlord has announced that the rent will rise by five percent in September. He says the increase will pay
+for a new heating system. Tenants can ask questions at a meeting next Thursday.;
+Rice is the main food of more than half of the people in the world. It grows best in warm, wet places, often in
+flooded fields called paddies. China and India grow the most rice.;
+The new library app lets members borrow e-books and audiobooks for free. Each member can borrow up to five titles
+at a time for three weeks. The app works on phones, tablets and computers.
+"""
+PASSAGE_TEMPLATES_4 = [
+    "Summarize this in one sentence: {x}",
+    "What is the main point of this passage? {x}",
+    "Summarize this for a child in one short sentence: {x}",
+]
+NOTES_4 = """
+meeting moved to Thursday 3pm, room 204, bring sales numbers, Anna presenting the new budget;
+party Saturday 7pm, my place, bring a dish, no gifts please, parking on the street;
+project delayed two weeks, supplier late, new deadline 30 June, need approval for extra cost;
+trip to Lisbon, flights booked 12-16 May, hotel near the old town, need travel insurance, ask Sam about airport pickup;
+new hire starts Monday, laptop ready?, desk on 3rd floor, lunch with the team, HR forms;
+school trip to the zoo, Friday, bus leaves 8:30, packed lunch, permission slip by Wednesday, cost 12 dollars;
+kitchen renovation, builder's quote 8000, start in April, 3 weeks with no kitchen, need to pick tiles;
+team offsite, 2 days, need a venue, budget 5000, agenda - goals for next year, team dinner;
+garden club, next meeting 5 May, talk on roses, bring cuttings to swap, yearly fees due;
+dentist Tues 10am, car service Wed, mum's birthday Fri - buy card, pay rent;
+customer complaint, order 4521 arrived damaged, send replacement, refund shipping, apologize;
+quarterly results - sales up 8 percent, costs up 3 percent, new store opened, hiring two people;
+moving house 1 July, book a van, change address at the bank, cancel internet, pack books first;
+wedding planning - venue booked, no caterer yet, 80 guests, invitations out by March, choose music;
+conference talk accepted, 20 minutes, slides due 1 Sept, travel paid by company, hotel booked;
+printer on 2nd floor broken, IT called, use the 4th floor printer until Monday;
+football practice moved to Tuesdays, 5 to 6pm, new coach Mr Diaz, bring water, shin pads required;
+book club - next book The Secret Garden, meet 20 Oct at Lisa's, bring snacks;
+website launch next Friday, test checkout, fix typos on About page, tell customers;
+volunteer day at the food bank, Saturday 9 to 1, wear closed shoes, need 10 people, sign-up sheet in the kitchen;
+lost keys - checked car, office, gym, not found, locksmith coming at 6;
+feedback from workshop - loved the examples, too long, more breaks, room too warm;
+summer camp 15-26 July, 9am-3pm, swimming on Wednesdays, sunscreen, name labels on everything;
+holiday rota - Jo off 20-27 Dec, Ben off 27 Dec-3 Jan, office closed 25-26 Dec, cover needed on the 24th;
+neighborhood watch - two bikes stolen this month, lock sheds, report anything odd, next meeting at the church hall;
+new office rules - wear badge at all times, visitors sign in, last person out locks the back door;
+bake sale results - raised 640, brownies sold best, thanks to all bakers, money goes to the library;
+car insurance renewal due 3 Nov, price up 15 percent, get other quotes, check no-claims discount;
+study group - chapters 4 to 6, quiz on Monday, meet in library room B, bring past papers;
+plumber visit - leak under sink fixed, replaced valve, cost 120, call back if it drips again;
+family reunion 14 Aug, Grandma's farm, tents ok, everyone brings one dish, games for the kids;
+interview notes - strong Python, little team experience, asked good questions, second interview yes;
+marketing plan - new logo in May, three social posts a week, local radio ad, budget 2000;
+vet visit - cat healthy, a bit overweight, less dry food, next check-up in a year;
+charity run 10 km, Sunday 8am, start at the park gate, money for the hospital, T-shirts at registration;
+office move - boxes arrive Monday, label with name and floor, IT moves computers Friday, new building opens after;
+recipe changes - less sugar, add lemon zest, bake 5 minutes longer, tasters liked it;
+apartment viewing - bright, small kitchen, noisy street, rent 1200, free from 1 March, decide by Friday;
+parent-teacher meeting - reading improved, needs help with fractions, check homework more, next meeting June;
+hackathon 48 hours, teams of 4, theme city transport, prizes, food provided, register by 10 May
+"""
+NOTE_TEMPLATES_4 = [
+    "Turn these notes into a neat bulleted list: {x}",
+    "Turn these notes into a short, polite email: {x}",
+    "Turn these notes into a short message for my team: {x}",
+]
+SORTING_4 = """
+animals into mammals and birds: whale, eagle, bat, penguin, dog, owl, dolphin, ostrich;
+foods into fruits and vegetables: apple, carrot, banana, spinach, mango, broccoli, grape, potato;
+words into nouns and verbs: run, table, sing, happiness, jump, city, write, idea;
+numbers into even and odd: 3, 8, 15, 22, 31, 40, 57, 64;
+animals into land animals and water animals: shark, lion, octopus, horse, salmon, rabbit, crab, camel;
+materials into conductors and insulators of electricity: copper, rubber, iron, wood, glass, aluminum, plastic, silver;
+items into recyclable and not recyclable: glass jar, greasy pizza box, newspaper, used tissue, aluminum can,
+cardboard, broken mirror, paper cup;
+countries by continent: Brazil, Kenya, Japan, Norway, Canada, Egypt, India, Peru, Italy, Australia;
+planets into rocky planets and gas giants: Mars, Jupiter, Earth, Saturn, Venus, Neptune, Mercury, Uranus;
+animals into herbivores, carnivores and omnivores: cow, wolf, bear, rabbit, tiger, pig, deer, crow;
+words into adjectives and adverbs: quick, quickly, happy, softly, bright, loudly, careful, well;
+shapes by their number of sides: triangle, square, pentagon, hexagon, octagon, rectangle, heptagon;
+instruments into string, wind and percussion: violin, flute, drum, guitar, trumpet, xylophone, cello, clarinet;
+things into solids, liquids and gases: ice, steam, juice, rock, air, milk, sand, helium;
+numbers into prime and not prime: 2, 9, 11, 15, 17, 21, 23, 27, 29;
+animals into insects and not insects: ant, spider, beetle, scorpion, butterfly, centipede, bee, tick;
+foods into food groups: rice, chicken, cheese, lentils, apple, bread, yogurt, eggs, spinach;
+household chores into daily, weekly and monthly: washing dishes, vacuuming, changing bed sheets, cleaning the oven,
+taking out the trash, watering plants, dusting shelves;
+programming languages into compiled and interpreted: C, Python, Rust, JavaScript, Go, Ruby, C++, Bash;
+file types into images, documents and audio: .jpg, .docx, .mp3, .png, .pdf, .wav, .txt, .gif;
+sports into team sports and individual sports: tennis, football, golf, basketball, swimming, volleyball, boxing,
+rugby;
+animals into egg-layers and animals born live: chicken, cow, snake, platypus, cat, turtle, goat, frog;
+words by part of speech: beautiful, swim, under, slowly, teacher, and, they, bright;
+objects into things that float and things that sink: cork, coin, apple, stone, wooden spoon, key, ice cube, marble;
+foods into sweet, sour, salty and bitter: lemon, honey, crisps, dark chocolate, candy, pickles, black coffee, lime;
+jobs into indoor jobs and outdoor jobs: farmer, accountant, lifeguard, librarian, gardener, programmer, mail
+carrier, dentist;
+vehicles into land, water and air vehicles: bus, canoe, helicopter, tractor, ferry, glider, bicycle, submarine;
+expenses into needs and wants: rent, concert tickets, groceries, electricity, new sneakers, phone plan, streaming
+service, medicine;
+elements into metals and non-metals: oxygen, gold, carbon, sodium, nitrogen, copper, sulfur, zinc;
+trees into evergreen and deciduous: pine, oak, spruce, maple, holly, birch, fir, beech;
+statements into facts and opinions: Paris is in France, pizza is the best food, water boils at 100 degrees Celsius,
+cats are nicer than dogs, the Moon orbits the Earth, summer is the most fun time of year;
+inventions by the century they appeared in: the telephone, the printing press, the smartphone, the steam engine,
+the airplane, the light bulb, the television;
+animals into nocturnal and diurnal: owl, eagle, bat, squirrel, hedgehog, butterfly, raccoon, horse;
+words into synonyms of happy and synonyms of sad: cheerful, gloomy, joyful, miserable, content, down, glad,
+sorrowful;
+dishes by country of origin: sushi, paella, tacos, croissant, pad thai, pizza, borscht, falafel;
+metals into magnetic and non-magnetic: iron, copper, nickel, aluminum, cobalt, gold, steel, silver;
+Python types into mutable and immutable: list, str, dict, set, int, frozenset, bytes, bytearray;
+body parts into organs and bones: heart, femur, liver, skull, lungs, rib, kidney, spine;
+words by their number of syllables: cat, elephant, window, banana, dog, computer, apple, strawberry;
+sentences into questions, commands and statements: close the door, is it raining, the bus is late, please sit
+down, where are my keys, I like tea;
+birds into flying birds and flightless birds: emu, sparrow, kiwi, chicken, penguin, swallow, ostrich, pelican;
+shell commands into file commands, process commands and network commands: ls, ps, ping, cp, kill, curl, mv, top;
+git commands into local and remote operations: commit, push, pull, branch, fetch, log, clone, status;
+HTTP status codes into success, redirect and error codes: 200, 404, 500, 201, 403, 301, 204, 503;
+spellings into British and American: colour, color, centre, center, organise, organize, travelled, traveled;
+units into length, mass and volume: meter, liter, gram, mile, pound, gallon, inch, kilogram
+"""
+SORTING_TEMPLATES_4 = ["Sort these {x}.", "Classify these {x}. Explain any tricky ones."]
+QUESTIONS_4 = """
+What is the largest desert in Asia?; What is the longest river in Europe?; What is the capital of Canada?;
+What is the capital of Australia?; Which country has the most people?; What is the smallest country in the world?;
+What is the highest mountain in Africa?; What is the largest lake in Africa?; Which ocean is the largest?;
+Which continent has the most countries?; What is the capital of Brazil?; Which river flows through Paris?;
+What is the highest waterfall in the world?; How many continents are there?; Which country is shaped like a boot?;
+What is the largest island in the world?; What language is spoken in Brazil?; What is the capital of Japan?;
+Which mountains are often said to divide Europe from Asia?; What is the deepest lake in the world?;
+What is the driest desert in the world?; What is the capital of Egypt?; Which country has the longest coastline?;
+Where is the Great Barrier Reef?; What is the largest country in South America?;
+Which two countries share the longest border?; What is the capital of New Zealand?;
+Which city is known as the Big Apple?; Which countries does the equator pass through?; What is the capital of Kenya?;
+What is the longest mountain range in the world?; Which US state is the largest by area?;
+What is the tallest building in the world?; In which country is Mount Kilimanjaro?; What is the capital of Argentina?;
+In which country is the city of Marrakesh?; What is the longest river in Asia?; Which country has the most islands?;
+What is the southernmost continent?;
+Which river flows through Cairo?; What is the capital of Spain?; Which country has the most lakes?;
+What is the largest city in Australia?; Which country is both in Europe and in Asia?;
+What is the chemical symbol for gold?; How many bones are in the adult human body?;
+What is the boiling point of water in Fahrenheit?; What is the hardest natural substance?;
+How many planets are in our solar system?; Which planet is closest to the Sun?;
+What is the largest planet in our solar system?; What is the most common gas in the air we breathe?;
+How long does light from the Sun take to reach Earth?; What is the chemical formula for table salt?;
+Which part of a cell holds the DNA?; What is the largest organ of the human body?;
+How many chambers does the human heart have?; What is the freezing point of water in Celsius?;
+Which blood cells fight infection?; How fast does sound travel in air?; Which metal is liquid at room temperature?;
+What is the lightest element?; How many teeth does an adult usually have?;
+Which star is closest to Earth after the Sun?; Which planet has the most moons?; What is the pH of pure water?;
+What does a seismograph measure?; What is the unit of electrical resistance?; Who discovered penicillin?;
+How many legs does a spider have?; What is the fastest land animal?; What is the largest mammal?;
+What is the tallest animal?; How many hearts does an octopus have?; What do caterpillars turn into?;
+Which bird lays the largest eggs?; What is the chemical symbol for iron?;
+What is the most common element in the universe?; What is absolute zero?; How far is the Moon from Earth?;
+How old is the Earth?; What is the center of an atom called?; Which instrument measures air pressure?;
+What is glass mostly made from?; Which vitamin does sunlight help the body make?;
+How many chromosomes do humans have?; What is the longest bone in the human body?;
+What is the smallest bone in the human body?; What is a group of lions called?; How long is a day on Mars?;
+What is the hottest planet in the solar system?; What is the chemical symbol for sodium?;
+How many moons does Mars have?; What is the biggest bird alive today?; What is the largest fish?;
+How many eyes does a bee have?; What is the strongest muscle in the human body?;
+Who was the first person to walk on the Moon?; In what year did World War II end?;
+When did the Berlin Wall fall?; Who was the first President of the United States?; Who invented the telephone?;
+Who wrote Romeo and Juliet?; When did the Titanic sink?; Which people built Machu Picchu?;
+Who painted the Mona Lisa?; In what year did Columbus first reach the Americas?;
+Who was the first woman to win a Nobel Prize?; What was the Magna Carta?; When did the First World War begin?;
+Which Roman city was buried by Mount Vesuvius?; Who was the first emperor of China?;
+What language did the ancient Romans speak?; When was the printing press invented in Europe?;
+Who was the first woman to fly solo across the Atlantic?; When did the United States declare independence?;
+Which country gave the Statue of Liberty to the United States?; Who was the first person to reach the South Pole?;
+What did the Wright brothers invent?; When did the Western Roman Empire fall?; Who was the first person in space?;
+When was the Eiffel Tower built?; Who invented the World Wide Web?;
+What was the writing system of ancient Egypt called?; Which civilization invented paper?;
+Who was Kublai Khan?; When did the Soviet Union break up?; Which was the first country to give women the vote?;
+Who founded the city of Alexandria?; Which war was fought between the North and the South of the United States?;
+Who was the last pharaoh of ancient Egypt?; When did the Black Death reach Europe?;
+When were the first modern Olympic Games held?; Who composed the Moonlight Sonata?;
+Who built the first successful steam locomotive?; When did the first person climb Mount Everest?;
+Who was the first Roman emperor?; What was the Bronze Age?; Who wrote the Odyssey?;
+When did the Wall Street Crash happen?; Who led India to independence with nonviolent protest?;
+Which city was the capital of the Byzantine Empire?; Who discovered the structure of DNA?;
+How many minutes are in a day?; How many days are in a leap year?; How many grams are in a kilogram?;
+How many ounces are in a pound?; How many centimeters are in an inch?; How many teaspoons are in a tablespoon?;
+What is the normal human body temperature?; How much water should an adult drink each day?;
+How long does it take to walk a mile?; What size is a sheet of A4 paper?; How can you tell if an egg is fresh?;
+How many keys does a standard piano have?; How many players does a football team have on the field?;
+How many cards are in a standard deck?; How long is a marathon?; What does RSVP mean on an invitation?;
+What does ASAP stand for?; What does "e.g." mean?; How much should I tip at a restaurant in the United States?;
+How long do cats usually live?; How long do dogs usually live?; At what age do babies usually start walking?;
+How many hours a week is full-time work?; What does a flashing yellow traffic light mean?;
+Which side of the road do people drive on in Japan?; What is the emergency phone number in Europe?;
+What is a comfortable room temperature for a home?; How often should I water a cactus?;
+How often should I change the oil in my car?; How long does wall paint take to dry?;
+How many calories are in a banana?; Does honey ever go bad?; How many weeks are in a year?;
+How many seconds are in an hour?; What is the Roman numeral for 50?; What is a baker's dozen?;
+How many sides does a hexagon have?; Which language has the most native speakers?;
+What currency is used in Japan?; What currency is used in Switzerland?; How often should I replace my toothbrush?;
+What temperature should chicken be cooked to?; How many milliliters are in a cup?; How many feet are in a mile?;
+How long should I let a steak rest after cooking?; What is the shelf life of dried pasta?;
+How many strings does a standard guitar have?;
+What does "FAQ" stand for?; What does "p.s." mean at the end of a letter?; How many zeros are in a million?;
+What is the boiling point of water at sea level?; How many players are on a basketball court per team?;
+ How many squares are on a chessboard?;
+What is the capital of Italy?; What is the capital of Germany?; What is the capital of South Korea?;
+What is the capital of Turkey?; What is the capital of Thailand?; What is the capital of Mexico?;
+What is the largest country in Africa?; What is the highest mountain in Europe?; What is the longest river in
+Africa?; What is the smallest continent?; Which country has the most time zones?;
+In which city is the headquarters of the United Nations?; What is the largest lake in North America?;
+Which country grows the most coffee?; What is the longest river in South America?;
+Which countries make up Scandinavia?; What is the largest city in Canada?; What is the chemical formula for water?;
+How many bones does a shark have?; What is the main gas in the Sun?; How many legs does an insect have?;
+What is the fastest bird?; What is the largest living tree?; How long is a year on Mercury?;
+What do you call an animal that eats only plants?; Which planet comes closest to Earth?;
+What color is a polar bear's skin?; How many lungs do humans have?; What is the chemical symbol for silver?;
+What is the most common metal in Earth's crust?; What is the unit of electric current?;
+Who came up with the theory of relativity?; What is the largest reptile?; How many kinds of penguin are there?;
+Which animal lives the longest?; Who was the first woman prime minister of the United Kingdom?;
+When was the Great Wall of China begun?; Who invented the printing press in Europe?;
+Which ancient wonder stood in Alexandria?; When did Apollo 11 land on the Moon?;
+When did the French Revolution begin?; Who wrote the Declaration of Independence?;
+In which city was Julius Caesar killed?; Whose expedition first sailed around the world?;
+When did the Chernobyl disaster happen?; What was the Marshall Plan?; How many liters are in a gallon?;
+How many days are in each month?; How many hours are in a week?; What is 20 percent of 50?;
+How many pounds are in a kilogram?; How long should I brush my teeth?; How long should I boil a hard-boiled egg?;
+How many years are in a century?; What is the freezing point of water in Fahrenheit?;
+How many centimeters are in a meter?; What does DIY stand for?; How many sides does an octagon have?;
+What is the tallest mountain in North America?; Which country has the largest population in Africa?
+"""
+QUESTION_TEMPLATES_4 = ["{x}", "{x} Answer briefly, then add one interesting detail."]
+STEPS_4 = """
+iron a shirt; fold a fitted sheet; descale a kettle; clean an oven; clean a bathroom; wash a wool sweater by hand;
+remove a coffee stain from a carpet; bleed a radiator; sew on a button; hem a pair of trousers;
+clean windows without streaks; assemble flat-pack furniture; put up a shelf; fix a dripping tap;
+reset a tripped circuit breaker; clean a washing machine; organize a junk drawer; wash a pillow; polish leather
+shoes; clean a shower head; patch a small hole in a wall; replace a toilet seat; seal around a bathtub;
+clean a cast-iron pan; clean grout between tiles; get rid of fruit flies; wrap a present neatly; tie a tie;
+hang curtains; change a duvet cover; set a table for a formal dinner; boil pasta perfectly; cook rice on the stove;
+poach an egg; make a roux; carve a roast chicken; chop an onion; peel garlic quickly; cook dried beans;
+make stock from vegetable scraps; knead bread dough; make pie crust; whip cream by hand; separate an egg;
+melt chocolate without burning it; caramelize onions; cook a steak in a pan; make a simple syrup;
+brew loose-leaf tea; make cold brew coffee; toast nuts in a pan; cook quinoa; steam vegetables;
+make homemade croutons; fillet a fish; zest a lemon; make fresh pasta by hand; apply for a passport;
+check in for a flight online; get through airport security quickly; exchange money abroad; rent a car abroad;
+book a cheap flight; plan a train trip across Europe; use the metro in a foreign city;
+find a place to stay for a last-minute trip; buy travel insurance; make a travel budget;
+get my home ready before going on holiday; renew a driving license; write a research paper; make flashcards;
+take notes with the Cornell method; prepare for an oral exam; memorize a poem; write a lab report;
+cite sources in APA style; make a mind map; read a scientific paper; outline an essay; revise for a maths exam;
+learn a list of vocabulary words; write a book report; make a science poster; practice for a spelling test;
+solve a maths word problem; write a five-paragraph essay; study with the Pomodoro technique;
+jump-start a car battery; change a car tire; check the tire pressure on my car; clean a laptop keyboard;
+set up a new printer; transfer photos from a phone to a computer; update the software on my phone;
+frame a photo; plant a tree; prune a rose bush; mow a lawn; start seeds indoors
+"""
+STEP_TEMPLATES_4 = [
+    "Give me step-by-step instructions to {x}.",
+    "Walk me through how to {x}, one step at a time.",
+    "What are the steps to {x}? Number them.",
+]
+STEP_MISTAKE_TEMPLATES_4 = ["What are common mistakes to avoid when you {x}?"]
+DIALOGUES_4 = """
+a customer and a waiter at a busy restaurant; two friends planning a weekend trip; a doctor and a patient with a
+sore throat; a teacher and a student who forgot their homework; a tourist asking a local for directions;
+a job candidate and an interviewer; a shop assistant and a customer returning a jacket;
+two neighbors meeting for the first time; a parent and a teenager discussing screen time;
+a librarian and a child looking for a book about dinosaurs; a hotel receptionist and a guest whose room is not
+ready; two coworkers deciding where to eat lunch; a pilot and a nervous passenger; a barista and a regular
+customer; a landlord and a tenant about a broken heater; a coach and a player before a big match;
+a grandparent and a grandchild about life fifty years ago; a bank clerk and a customer opening an account;
+a pharmacist and a customer asking about cough syrup; a taxi driver and a passenger who is late for a train;
+a new student and a classmate on the first day; a mechanic and a driver whose car makes a strange noise;
+two astronauts on the International Space Station; a chef and an apprentice learning to chop onions;
+a museum guide and a curious visitor; a customer and a support agent about a slow internet connection;
+a real estate agent and a couple looking at a house; two siblings arguing over the last slice of cake;
+a vet and a worried dog owner; a park ranger and a family of campers; a tailor and a customer being fitted for a
+suit; a bookseller and a customer looking for a gift; two friends who have not seen each other for ten years;
+a travel agent and a couple planning a honeymoon; a robot and a child meeting for the first time;
+a flight attendant and a passenger who wants to change seats; a police officer and a driver who was speeding;
+a gardener and a neighbor admiring the roses; a team leader and a new intern on the first morning;
+a shopkeeper and a customer haggling at a market
+"""
+DIALOGUE_TEMPLATES_4 = [
+    "Write a short dialogue between {x}.",
+    "Write the opening lines of a conversation between {x}.",
+    "Write a funny short dialogue between {x}.",
+]
+ROLES_4 = """
+a friendly tour guide in Rome; a job interviewer for a marketing role; a waiter taking my order in a French café;
+a customer at my bakery; a travel agent helping me plan a trip to Japan; a Spanish teacher giving my first lesson;
+a personal trainer meeting me for the first time; a librarian helping me find a good novel;
+a guide in a natural history museum; a shopkeeper at a busy market; a pirate captain welcoming me aboard;
+a wise old wizard; a medieval knight; a news reporter interviewing me about my town;
+a flight attendant on a long flight; a hotel concierge in New York; a career counselor; a chess coach;
+a gardener giving me a tour of a garden; a chef teaching a cooking class;
+an unhappy customer, so that I can practice customer service; a landlord showing me an apartment;
+a bank adviser helping me open an account; a time traveler from the year 3000; a friendly alien visiting Earth;
+a ship's captain in the 1700s; a ranger at a national park; a radio host interviewing me about my hobby;
+a driving instructor on my first lesson; a barista at a coffee shop; a salesperson in an electronics store;
+a tutor helping me with algebra; a fortune teller at a fair; a cat who can talk;
+an explorer just back from the Arctic; a receptionist at a doctor's office;
+a debate opponent who thinks homework should be banned; a job candidate I am interviewing;
+a pen pal from Australia; a zookeeper showing me the animals
+"""
+ROLE_TEMPLATES_4 = [
+    "Pretend you are {x}. Start the conversation.",
+    "Let's role-play. You are {x}. Say your first lines.",
+    "Role-play with me: you are {x}. Begin, and wait for my reply.",
+]
+LIMERICKS_4 = """
+a dentist who was afraid of teeth; a man from Peru who lost his shoe; a cow who wanted to dance;
+a programmer who could not find the bug; a teacher who lost her chalk; a goat who ate a coat;
+a baker who hated bread; a cat who learned to type; a plumber with a leaky boat; a girl who talked to the Moon;
+a runner who always came second; a dog who was scared of the mail carrier; a gardener who grew a giant pumpkin;
+a wizard whose spells went wrong; a pigeon in a city square; a duck who wanted to drive;
+a snowman who wanted a suntan; an old man with a very loud sneeze; a parrot who told secrets;
+a knight in a rusty suit of armor; a tourist who got lost in Rome; a cook who used too much salt;
+a bus driver who forgot the way; a hamster on a wheel; a queen who loved cheese; a fisherman who caught a boot;
+a student who studied all night; a singer who could not hold a note; a painter who only used blue;
+a robot vacuum that escaped; a cactus who wanted a hug; a clock that was always late; a tiger who ate only salad;
+a mouse in a cheese shop; a camel who hated sand; a tailor who sewed his own sleeve shut;
+a poet who could not find a rhyme; a grandma on a skateboard; a giraffe with a sore throat; a spoon that ran away
+"""
+LIMERICK_TEMPLATES_4 = ["Write a limerick about {x}.", "Write a funny limerick about {x}, and give it a title."]
+SLOGANS_4 = """
+a neighborhood bakery; a recycling campaign at school; a dog-walking service; an electric scooter rental company;
+a vegetarian restaurant; a local bookshop; a reusable water bottle; a car wash; a plumbing company; a yoga studio;
+a children's museum; a pizza delivery service; a language school; a farmers' market; a charity run for a hospital;
+a tech support service for older people; a juice bar; a house-cleaning company;
+a summer reading challenge at a library; a solar panel installer; a handmade soap shop; a campaign to save water;
+a coding club for girls; a local zoo; a moving company; a flower shop; a tutoring service;
+a vintage clothing store; a taco truck; a garden center; a road safety campaign; a pet grooming salon;
+a community garden; a coffee roaster; an ice cream parlor; a bicycle repair café; a board game café;
+a travel agency for families; a campaign to get young people to vote; a hardware store
+"""
+SLOGAN_TEMPLATES_4 = ["Write three catchy slogans for {x}.", "Suggest a short, memorable slogan for {x}."]
+RIDDLES_4 = """
+a clock; a shadow; an echo; a candle; a map; a key; a towel; a piano; a mirror; an egg; a sponge; a pencil;
+a book; a bottle; a secret; a river; the letter E; a coin; a footstep; a needle; an umbrella; a keyboard;
+a stamp; a window; a cloud; a fire; a hole; a tree; a chair; a bell; a teapot; a rainbow; a snowman;
+a calendar; a battery; a ladder; a glove; a comb; a doorbell; a compass
+"""
+RIDDLE_TEMPLATES_4 = [
+    "Write a riddle whose answer is {x}.",
+    "Make up a short riddle for kids where the answer is {x}.",
+]
+PRODUCTS_4 = """
+a pair of noise-cancelling headphones; a handmade wooden cutting board; a lightweight travel backpack;
+a bamboo toothbrush; a smart desk lamp; a cast-iron skillet; a set of colored pencils for artists;
+a folding electric bike; a wool winter hat; a ceramic coffee mug; a portable phone charger;
+a beginner's telescope; a yoga mat; a children's picture book about space; a scented soy candle;
+a robot vacuum cleaner; a rain jacket; a leather notebook; a mechanical keyboard; an insulated lunch box;
+a herb-growing kit; a jigsaw puzzle with 1000 pieces; a pair of running shoes; a kids' bicycle helmet;
+a wireless computer mouse; a set of kitchen knives; a linen tablecloth; a dog bed; a cat scratching post;
+a solar garden light; a travel pillow; a silk scarf; a jar of local honey; a family board game;
+a digital kitchen scale; a reusable shopping bag; a small desk plant in a pot; a pair of reading glasses;
+a baby blanket; a hand-knitted sweater
+"""
+PRODUCT_TEMPLATES_4 = [
+    "Write a short product description for {x}.",
+    "Write a product description for {x} for an online shop, in under 60 words.",
+]
+MATH_4 = """
+a prime number; a composite number; an even number; an odd number; a factor; a multiple;
+the greatest common divisor; the least common multiple; a fraction; an improper fraction; a mixed number;
+a decimal; a ratio; a proportion; a negative number; an integer; a rational number; an irrational number;
+a square number; a square root; a cube number; an exponent; scientific notation; the order of operations;
+a variable in algebra; an equation; an inequality; a linear equation; a function in mathematics; the slope of a
+line; the mean; the median; the mode; the range of a data set; an outcome in probability; a right angle;
+an acute angle; an obtuse angle; the perimeter of a shape; the area of a shape; the volume of a solid;
+the circumference of a circle; a polygon; line symmetry; parallel lines; perpendicular lines; a coordinate;
+a number sequence; an arithmetic sequence; a geometric sequence; a factorial; a logarithm; place value;
+rounding; estimation; long division; a remainder; a reciprocal; absolute value; simple interest
+"""
+MATH_TEMPLATES_4 = [
+    "What is {x}? Give examples.",
+    "Explain {x} in simple words, with an example.",
+    "How would you explain {x} to someone who finds maths hard?",
+]
+JS_4 = """
+declare a variable; define a function that adds two numbers; loop over an array; add an item to an array;
+remove the last item from an array; find an item in an array; filter an array;
+transform every item of an array with map;
+sort an array of numbers; sort an array of objects by a property; reverse a string; check if a string contains a
+word; convert a string to a number; convert a number to a string; round a number to two decimal places;
+get the current date; format a date as day, month and year; create an object; loop over the keys of an object;
+copy an object; merge two objects; check if a variable is undefined; handle an error with try and catch;
+wait for a promise to finish; fetch data from an API; parse a JSON string; turn an object into a JSON string;
+change the text of an HTML element; add a click event listener to a button; hide an element on a page;
+add a CSS class to an element; read the value of an input box; save data in localStorage;
+redirect to another page; run code after a delay with setTimeout; repeat an action with setInterval;
+generate a random whole number; remove duplicates from an array; sum the numbers in an array;
+find the largest number in an array; count how often each word appears in a string; check if an array is empty;
+split a string into words; join an array into a string; capitalize the first letter of a string;
+pad a number with leading zeros; define a simple class with a constructor; export a function from a module;
+import a function from another file
+"""
+JS_TEMPLATES_4 = [
+    "How do I {x} in JavaScript?",
+    "Write JavaScript code to {x}, and explain it.",
+    "Show me a short JavaScript example of how to {x}.",
+]
+JS_TERMS_4 = """
+`let`; `const`; `var`; hoisting; an arrow function; a callback; a promise; an async function; the `await` keyword;
+the event loop;
+a closure; the `this` keyword; the DOM; an event listener; `null`; `undefined`; the `===` operator;
+a template literal; destructuring; the spread operator; an object literal; JSON; the array method `map`;
+the array method `reduce`; `NaN`; type coercion; a module; npm; Node.js; strict mode; a prototype;
+a class; optional chaining; the nullish coalescing operator; the `typeof` operator; block scope
+"""
+JS_TERM_TEMPLATES_4 = ["What is {x} in JavaScript?", "Explain {x} in JavaScript with a short example."]
+SHELL_TASKS_4 = """
+list files sorted by size; list files sorted by date; copy a folder with everything in it;
+find files changed in the last day; delete all .pyc files in a project; count the files in a folder;
+show how much space each folder takes; print my username; find my computer's IP address;
+check if a website is reachable; replace a word in many files at once; find a file by its name;
+print the full path of a file; make a compressed archive of a folder; find which program uses the most memory;
+stop a program that is not responding; check CPU and memory usage; see how long the computer has been running;
+create an alias for a long command; set an environment variable; add a folder to my PATH;
+run the previous command again; search my command history; clear the terminal screen;
+show a file with line numbers; sort the lines of a file; remove duplicate lines from a file;
+show only the lines of a file that match a pattern; count how many times a word appears in a file;
+make a file readable only by me; change the owner of a file; create a symbolic link;
+check which shell I am using; run a script every day at a set time; copy files to a remote server;
+log in to a remote server with an SSH key; check which version of Python is installed;
+send error messages to a file; run a second command only if the first one succeeds;
+loop over all files in a folder; see the manual page of a command
+"""
+SHELL_TASK_TEMPLATES_4 = [
+    "How do I {x} in a Linux terminal?",
+    "Which shell command lets me {x}? Show an example.",
+    "What is the quickest way to {x} from a bash prompt?",
+]
+BASH_4 = """
+read input from the user in a bash script; check if a file exists in a bash script; pass arguments to a bash script;
+loop over the lines of a file in a bash script; use an if statement in a bash script; write a bash script that
+backs up a folder; define a function in a bash script; exit a bash script with an error code;
+use a for loop in a bash script; do arithmetic in a bash script; store a command's output in a variable in bash;
+check the exit code of the last command in bash; make a bash script stop at the first error;
+compare two strings in a bash script; check if a folder exists in a bash script;
+print a message to standard error in bash; use a case statement in a
+bash script; give a variable a default value in a bash script; count the arguments passed to a bash script;
+make a bash script print each command before running it
+"""
+BASH_TEMPLATES_4 = ["How do I {x}?", "Show me how to {x}, with a short example."]
+GIT_4 = """
+undo the last commit; undo the last commit but keep my changes; change the message of the last commit;
+see the history of commits; see what changed in a file; throw away my changes to a file; unstage a file;
+create a new branch; switch to another branch; delete a branch; rename a branch; merge a branch into main;
+resolve a merge conflict; see which branch I am on; push a new branch to the remote; pull the latest changes;
+clone a repository; start a new repository; ignore files with a .gitignore file;
+stop tracking a file without deleting it; stash my changes; get my stashed changes back;
+see the differences between two branches; undo a commit that I already pushed; go back to an old commit;
+find which commit introduced a bug; see who last changed each line of a file; add a remote;
+change the URL of a remote; tag a release; squash several commits into one; copy one commit to another branch;
+undo a git add; recover a deleted branch; see the files changed in a commit; update my branch with the latest
+main; list all branches; delete a remote branch; check the status of my repository;
+commit only some of my changes; set my name for commits; see a short one-line log; undo a bad merge;
+download changes without merging them; remove untracked files; add a forgotten file to the last commit
+"""
+GIT_TEMPLATES_4 = [
+    "How do I {x} in git?",
+    "What git command do I use to {x}? Explain what it does.",
+    "I need to {x} in git. Which commands should I run?",
+]
+GIT_TERMS_4 = """
+a commit; a branch; the staging area; HEAD; a remote; origin; a merge conflict; a fast-forward merge; a rebase;
+a detached HEAD; a fork; a tag; the stash; `git fetch`; `git pull`; `git reset`; `git revert`;
+`git cherry-pick`; a `.gitignore` file; the working tree; `git bisect`; a submodule; the reflog
+"""
+GIT_TERM_TEMPLATES_4 = ["What is {x} in git?", "Explain {x} in git in simple terms."]
+CODE_TASKS_4 = """
+check if a number is a perfect square; convert a Roman numeral to an integer; convert an integer to a Roman
+numeral; find all primes up to n with the sieve of Eratosthenes; check if a string has balanced brackets;
+compress a string like aaabb into a3b2; expand a string like a3b2 back into aaabb;
+find the first character that does not repeat in a string; find the longest common prefix of a list of words;
+check if a sentence is a pangram; reverse the order of the words in a sentence; convert a sentence to snake_case;
+convert snake_case to camelCase; remove the vowels from a string; check if a number is an Armstrong number;
+compute all subsets of a list; generate all permutations of a string; find pairs in a list that add up to a
+target; merge two sorted lists into one sorted list; search a sorted list with binary search;
+implement bubble sort; implement insertion sort; implement a stack with a list; implement a queue with
+collections.deque; print a text bar chart of letter counts; read numbers from a file and print their sum;
+write a list of dictionaries to a CSV file; load a CSV file into a list of dictionaries;
+find the most frequent word in a text file; check a phone number with a regular expression;
+extract all the numbers from a string; extract all links from a piece of HTML; count the digits in a number;
+sum a list with recursion; flatten a dictionary of dictionaries; swap the keys and values of a dictionary;
+split a list of numbers into odd and even; find the missing number in a list from 1 to n;
+check if two lists have the same items in any order; rotate a matrix by 90 degrees;
+compute the dot product of two lists; make a simple quiz game; make a rock-paper-scissors game;
+make a hangman game for the terminal; simulate flipping a coin 1000 times; compute compound interest year by year;
+convert seconds into hours, minutes and seconds; check if a date falls on a weekend; list all the Mondays in a
+month; work out a person's age from their birth date; print a calendar for a month; make a simple text menu;
+retry a function call that sometimes fails; cache the results of a slow function; time a piece of code with
+timeit; read command-line arguments; print a table with aligned columns; wrap long text at 40 characters;
+generate a random string of letters and digits; split a big file into smaller files; find the largest file in a
+folder; count the files in a folder and all its subfolders; download a web page with urllib;
+send a simple HTTP request and print the status code; check if a string is a valid IPv4 address
+"""
+CODE_TASK_TEMPLATES_4 = [
+    "Write Python code to {x}.",
+    "How would you {x} in Python? Show a short solution.",
+    "Write short, well-commented Python code to {x}.",
+]
+
+
 def _items(block: str) -> list[str]:
     return [s.strip() for s in block.replace("\n", " ").split(";") if s.strip()]
 
@@ -802,7 +1421,7 @@ def main() -> None:
         ("code-task", _items(CODE_TASKS) + _items(CODE_TASKS_2), CODE_TASK_TEMPLATES_2),
         ("code-task", _items(CODE_TASKS_2), CODE_TASK_TEMPLATES),
     )), OUT2, exclude=set(first))
-    _write(_expand((
+    third = _write(_expand((
         ("compare", _items(PAIRS_3), PAIR_TEMPLATES_3),
         ("compare", _items(PAIRS), OLD_PAIR_TEMPLATES_3),
         ("facts", _items(FACTS_3), FACT_TEMPLATES_3),
@@ -842,6 +1461,41 @@ def main() -> None:
         ("creative", _items(THINGS) + _items(THINGS_2), OLD_THING_TEMPLATES_3),
         ("concept", [x for x in concepts if "email" not in x], CONCEPT_TEMPLATES_3),
     )), OUT3, exclude=set(first) | set(second))
+
+    def near_bench(items):  # round 4 also leaves out topics close to the benchmark's
+        return [x for x in items if not any(w in x.lower() for w in NEAR_BENCH_4)]
+
+    _write(_expand((
+        ("concept", near_bench(concepts), CONCEPT_TEMPLATES_4),
+        ("device", near_bench(_items(DEVICES) + _items(DEVICES_3)), DEVICE_TEMPLATES_4),
+        ("compare", near_bench(_items(PAIRS) + _items(PAIRS_3)), PAIR_TEMPLATES_4),
+        ("why", near_bench(_items(WHY_3)), WHY_TEMPLATES_4),
+        ("define", near_bench(_items(TERMS_3)), TERM_TEMPLATES_4),
+        ("facts", near_bench(_items(FACTS_3)), FACT_TEMPLATES_4),
+        ("facts", _items(QUESTIONS_4), QUESTION_TEMPLATES_4),
+        ("people", _items(PEOPLE_3), PEOPLE_TEMPLATES_4),
+        ("define", near_bench(_items(WORDS_3)), WORD_TEMPLATES_4),
+        ("mistakes", near_bench(_items(TASKS) + _items(TASKS_2)), MISTAKE_TEMPLATES_4),
+        ("mistakes", _items(STEPS_4), STEP_MISTAKE_TEMPLATES_4),
+        ("steps", _items(STEPS_4), STEP_TEMPLATES_4),
+        ("summarize", _items(PASSAGES_4), PASSAGE_TEMPLATES_4),
+        ("notes", _items(NOTES_4), NOTE_TEMPLATES_4),
+        ("sort", _items(SORTING_4), SORTING_TEMPLATES_4),
+        ("dialogue", _items(DIALOGUES_4), DIALOGUE_TEMPLATES_4),
+        ("dialogue", _items(ROLES_4), ROLE_TEMPLATES_4),
+        ("creative", _items(LIMERICKS_4), LIMERICK_TEMPLATES_4),
+        ("creative", _items(SLOGANS_4), SLOGAN_TEMPLATES_4),
+        ("creative", _items(RIDDLES_4), RIDDLE_TEMPLATES_4),
+        ("creative", _items(PRODUCTS_4), PRODUCT_TEMPLATES_4),
+        ("math", _items(MATH_4), MATH_TEMPLATES_4),
+        ("javascript", _items(JS_4), JS_TEMPLATES_4),
+        ("javascript", _items(JS_TERMS_4), JS_TERM_TEMPLATES_4),
+        ("shell", _items(SHELL_TASKS_4), SHELL_TASK_TEMPLATES_4),
+        ("shell", _items(BASH_4), BASH_TEMPLATES_4),
+        ("git", _items(GIT_4), GIT_TEMPLATES_4),
+        ("git", _items(GIT_TERMS_4), GIT_TERM_TEMPLATES_4),
+        ("code-task", _items(CODE_TASKS_4), CODE_TASK_TEMPLATES_4),
+    )), OUT4, exclude=set(first) | set(second) | set(third))
 
 
 if __name__ == "__main__":
