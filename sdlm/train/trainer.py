@@ -109,11 +109,12 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None
     """bf16 autocast; None = on where the device supports it."""
-    bf16_weights: bool | None = None
+    bf16_weights: bool = False
     """With bf16 autocast: keep a bf16 copy of every frozen linear weight and use it inside autocast,
     instead of autocast casting the float32 weight at every call (it caches casts only of weights that
-    train). The same numbers, fewer copies and kernel launches; float32 weights stay for everything
-    outside autocast. None = on whenever bf16 autocast is on and the retrofit keeps the base frozen."""
+    train). The same numbers and fewer cast kernels; float32 weights stay for everything outside
+    autocast. Off by default: on one H200 the step waits on the host, and the copies bought no speed
+    there (README, "Trainer speed"). For retrofits that keep the base frozen."""
     device: str = "cpu"
     threads: int | None = None
 
@@ -239,7 +240,7 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
-        self.bf16_weights = bool(self.bf16 and cfg.bf16_weights is not False and cfg.retrofit != "full")
+        self.bf16_weights = bool(self.bf16 and cfg.bf16_weights and cfg.retrofit != "full")
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
 
