@@ -181,9 +181,9 @@ def _linear_names(model) -> list[str]:
 
 def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
     def gate_hook(module, args, out):
-        if sdlm.gate_all:
-            return out  # all block tokens: multiplying by 1 would only cost time
         gate = sdlm.gate
+        if gate is True:
+            return out  # all block tokens: multiplying by 1 would only cost time
         if gate is None:
             return out * 0  # no gate set: the adapter is off (plain calls give the base model)
         return out * gate[..., None].to(out.dtype)

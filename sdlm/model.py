@@ -75,8 +75,8 @@ class SDLM:
         self.config = config
         self.name = name
         self.adapter = None  # sdlm.adapter.Adapter when a LoRA adapter is attached
-        self.gate: torch.Tensor | None = None  # (B, T) bool, True on block tokens; read by gated adapters
-        self.gate_all = False  # the current forward was told every token is a block token (no gate multiply)
+        # (B, T) bool, True on block tokens, or True: every token is one; read by gated adapters
+        self.gate: torch.Tensor | bool | None = None
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
         # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); 5.17 knows only the old one
@@ -210,11 +210,10 @@ class SDLM:
         kwargs = {}
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        self.gate_all = gate is True
-        self.gate = None if self.gate_all else gate.to(dev)
+        self.gate = True if gate is True else gate.to(dev)
         adapter = getattr(self, "adapter", None)
         if adapter is not None and adapter.config.kind == "block-adapter":
-            adapter.set_active(self.gate_all or bool(self.gate.any()))  # no block token: skip the LoRA work
+            adapter.set_active(self.gate is True or bool(self.gate.any()))  # no block token: skip the LoRA work
         try:
             out = self.model(
                 input_ids=input_ids.to(dev),
@@ -225,7 +224,7 @@ class SDLM:
                 **kwargs,
             )
         finally:
-            self.gate, self.gate_all = None, False
+            self.gate = None
         return out.logits
 
     @staticmethod

@@ -184,11 +184,11 @@ def loss_norm(layouts: list[TrainingLayout], slot_weights: list[float] | None = 
     """The denominator of the block loss over ``layouts``: their number of targets, or their
     summed slot weights. Parts of a batch given this ``norm`` (:func:`two_pass_loss`) add up to
     the whole batch's mean loss."""
-    total = 0.0
-    for lay in layouts:
-        slots = lay.slot[lay.block_labels != IGNORE]
-        total += float(len(slots)) if slot_weights is None else float(torch.tensor(slot_weights)[slots].sum())
-    return total
+    slots = [lay.slot[lay.block_labels != IGNORE] for lay in layouts]
+    if slot_weights is None:
+        return float(sum(len(sl) for sl in slots))
+    w = torch.tensor(slot_weights)
+    return float(sum(w[sl].sum() for sl in slots))
 
 
 def dense_loss(
