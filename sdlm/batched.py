@@ -116,7 +116,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
             u = r.ids[first:]
             if cfg.mode == "speculative":
                 remaining = r.max_new - (len(r.ids) - r.n_prompt)
-                r.drafts = r.drafts[: max(remaining - 1, 0)]  # the bonus token needs one slot of the budget
+                r.drafts = decoder._trim_drafts(r.drafts, remaining)  # the bonus token needs one slot of the budget
                 if r.draft_q is not None:
                     r.draft_q = r.draft_q[: len(r.drafts)]
             st = decoder._layout(u, first, r.drafts)
@@ -134,8 +134,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         seq = torch.full((B, T), -1, dtype=torch.long)
         read: list[torch.Tensor] = []  # per row: the columns of its n_logits logits
         for b, (st, c) in enumerate(zip(steps, n_causal)):
-            m = len(st.input_ids) - c
-            cols = torch.cat([torch.arange(c), torch.arange(C, C + m)])
+            cols = _columns(st, c, C)
             ids[b, cols] = st.input_ids
             pos[b, cols] = st.info.pos
             blk[b, cols] = st.info.block
@@ -150,7 +149,13 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         else:
             keys = q
         dev = sdlm.device
-        mask = additive(allowed(q.to(dev), keys.to(dev), causal_within_block), sdlm.dtype)  # (B, 1, T, S+T)
+        ok = allowed(q.to(dev), keys.to(dev), causal_within_block)  # (B, T, S+T)
+        S = ok.shape[-1] - T
+        for b, st in enumerate(steps):
+            if st.visible is not None:  # a draft tree: each row hides the nodes of other branches
+                cols = _columns(st, n_causal[b], C).to(dev)
+                ok[b, cols[:, None], S + cols[None, :]] &= st.visible.to(dev)
+        mask = additive(ok, sdlm.dtype)  # (B, 1, T, S+T)
         need = torch.unique(torch.cat(read))  # sorted: the LM head runs on these columns only
         if sdlm._takes_logits_to_keep:
             logits = sdlm.forward(ids, pos, mask, q.is_block, cache, need.to(dev))
@@ -166,7 +171,12 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
             first = r.first if cfg.use_cache else 0
             lg = logits[b, torch.searchsorted(need, read[b]).to(dev)]
             out = decoder._accept(lg, uncached[b], first, r.drafts, r.draft_q, r.generator)
-            alive_now[b, : out.keep - first] = True  # the committed and accepted draft tokens of this step
+            if out.kept_drafts is None:
+                alive_now[b, : out.keep - first] = True  # the committed and accepted draft tokens of this step
+            else:  # a draft tree: the step's uncached tokens and the accepted nodes (the rest stays dead)
+                u = len(uncached[b])
+                alive_now[b, :u] = True
+                alive_now[b, [u + i for i in out.kept_drafts]] = True
             r.first, r.drafts, r.draft_q = out.keep, out.drafts, out.draft_q
             remaining = r.max_new - (len(r.ids) - r.n_prompt)
             new, reason = cut_at_eos(out.tokens, decoder.eos_ids, remaining)
@@ -196,6 +206,11 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
     for g in done:
         g.seconds = seconds  # type: ignore[union-attr]
     return done  # type: ignore[return-value]
+
+
+def _columns(st, c: int, C: int) -> torch.Tensor:
+    """Where a row's step tokens sit in the batch: its ``c`` causal tokens first, its blocks from column ``C``."""
+    return torch.cat([torch.arange(c), torch.arange(C, C + len(st.input_ids) - c)])
 
 
 def _select_rows(cache, idx: torch.Tensor) -> None:

@@ -65,6 +65,11 @@ class GenerationConfig:
     """Stop strings: generation ends when the text contains one (it is cut from the text)."""
     use_cache: bool = True
     """False recomputes every step from scratch (the reference decoder)."""
+    tree: str | None = None
+    """Mode ``speculative``, greedy: verify a tree of draft candidates per step instead of one chain
+    (:mod:`sdlm.tree`). ``auto``: the model's calibrated tree for this D; widths per depth such as
+    ``3,2,1``; or a JSON file of rank paths. None / ``none``: the chain (SPEC §3.2). Still lossless;
+    more tokens per forward for a larger forward."""
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -82,6 +87,11 @@ class GenerationConfig:
             raise SDLMError(f"threshold must be in [0, 1], got {self.threshold}: try --threshold 0.9")
         if self.max_new_tokens < 1:
             raise SDLMError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if self.tree not in (None, "", "none", "chain"):
+            if self.mode != "speculative":
+                raise SDLMError(f"a draft tree is for mode speculative, not {self.mode}: drop --tree or use --mode speculative")
+            if self.temperature > 0:
+                raise SDLMError("draft trees decode greedily: use --temperature 0, or drop --tree to sample")
         if self.temperature < 0:
             raise SDLMError(f"temperature must be >= 0, got {self.temperature} (0 = greedy)")
         if self.top_k < 0:
@@ -168,6 +178,11 @@ class Decoder:
             config.temperature, config.top_k, config.top_p, suppress=(mask_id,) if mask_id is not None else ()
         )
         self.eos_ids = sdlm.eos_token_ids()
+        self.tree = None
+        if config.mode == "speculative":
+            from .tree import parse_tree
+
+            self.tree = parse_tree(config.tree, sdlm.config.draft_trees if sdlm.config else None, self.block_size)
 
     # ------------------------------------------------------------ public
 
@@ -196,7 +211,7 @@ class Decoder:
             uncached = ids[first:]
 
             if cfg.mode == "speculative":
-                drafts = drafts[: max(remaining - 1, 0)]  # the bonus token needs one slot of the budget
+                drafts = self._trim_drafts(drafts, remaining)
                 if draft_q is not None:
                     draft_q = draft_q[: len(drafts)]
             step = self._layout(uncached, first, drafts)
@@ -204,7 +219,11 @@ class Decoder:
             out = self._accept(logits, uncached, first, drafts, draft_q, generator)
             new, proposed, keep, drafts, draft_q = out.tokens, out.proposed, out.keep, out.drafts, out.draft_q
             if cache is not None:
-                SDLM.crop(cache, first + len(step.input_ids) - keep)  # rejected drafts, block KV (computed over masks)
+                if out.kept_drafts is not None and out.kept_drafts != list(range(len(out.kept_drafts))):
+                    # a tree whose accepted nodes are not its first ones: keep exactly their KV
+                    SDLM.keep_tail(cache, first + len(uncached), out.kept_drafts)
+                else:
+                    SDLM.crop(cache, first + len(step.input_ids) - keep)  # rejected drafts, block KV (over masks)
             if cfg.use_cache:
                 cached = keep
 
@@ -249,7 +268,8 @@ class Decoder:
         if self.config.mode == "confidence":
             return confidence_step(uncached, first, self.block_size, self.mask_token_id,
                                    causal_first=self.config.first_token == "causal")
-        return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id)
+        parents = self.tree.parents[: len(drafts)] if self.tree is not None else None
+        return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id, parents)
 
     def _accept(self, logits, uncached, first, drafts, draft_q, generator) -> "_Accepted":
         """What one step commits, from its ``n_logits`` logits (see the step layouts)."""
@@ -273,6 +293,8 @@ class Decoder:
         k = len(drafts)
         causal = logits[: k + 1]  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
         blocks = logits[k + 1 :].view(k + 1, D, -1)  # (k+1, D, V): candidate blocks B_0 .. B_k
+        if self.tree is not None:
+            return self._accept_tree(causal, blocks, drafts, n)
         if self.sampler.greedy:
             targets, _ = self.sampler.choose(causal)  # (k+1,)
             a = greedy_accept(drafts, targets.tolist())
@@ -288,6 +310,30 @@ class Decoder:
             toks, probs = self.sampler.choose(blocks[a, 1:], generator)
             next_drafts, next_q = toks.tolist(), probs
         return _Accepted(list(drafts[:a]) + [bonus], k, n + a, next_drafts, next_q)
+
+    def _accept_tree(self, causal, blocks, drafts, n) -> "_Accepted":
+        """Greedy acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the
+        model's own next token; the bonus is the causal prediction at the deepest accepted node, and
+        the next drafts come from that node's block (block 0 is the root's)."""
+        from .tree import tree_accept
+
+        tree, k = self.tree, len(drafts)
+        targets, _ = self.sampler.choose(causal)
+        path = tree_accept(tree.parents[:k], drafts, targets.tolist())
+        last = path[-1] if path else -1
+        bonus = int(targets[last + 1])
+        widths = tree.widths
+        ranked = self.sampler.ranked(blocks[last + 1, 1 : 1 + len(widths)], max(widths)).tolist()
+        next_drafts = tree.node_tokens(ranked)
+        return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, path)
+
+    def _trim_drafts(self, drafts: list[int], remaining: int) -> list[int]:
+        """The drafts a step may verify: the bonus token needs one slot of the length budget, so at most
+        ``remaining - 1`` positions are drafted (a tree is cut at that depth, a prefix of its nodes)."""
+        room = max(remaining - 1, 0)
+        if self.tree is not None:
+            return drafts[: self.tree.nodes_within(room)]
+        return drafts[:room]
 
     # ------------------------------------------------------------ helpers
 
@@ -336,6 +382,8 @@ class _Accepted:
     """Committed tokens whose KV is exact after the step: the cache keeps positions 0 .. keep-1."""
     drafts: list[int] = field(default_factory=list)
     draft_q: torch.Tensor | None = None
+    kept_drafts: list[int] | None = None
+    """Draft trees: which drafts (tree nodes, by index) were accepted, in order; None: the first ones."""
 
 
 def reference_decode(sdlm: SDLM, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:

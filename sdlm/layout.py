@@ -120,6 +120,9 @@ class StepLayout:
     input_ids: torch.Tensor
     info: TokenInfo
     n_logits: int
+    visible: torch.Tensor | None = None
+    """(T, T) bool over the step's own tokens, AND-ed with the block rule: draft trees hide the
+    nodes of other branches (:func:`sdlm.tree.tree_visibility`). None: no restriction."""
 
 
 def ar_step(uncached: Sequence[int], first_pos: int) -> StepLayout:
@@ -144,14 +147,22 @@ def confidence_step(
 
 
 def speculative_step(
-    uncached: Sequence[int], first_pos: int, drafts: Sequence[int], block_size: int, mask_token_id: int
+    uncached: Sequence[int], first_pos: int, drafts: Sequence[int], block_size: int, mask_token_id: int,
+    parents: Sequence[int] | None = None,
 ) -> StepLayout:
     """SPEC §3.2: uncached committed tokens, drafts ``d_0..d_{k-1}`` as causal tokens, then
     k+1 candidate blocks ``B_i = [token at n+i-1, M x (D-1)]`` at positions ``n+i-1 ..``.
 
     Reads ``(k+1) + (k+1)*D`` logits: the causal logits at ``x_{n-1}, d_0 .. d_{k-1}``
     (the AR targets ``t_0 .. t_k``) followed by the blocks ``B_0 .. B_k``.
+
+    With ``parents`` (a draft tree, :mod:`sdlm.tree`) draft ``i`` is a tree node whose parent is
+    draft ``parents[i]`` (-1: the last committed token); it sits one position after its parent and
+    sees only its ancestors among the drafts. ``B_0`` then starts at ``x_{n-1}`` and ``B_{i+1}`` at
+    draft ``i``; the logits are read in the same order.
     """
+    if parents is not None:
+        return _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents)
     clean = ar_step(list(uncached) + list(drafts), first_pos)
     n = first_pos + len(uncached)
     k = len(drafts)
@@ -163,3 +174,28 @@ def speculative_step(
         parts_ids.append(bids)
         parts_info.append(binfo)
     return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + (k + 1) * block_size)
+
+
+def _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents) -> StepLayout:
+    from .tree import tree_visibility
+
+    k = len(drafts)
+    if len(parents) != k:
+        raise ValueError(f"{k} drafts need {k} parents, got {len(parents)}")
+    u = len(uncached)
+    n = first_pos + u
+    depth: list[int] = []
+    for p in parents:
+        if not -1 <= p < len(depth):
+            raise ValueError("a draft's parent must come before it (breadth-first order)")
+        depth.append(1 if p < 0 else depth[p] + 1)
+    pos = torch.cat([torch.arange(first_pos, n), n - 1 + torch.tensor(depth, dtype=torch.long)])
+    ids = torch.tensor(list(uncached) + list(drafts), dtype=torch.long)
+    parts_ids, parts_info = [ids], [TokenInfo.clean(pos)]
+    anchors = [(int(ids[u - 1]), n - 1)] + [(int(d), n - 1 + depth[i]) for i, d in enumerate(drafts)]
+    for b, (tok, start) in enumerate(anchors):
+        bids, binfo = block(tok, start, block_size, mask_token_id, b)
+        parts_ids.append(bids)
+        parts_info.append(binfo)
+    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + (k + 1) * block_size,
+                      tree_visibility(parents, u, block_size))

@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -41,6 +42,9 @@ class SDLMConfig:
     """Causal instead of bidirectional attention inside a block."""
     retrofit: str = "untrained"
     """How the blocks were learned: ``untrained``, ``block-adapter``, ``lora`` or ``full``."""
+    draft_trees: dict | None = None
+    """Calibrated draft trees per decoding block size (``{"4": [[0], [1], [0, 0], ..]}``), used by
+    ``--tree auto`` (:mod:`sdlm.tree`; written by ``sdlm calibrate-tree``)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -64,6 +68,26 @@ def _crop(cache, n_remove: int) -> None:
     """
     if n_remove > 0:
         cache.crop(-n_remove)
+
+
+def _keep_tail(cache, start: int, idx) -> None:
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers < 4.56: parallel lists of tensors
+        pairs = [(cache.key_cache, cache.value_cache)]
+        for keys, values in pairs:
+            for i in range(len(keys)):
+                sel = torch.as_tensor(list(idx), dtype=torch.long, device=keys[i].device) + start
+                keys[i] = torch.cat([keys[i][..., :start, :], keys[i].index_select(-2, sel)], -2)
+                values[i] = torch.cat([values[i][..., :start, :], values[i].index_select(-2, sel)], -2)
+        return
+    for layer in layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        if hasattr(layer, "cumulative_length"):
+            raise SDLMError("draft trees need a full KV cache; this model has sliding-window layers: drop --tree")
+        sel = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + start
+        layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, sel)], -2)
+        layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, sel)], -2)
 
 
 class SDLM:
@@ -195,7 +219,10 @@ class SDLM:
         cached = TokenInfo.clean(torch.arange(cached_len))
         keys = TokenInfo.cat([cached, step.info])
         causal_within_block = self.config.causal_within_block if self.config else False
-        mask = additive(allowed(step.info, keys, causal_within_block), self.dtype)  # (1, 1, T, cached+T)
+        ok = allowed(step.info, keys, causal_within_block)
+        if step.visible is not None:  # a draft tree: nodes of other branches are hidden
+            ok[..., cached_len:] &= step.visible
+        mask = additive(ok, self.dtype)  # (1, 1, T, cached+T)
         logits = self.forward(
             step.input_ids[None], step.info.pos[None], mask, step.info.is_block[None], cache, step.n_logits
         )
@@ -230,6 +257,11 @@ class SDLM:
     @staticmethod
     def crop(cache, n_remove: int) -> None:
         _crop(cache, n_remove)
+
+    @staticmethod
+    def keep_tail(cache, start: int, idx: Sequence[int]) -> None:
+        """Keep the first ``start`` cache entries, then entries ``start + idx`` in that order; drop the rest."""
+        _keep_tail(cache, start, idx)
 
 
 def add_mask_token(model, tokenizer, token: str = MASK_TOKEN) -> int:

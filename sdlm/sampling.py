@@ -61,6 +61,11 @@ class Sampler:
         return sample(p, generator), p
 
 
+    def ranked(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """(N, V) logits -> (N, k) the ``k`` most likely tokens of each row, best first (greedy drafts)."""
+        return self._masked(logits).topk(k, -1).indices
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row of (N, V) probabilities (on the generator's device, the CPU)."""
     return torch.multinomial(probs.cpu(), 1, generator=generator).flatten().to(probs.device)

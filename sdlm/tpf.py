@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .errors import SDLMError
 from .masks import TokenInfo, additive, allowed
 from .model import SDLM
+
+if TYPE_CHECKING:
+    from .tree import DraftTree
 
 
 @dataclass
@@ -40,14 +43,9 @@ class TPF:
 
 
 @torch.no_grad()
-def block_drafts(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, chunk: int = 64) -> torch.Tensor:
-    """Greedy predictions of the blocks that start at ``first .. len(seq)-2``.
-
-    Returns (n_blocks, D) token ids: row ``i`` is the block at ``p = first + i``,
-    column ``j`` its slot ``j`` prediction for position ``p + j + 1`` (the mask
-    token is never predicted, as in the decoder). The clean sequence runs once
-    (it fills the cache); blocks run ``chunk`` at a time against it.
-    """
+def _block_logits(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, chunk: int = 64):
+    """Yield (k, D, V) float logits of the blocks that start at ``first .. len(seq)-2``, ``chunk``
+    blocks at a time (the mask token suppressed). The clean sequence runs once and fills the cache."""
     from transformers import DynamicCache
 
     if sdlm.config is None:
@@ -57,12 +55,11 @@ def block_drafts(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, ch
     n = ids.shape[0]
     starts = list(range(first, n - 1))
     if not starts:
-        return torch.empty((0, D), dtype=torch.long)
+        return
     clean = TokenInfo.clean(torch.arange(n))
     cache = DynamicCache()
     mask = additive(allowed(clean, clean), sdlm.dtype)
     sdlm.forward(ids[None], clean.pos[None], mask, clean.is_block[None], cache, 1)
-    out = []
     for c in range(0, len(starts), chunk):
         ps = torch.tensor(starts[c : c + chunk])
         k = ps.shape[0]
@@ -79,32 +76,67 @@ def block_drafts(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, ch
         SDLM.crop(cache, k * D)
         logits = logits.float()
         logits[:, mask_id] = float("-inf")
-        out.append(logits.argmax(-1).view(k, D).cpu())
-    return torch.cat(out)
+        yield logits.view(k, D, -1)
 
 
-def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_tokens: int | None = None) -> TPF:
+def block_drafts(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, chunk: int = 64) -> torch.Tensor:
+    """Greedy predictions of the blocks that start at ``first .. len(seq)-2``.
+
+    Returns (n_blocks, D) token ids: row ``i`` is the block at ``p = first + i``,
+    column ``j`` its slot ``j`` prediction for position ``p + j + 1`` (the mask
+    token is never predicted, as in the decoder). The clean sequence runs once
+    (it fills the cache); blocks run ``chunk`` at a time against it.
+    """
+    out = [lg.argmax(-1).cpu() for lg in _block_logits(sdlm, seq, first, block_size, chunk)]
+    return torch.cat(out) if out else torch.empty((0, block_size), dtype=torch.long)
+
+
+def block_topk(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, k: int, chunk: int = 64) -> torch.Tensor:
+    """Like :func:`block_drafts`, the ``k`` best predictions of every slot, best first: (n_blocks, D, k)."""
+    out = [lg.topk(k, -1).indices.cpu() for lg in _block_logits(sdlm, seq, first, block_size, chunk)]
+    return torch.cat(out) if out else torch.empty((0, block_size, k), dtype=torch.long)
+
+
+def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_tokens: int | None = None,
+           tree: "DraftTree | None" = None) -> TPF:
     """Replay SPEC §3.2's greedy accept rule over precomputed block drafts.
 
     ``seq`` is prompt + greedy output; ``drafts`` from :func:`block_drafts`
     with ``first = n_prompt - 1``. ``max_new_tokens`` is the decoder's limit
     (default: the output length), which bounds the drafts near the end.
+    With a draft ``tree`` (:mod:`sdlm.tree`), ``drafts`` are ranked predictions
+    (n_blocks, D, K) from :func:`block_topk` with K >= the tree's widest slot.
     """
+    from .tree import tree_accept
+
     seq = [int(t) for t in seq]
     N = len(seq) - n_prompt
     if N <= 0:
         return TPF(0, 0)
     limit = max_new_tokens if max_new_tokens is not None else N
     D = drafts.shape[1]
+    if tree is not None:
+        if drafts.dim() != 3 or drafts.shape[2] < max(tree.widths, default=1):
+            raise ValueError(f"a tree of widths {tree.widths} needs ranked drafts (n, D, K >= {max(tree.widths)})")
+        parents = tree.parents
     hist: Counter[int] = Counter({1: 1})  # the prefill forward commits one token
     gen, forwards = 1, 1
     m = n_prompt  # position of the newest committed (bonus) token
     while gen < N:
         k = min(D - 1, limit - gen - 1)
-        d = drafts[m - 1 - (n_prompt - 1), 1 : 1 + k].tolist()  # block at p = m-1, slots 1..k
-        a = 0
-        while a < k and m + 1 + a < len(seq) and d[a] == seq[m + 1 + a]:
-            a += 1
+        if tree is None:
+            d = drafts[m - 1 - (n_prompt - 1), 1 : 1 + k].tolist()  # block at p = m-1, slots 1..k
+            a = 0
+            while a < k and m + 1 + a < len(seq) and d[a] == seq[m + 1 + a]:
+                a += 1
+        else:
+            nodes = tree.nodes_within(k)
+            row = drafts[m - 1 - (n_prompt - 1)]  # (D, K): slot j's ranked predictions
+            toks = tree.node_tokens([row[j].tolist() for j in range(1, D)])[:nodes]
+            # node at depth j drafts position m + j; the greedy target after the root (position m) and
+            # after a node at depth j is the answer's token one further on (-1 past its end)
+            targets = [seq[m + 1 + d] if m + 1 + d < len(seq) else -1 for d in [0] + tree.depths[:nodes]]
+            a = len(tree_accept(parents[:nodes], toks, targets))
         new = min(a + 1, N - gen)
         gen, m, forwards = gen + new, m + new, forwards + 1
         hist[new] += 1
@@ -112,16 +144,21 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
 
 
 def tokens_per_forward(
-    sdlm: SDLM, prompt_ids: Sequence[int], output_ids: Sequence[int], block_size: int, max_new_tokens: int | None = None
+    sdlm: SDLM, prompt_ids: Sequence[int], output_ids: Sequence[int], block_size: int, max_new_tokens: int | None = None,
+    tree: "DraftTree | None" = None,
 ) -> TPF:
     """The greedy speculative decoder's forward count for ``prompt -> output``, from one forward.
 
     ``output_ids`` must be the model's greedy output for ``prompt_ids`` (with the
-    block-gated adapter: the base model's); then the count is exact.
+    block-gated adapter: the base model's); then the count is exact. With a draft
+    ``tree``, the count of the tree decoder (``GenerationConfig(tree=...)``).
     """
     seq = list(prompt_ids) + list(output_ids)
-    drafts = block_drafts(sdlm, seq, len(prompt_ids) - 1, block_size)
-    return replay(drafts, seq, len(prompt_ids), max_new_tokens)
+    if tree is None:
+        drafts = block_drafts(sdlm, seq, len(prompt_ids) - 1, block_size)
+    else:
+        drafts = block_topk(sdlm, seq, len(prompt_ids) - 1, block_size, max(max(tree.widths, default=1), 1))
+    return replay(drafts, seq, len(prompt_ids), max_new_tokens, tree)
 
 
 def summarize(results: list[TPF]) -> dict:
