@@ -1,4 +1,4 @@
-"""Command line: ``sdlm generate | retrofit | distill | train``.
+"""Command line: ``sdlm generate | retrofit | distill | train | calibrate-tree``.
 
 Results go to stdout, diagnostics to stderr. A user mistake prints one line
 ``sdlm: error: ...`` that names the problem and the fix, and exits with 2.
@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .errors import SDLMError
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1,
                    help="decode this many prompts together, one forward per step for all (output as with 1; "
                         "no streaming; default: %(default)s)")
+    g.add_argument("--tree", default=None, metavar="SPEC",
+                   help="mode speculative, greedy: verify a tree of draft candidates per step (lossless; more tokens "
+                        "per forward for a larger forward: pays on a GPU). auto (the model's calibrated tree), "
+                        "widths per depth like 3,2,1, or a JSON file of rank paths")
     g.add_argument("--prompts-file", default=None,
                    help="read more prompts from this file, one per line (or JSONL with a 'prompt' field)")
 
@@ -78,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     d.add_argument("--no-progress", action="store_true")
 
+    c = sub.add_parser("calibrate-tree", help="choose the draft tree (--tree) that accepts the most drafts on "
+                                              "self-distilled answers; print it, save it to a file or the model")
+    c.add_argument("data", help="JSONL of the model's own greedy answers (sdlm distill output; .gz works)")
+    _add_model_args(c)
+    c.add_argument("--block-size", type=int, nargs="+", default=[4], help="decoding block sizes D (default: 4)")
+    c.add_argument("--nodes", type=int, default=16, help="tree size in draft tokens (default: %(default)s)")
+    c.add_argument("--limit", type=int, default=64, help="samples to use (default: %(default)s)")
+    c.add_argument("--top-k", type=int, default=8, help="ranks considered per slot (default: %(default)s)")
+    c.add_argument("--out", default=None, help="write the trees as JSON here")
+    c.add_argument("--save", action="store_true", help="store the trees in the --model folder's settings (--tree auto)")
+    c.add_argument("--no-progress", action="store_true")
+
     t = sub.add_parser("train", help="train an SDLM from a YAML recipe (resumes from out_dir/checkpoint)")
     t.add_argument("recipe", help="YAML recipe (see recipes/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
@@ -92,7 +109,7 @@ def cmd_generate(args) -> int:
     cfg = GenerationConfig(
         mode=args.mode, block_size=args.block_size, threshold=args.threshold, confidence=args.confidence,
         first_token=args.first_token, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), tree=args.tree,
     )
     cfg.validate()  # before the model loads: bad flags fail fast
     prompts = list(args.prompts) + (_read_prompts_file(args.prompts_file) if args.prompts_file else [])
@@ -210,6 +227,41 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_calibrate_tree(args) -> int:
+    from .model import SDLM
+    from .train.data import read_records
+    from .tree import calibrate, calibration_samples, save_trees
+
+    if args.nodes < 1:
+        raise SDLMError(f"--nodes must be >= 1, got {args.nodes}")
+    if any(D < 2 for D in args.block_size):
+        raise SDLMError("a draft tree needs --block-size >= 2")
+    if args.save and not Path(args.model).is_dir():
+        raise SDLMError(f"--save writes into a model folder, and {args.model!r} is not one: use --out FILE")
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True)
+    if not sdlm.is_retrofitted:
+        raise SDLMError(f"{args.model} has no SDLM settings: a draft tree is calibrated on a retrofitted, trained model")
+    samples = calibration_samples(sdlm.tokenizer, read_records(args.data), args.limit)
+    if not samples:
+        raise SDLMError(f"{args.data} has no records with an assistant answer: give sdlm distill output")
+    trees, report = {}, {"model": args.model, "samples": len(samples), "trees": {}}
+    for D in args.block_size:
+        tree, counts = calibrate(sdlm, samples, D, args.nodes, args.top_k, progress=not args.no_progress)
+        positions = sum(len(a) - 1 for _, a in samples if len(a) >= 2)
+        chain = sum(counts[(0,) * j] for j in range(1, D))
+        gain = sum(counts[p] for p in tree.paths)
+        trees[D] = tree
+        report["trees"][str(D)] = {"paths": tree.to_json(), "nodes": len(tree), "widths": tree.widths,
+                                   "drafts_accepted_per_step_chain": round(chain / max(positions, 1), 3),
+                                   "drafts_accepted_per_step_tree": round(gain / max(positions, 1), 3)}
+    if args.out:
+        Path(args.out).write_text(json.dumps({str(D): t.to_json() for D, t in trees.items()}, indent=2) + "\n")
+    if args.save:
+        report["saved"] = str(save_trees(args.model, trees))
+    print(json.dumps(report))
+    return 0
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``--set KEY=VALUE`` pairs -> recipe overrides (values read as YAML: numbers, lists, ...)."""
     import yaml
@@ -241,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
     _quiet_warnings()
     try:
-        return {"generate": cmd_generate, "retrofit": cmd_retrofit, "distill": cmd_distill, "train": cmd_train}[args.command](args)
+        return {"generate": cmd_generate, "retrofit": cmd_retrofit, "distill": cmd_distill, "train": cmd_train,
+                "calibrate-tree": cmd_calibrate_tree}[args.command](args)
     except SDLMError as e:
         print(f"sdlm: error: {e}", file=sys.stderr)
         return 2

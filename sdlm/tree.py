@@ -313,3 +313,56 @@ def calibrate(sdlm, samples: Iterable[tuple[Sequence[int], Sequence[int]]], bloc
     if not counts:
         raise SDLMError("no usable samples to calibrate on: give prompts with greedy answers of 2+ tokens")
     return DraftTree.best(counts, nodes, block_size - 1), counts
+
+
+def calibration_samples(tokenizer, records: Iterable[dict], limit: int | None = None, max_answer_tokens: int = 256):
+    """(prompt ids, answer ids) from self-distilled chat records (``sdlm distill`` output).
+
+    The answer is the record's ``answer_ids`` when present (the exact greedy tokens), else its last
+    assistant message, tokenized. Records without an assistant answer are skipped.
+    """
+    from .distill import _encode
+    from .train.data import to_messages
+
+    out = []
+    for rec in records:
+        msgs = to_messages(rec)
+        if not msgs or msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            continue
+        prompt = _encode(tokenizer, msgs[:-1])
+        answer = rec.get("answer_ids") or tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+        out.append((prompt, list(answer)[:max_answer_tokens]))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def save_trees(folder: str | Path, trees: dict[int, DraftTree]) -> Path:
+    """Store calibrated trees in a model folder's SDLM settings (``--tree auto`` then finds them).
+
+    ``folder``: an adapter folder (``sdlm_adapter.json``) or a full SDLM checkpoint (``config.json``).
+    The file is replaced atomically; trees for other block sizes are kept.
+    """
+    import os
+    import tempfile
+
+    folder = Path(folder)
+    for name in ("sdlm_adapter.json", "config.json"):
+        f = folder / name
+        if f.is_file():
+            break
+    else:
+        raise SDLMError(f"{folder} is not a model folder (no sdlm_adapter.json or config.json): give --out FILE instead")
+    data = json.loads(f.read_text())
+    if not isinstance(data.get("sdlm"), dict):
+        raise SDLMError(f"{f} has no SDLM settings: retrofit the model first (sdlm retrofit / sdlm train)")
+    known = dict(data["sdlm"].get("draft_trees") or {})
+    known.update({str(D): t.to_json() for D, t in trees.items()})
+    data["sdlm"]["draft_trees"] = known
+    fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", dir=folder)
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out, indent=2)
+        out.write("\n")
+    os.chmod(tmp, f.stat().st_mode & 0o777)
+    os.replace(tmp, f)
+    return f

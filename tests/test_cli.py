@@ -69,6 +69,12 @@ def test_retrofit_then_confidence(capsys, tmp_path):
         (["generate", "--model", "random:llama"], "no prompt given"),
         (["generate", "hi", "--model", "random:llama", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["generate", "--prompts-file", "/no/such/file", "--model", "random:llama"], "not found"),
+        (["generate", "hi", "--model", "random:llama", "--mode", "ar", "--tree", "2,2"], "mode speculative"),
+        (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--temperature", "0.5"], "greedily"),
+        (["generate", "hi", "--model", "random:llama", "--tree", "auto"], "no calibrated draft tree"),
+        (["generate", "hi", "--model", "random:llama", "--tree", "wide"], "neither"),
+        (["calibrate-tree", "/no/such.jsonl", "--model", "random:llama", "--save"], "writes into a model folder"),
+        (["calibrate-tree", "/no/such.jsonl", "--model", "random:llama", "--block-size", "1"], "--block-size >= 2"),
     ],
 )
 def test_bad_input(capsys, argv, needle):
@@ -95,3 +101,31 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hi", "--mode", "fast"])
     assert e.value.code == 2
+
+
+def test_calibrate_tree_then_generate_with_it(capsys, tmp_path, trained):
+    from conftest import hf_greedy
+
+    folder = tmp_path / "m"
+    trained.save(folder)
+    tok = trained.tokenizer
+    texts = ["qwe qwe qwe", "abcd abcd ab", "zz zz zz zz", "abab abab abab abab"]
+    data = tmp_path / "distilled.jsonl"
+    with open(data, "w") as f:
+        for t in texts:
+            ids = tok(t)["input_ids"]
+            f.write(json.dumps({"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "?"}],
+                                "answer_ids": hf_greedy(trained, ids, 30)}) + "\n")
+    code, out, err = run(capsys, "calibrate-tree", str(data), "--model", str(folder), "--block-size", "4", "8",
+                         "--nodes", "5", "--save", "--out", str(tmp_path / "trees.json"), "--no-progress")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["samples"] == 4 and set(rep["trees"]) == {"4", "8"}
+    t4 = rep["trees"]["4"]
+    assert t4["nodes"] == 5 and t4["drafts_accepted_per_step_tree"] >= t4["drafts_accepted_per_step_chain"] > 0
+    saved = json.loads((folder / "config.json").read_text())["sdlm"]["draft_trees"]
+    assert saved == json.loads((tmp_path / "trees.json").read_text()) == {"4": t4["paths"], "8": rep["trees"]["8"]["paths"]}
+    args = ["--model", str(folder), "--max-new-tokens", "20", "--json", "--no-chat"]
+    _, tree_out, _ = run(capsys, "generate", "hello hello", "--tree", "auto", *args)
+    _, ar_out, _ = run(capsys, "generate", "hello hello", "--mode", "ar", *args)
+    assert json.loads(tree_out)["tokens"] == json.loads(ar_out)["tokens"]
