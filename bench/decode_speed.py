@@ -28,7 +28,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--modes", nargs="+", default=["ar", "speculative:4", "speculative:8", "confidence:4:0.9"],
-                    help="ar, speculative:D, confidence:D:tau")
+                    help="ar, speculative:D, speculative:D:TREE (a draft tree: auto, or widths like 3,2,1), "
+                         "confidence:D:tau")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     ap.add_argument("--batch-size", type=int, default=1, help="decode this many prompts together")
@@ -55,7 +56,8 @@ def main() -> int:
         mode = parts[0]
         cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
                                block_size=int(parts[1]) if len(parts) > 1 else None,
-                               threshold=float(parts[2]) if len(parts) > 2 else 0.9)
+                               threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
+                               tree=parts[2] if len(parts) > 2 and mode == "speculative" else None)
         dec = Decoder(sdlm, cfg)
         t0 = time.perf_counter()
         if args.batch_size > 1:

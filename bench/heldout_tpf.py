@@ -66,6 +66,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default="runs/bench", help="folder for the cached greedy answers")
+    ap.add_argument("--tree", default=None,
+                    help="measure the draft-tree decoder (sdlm.tree): auto (the model's calibrated trees), widths "
+                         "like 3,2,1, or a JSON file of rank paths; default: the chain")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -74,6 +77,7 @@ def main() -> int:
     from sdlm.distill import _encode
     from sdlm.model import SDLM
     from sdlm.tpf import summarize, tokens_per_forward
+    from sdlm.tree import parse_tree
 
     base = SDLM.load(args.base, quiet=True)
     answers = {name: greedy_answers(base, name, rows, Path(args.work), args.max_new_tokens, args.batch_size)
@@ -83,6 +87,10 @@ def main() -> int:
     sdlm = SDLM.load(args.model, quiet=True)
     tok = sdlm.tokenizer
     results = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens, "sets": {}}
+    trees = {D: parse_tree(args.tree, sdlm.config.draft_trees, D) for D in args.block_sizes}
+    if args.tree:
+        results["trees"] = {D: {"paths": t.to_json(), "nodes": len(t), "tokens_per_step": 1 + len(t) + (len(t) + 1) * D}
+                            for D, t in trees.items() if t is not None}
     t0 = time.perf_counter()
     for name, rows in answers.items():
         results["sets"][name] = {}
@@ -91,7 +99,7 @@ def main() -> int:
             for r in rows:
                 prompt = _encode(tok, r["messages"][:-1])
                 out = r["answer_ids"]
-                res.append(tokens_per_forward(sdlm, prompt, out, D, max_new_tokens=args.max_new_tokens))
+                res.append(tokens_per_forward(sdlm, prompt, out, D, max_new_tokens=args.max_new_tokens, tree=trees[D]))
             s = summarize(res)
             results["sets"][name][D] = {"tokens_per_forward": round(s["tokens_per_forward"], 3),
                                         "prompts": s["prompts"], "new_tokens": s["new_tokens"]}

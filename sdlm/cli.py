@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 from pathlib import Path
 
@@ -85,11 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate-tree", help="choose the draft tree (--tree) that accepts the most drafts on "
                                               "self-distilled answers; print it, save it to a file or the model")
-    c.add_argument("data", help="JSONL of the model's own greedy answers (sdlm distill output; .gz works)")
+    c.add_argument("data", nargs="+", help="JSONL files of the model's own greedy answers (sdlm distill output; "
+                                           ".gz works)")
     _add_model_args(c)
     c.add_argument("--block-size", type=int, nargs="+", default=[4], help="decoding block sizes D (default: 4)")
-    c.add_argument("--nodes", type=int, default=16, help="tree size in draft tokens (default: %(default)s)")
-    c.add_argument("--limit", type=int, default=64, help="samples to use (default: %(default)s)")
+    c.add_argument("--nodes", type=int, nargs="+", default=[10],
+                   help="tree size in draft tokens, one value or one per block size (default: %(default)s)")
+    c.add_argument("--limit", type=int, default=64, help="samples drawn from each file (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
     c.add_argument("--top-k", type=int, default=8, help="ranks considered per slot (default: %(default)s)")
     c.add_argument("--out", default=None, help="write the trees as JSON here")
     c.add_argument("--save", action="store_true", help="store the trees in the --model folder's settings (--tree auto)")
@@ -232,8 +236,9 @@ def cmd_calibrate_tree(args) -> int:
     from .train.data import read_records
     from .tree import calibrate, calibration_samples, save_trees
 
-    if args.nodes < 1:
-        raise SDLMError(f"--nodes must be >= 1, got {args.nodes}")
+    if any(n < 1 for n in args.nodes) or len(args.nodes) not in (1, len(args.block_size)):
+        raise SDLMError(f"--nodes takes one size >= 1 or one per block size, got {args.nodes}")
+    nodes = dict(zip(args.block_size, args.nodes * len(args.block_size) if len(args.nodes) == 1 else args.nodes))
     if any(D < 2 for D in args.block_size):
         raise SDLMError("a draft tree needs --block-size >= 2")
     if args.save and not Path(args.model).is_dir():
@@ -241,12 +246,19 @@ def cmd_calibrate_tree(args) -> int:
     sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True)
     if not sdlm.is_retrofitted:
         raise SDLMError(f"{args.model} has no SDLM settings: a draft tree is calibrated on a retrofitted, trained model")
-    samples = calibration_samples(sdlm.tokenizer, read_records(args.data), args.limit)
-    if not samples:
-        raise SDLMError(f"{args.data} has no records with an assistant answer: give sdlm distill output")
+    if args.limit < 1:
+        raise SDLMError(f"--limit must be >= 1, got {args.limit}")
+    samples = []
+    for path in args.data:
+        records = read_records(path)
+        random.Random(args.seed).shuffle(records)  # files are often ordered by source: draw across them
+        got = calibration_samples(sdlm.tokenizer, records, args.limit)
+        if not got:
+            raise SDLMError(f"{path} has no records with an assistant answer: give sdlm distill output")
+        samples += got
     trees, report = {}, {"model": args.model, "samples": len(samples), "trees": {}}
     for D in args.block_size:
-        tree, counts = calibrate(sdlm, samples, D, args.nodes, args.top_k, progress=not args.no_progress)
+        tree, counts = calibrate(sdlm, samples, D, nodes[D], args.top_k, progress=not args.no_progress)
         positions = sum(len(a) - 1 for _, a in samples if len(a) >= 2)
         chain = sum(counts[(0,) * j] for j in range(1, D))
         gain = sum(counts[p] for p in tree.paths)

@@ -117,12 +117,13 @@ def test_calibrate_tree_then_generate_with_it(capsys, tmp_path, trained):
             f.write(json.dumps({"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "?"}],
                                 "answer_ids": hf_greedy(trained, ids, 30)}) + "\n")
     code, out, err = run(capsys, "calibrate-tree", str(data), "--model", str(folder), "--block-size", "4", "8",
-                         "--nodes", "5", "--save", "--out", str(tmp_path / "trees.json"), "--no-progress")
+                         "--nodes", "5", "7", "--save", "--out", str(tmp_path / "trees.json"), "--no-progress")
     assert code == 0, err
     rep = json.loads(out)
     assert rep["samples"] == 4 and set(rep["trees"]) == {"4", "8"}
     t4 = rep["trees"]["4"]
-    assert t4["nodes"] == 5 and t4["drafts_accepted_per_step_tree"] >= t4["drafts_accepted_per_step_chain"] > 0
+    assert t4["nodes"] == 5 and rep["trees"]["8"]["nodes"] == 7
+    assert t4["drafts_accepted_per_step_tree"] >= t4["drafts_accepted_per_step_chain"] > 0
     saved = json.loads((folder / "config.json").read_text())["sdlm"]["draft_trees"]
     assert saved == json.loads((tmp_path / "trees.json").read_text()) == {"4": t4["paths"], "8": rep["trees"]["8"]["paths"]}
     args = ["--model", str(folder), "--max-new-tokens", "20", "--json", "--no-chat"]
