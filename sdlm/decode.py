@@ -7,6 +7,8 @@ One forward pass per step. Modes (SPEC §3):
   predictions whose confidence is above the threshold (lossy, fastest).
 - ``speculative``: the block's predictions are drafts that the next forward
   verifies with the model's own causal logits; output == AR output (lossless).
+  With a draft tree (``tree``, :mod:`sdlm.tree`) a step verifies several
+  candidate continuations at once.
 
 :class:`Decoder` keeps an exact KV cache of committed tokens only: every step
 appends its new tokens' KV and crops what must not stay (block KV is computed

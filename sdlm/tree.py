@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -128,7 +129,7 @@ class DraftTree:
     def is_chain(self) -> bool:
         return self.paths == DraftTree.chain(self.depth).paths
 
-    @property
+    @cached_property
     def widths(self) -> list[int]:
         """How many ranked predictions each slot 1..depth must offer."""
         w = [0] * self.depth
@@ -136,13 +137,13 @@ class DraftTree:
             w[len(p) - 1] = max(w[len(p) - 1], p[-1] + 1)
         return w
 
-    @property
+    @cached_property
     def parents(self) -> list[int]:
         """Index of each node's parent, -1 for the root (the last committed token)."""
         index = {p: i for i, p in enumerate(self.paths)}
         return [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
 
-    @property
+    @cached_property
     def depths(self) -> list[int]:
         return [len(p) for p in self.paths]
 
