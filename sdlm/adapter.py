@@ -212,7 +212,8 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
         raise SDLMError(f"cannot read adapter {path}: {type(e).__name__}: {e}; re-save it or train it again") from None
     sdlm = SDLM.load(base or config.base_model, dtype=dtype, device=device, quiet=True)
     s = SDLMConfig.from_dict(config.sdlm)
-    sdlm.retrofit(block_size=s.block_size, ar_loss_weight=s.ar_loss_weight, causal_within_block=s.causal_within_block)
+    sdlm.retrofit(block_size=s.block_size, ar_loss_weight=s.ar_loss_weight, causal_within_block=s.causal_within_block,
+                  draft_trees=s.draft_trees)
     if sdlm.config.mask_token_id != s.mask_token_id:
         raise SDLMError(
             f"adapter {path} expects mask token id {s.mask_token_id}, the base gives {sdlm.config.mask_token_id}: "

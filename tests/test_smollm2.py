@@ -97,3 +97,22 @@ def test_shipped_confidence_causal_first_token(shipped, reference):
                 assert got.tokens[0] == expected[0]
             tok, fw = tok + got.new_tokens, fw + got.forwards
         assert tok / fw == 1.0 if tau == 1.0 else tok / fw > 1.2
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_shipped_draft_tree_keeps_the_base_output(shipped, reference, block_size):
+    """--tree auto (the shipped calibrated trees): the bare base's generate, in fewer forwards than the chain;
+    the one-forward count of SPEC §3.4 matches the decoder's."""
+    from sdlm.tpf import tokens_per_forward
+
+    tree = Decoder(shipped, GenerationConfig(block_size=block_size, max_new_tokens=MAX_NEW, tree="auto"))
+    chain = Decoder(shipped, GenerationConfig(block_size=block_size, max_new_tokens=MAX_NEW))
+    assert tree.tree is not None and len(tree.tree) >= block_size - 1
+    fw_tree = fw_chain = 0
+    for p, (ids, expected) in reference.items():
+        got = tree.generate(ids)
+        assert got.tokens == expected, (p, shipped.tokenizer.decode(got.tokens))
+        t = tokens_per_forward(shipped, ids, expected, block_size, max_new_tokens=MAX_NEW, tree=tree.tree)
+        assert t.forwards == got.forwards
+        fw_tree, fw_chain = fw_tree + got.forwards, fw_chain + chain.generate(ids).forwards
+    assert fw_tree < fw_chain

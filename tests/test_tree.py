@@ -235,3 +235,19 @@ def test_auto_tree_from_calibration(trained, tmp_path):
 def test_tree_setting_errors(trained, kw, msg):
     with pytest.raises(SDLMError, match=msg):
         Decoder(trained, GenerationConfig(**kw))
+
+
+def test_save_trees_keeps_other_sizes_and_refuses_non_model_folders(tmp_path):
+    from sdlm.tree import save_trees
+
+    with pytest.raises(SDLMError, match="not a model folder"):
+        save_trees(tmp_path, {4: DraftTree.chain(3)})
+    (tmp_path / "sdlm_adapter.json").write_text(json.dumps({"kind": "block-adapter", "sdlm": {"block_size": 4}}))
+    save_trees(tmp_path, {8: DraftTree.chain(2)})
+    save_trees(tmp_path, {4: DraftTree.product([2])})
+    data = json.loads((tmp_path / "sdlm_adapter.json").read_text())
+    assert data["kind"] == "block-adapter"
+    assert data["sdlm"]["draft_trees"] == {"8": [[0], [0, 0]], "4": [[0], [1]]}
+    (tmp_path / "sdlm_adapter.json").write_text(json.dumps({"kind": "block-adapter"}))
+    with pytest.raises(SDLMError, match="no SDLM settings"):
+        save_trees(tmp_path, {4: DraftTree.chain(3)})
