@@ -10,7 +10,8 @@ decoder's forward count without decoding.
 
 Cost: one forward of ``len(prompt) + len(y) * (D + 1)`` tokens per prompt, for
 any draft length ``D``. The test suite checks the count against the real
-decoder at D = 2, 4, 8.
+decoder at D = 2, 4, 8, with the chain of drafts and with draft trees
+(:mod:`sdlm.tree`: the blocks' ranked predictions replace the argmax).
 """
 
 from __future__ import annotations
