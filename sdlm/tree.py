@@ -74,7 +74,10 @@ class DraftTree:
     @classmethod
     def from_paths(cls, paths: Iterable[Sequence[int]]) -> "DraftTree":
         """Any closed set of rank paths (every prefix of a node is a node), in any order."""
-        ps = [tuple(int(r) for r in p) for p in paths]
+        try:
+            ps = [tuple(int(r) for r in p) for p in paths]
+        except (TypeError, ValueError):
+            raise SDLMError("a draft tree is a list of rank paths, each a list of integers: [[0], [1], [0, 0]]") from None
         uniq = sorted(set(ps), key=lambda p: (len(p), p))
         if len(uniq) != len(ps):
             raise SDLMError("a draft tree node appears twice")
@@ -153,9 +156,6 @@ class DraftTree:
 
     def to_json(self) -> list[list[int]]:
         return [list(p) for p in self.paths]
-
-    def describe(self) -> str:
-        return f"{len(self)} nodes, depth {self.depth}, widths {self.widths}"
 
     # ------------------------------------------------------------ use
 

@@ -46,6 +46,8 @@ def test_product_and_chain_trees():
     ([[0], [1, 0]], "parent"),
     ([[0], [-1]], "ranks"),
     ([[]], "ranks"),
+    ([["a"]], "integers"),
+    ([3], "integers"),
 ])
 def test_bad_trees_are_refused(paths, msg):
     with pytest.raises(SDLMError, match=msg):
