@@ -133,8 +133,10 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         bstart = torch.full((B, T), -1, dtype=torch.long)
         seq = torch.full((B, T), -1, dtype=torch.long)
         read: list[torch.Tensor] = []  # per row: the columns of its n_logits logits
+        columns: list[torch.Tensor] = []  # per row: where its step tokens sit
         for b, (st, c) in enumerate(zip(steps, n_causal)):
             cols = _columns(st, c, C)
+            columns.append(cols)
             ids[b, cols] = st.input_ids
             pos[b, cols] = st.info.pos
             blk[b, cols] = st.info.block
@@ -153,7 +155,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         S = ok.shape[-1] - T
         for b, st in enumerate(steps):
             if st.visible is not None:  # a draft tree: each row hides the nodes of other branches
-                cols = _columns(st, n_causal[b], C).to(dev)
+                cols = columns[b].to(dev)
                 ok[b, cols[:, None], S + cols[None, :]] &= st.visible.to(dev)
         mask = additive(ok, sdlm.dtype)  # (B, 1, T, S+T)
         need = torch.unique(torch.cat(read))  # sorted: the LM head runs on these columns only

@@ -257,9 +257,9 @@ def cmd_calibrate_tree(args) -> int:
             raise SDLMError(f"{path} has no records with an assistant answer: give sdlm distill output")
         samples += got
     trees, report = {}, {"model": args.model, "samples": len(samples), "trees": {}}
+    positions = sum(len(a) - 1 for _, a in samples if len(a) >= 2)  # answer positions that get drafts
     for D in args.block_size:
         tree, counts = calibrate(sdlm, samples, D, nodes[D], args.top_k, progress=not args.no_progress)
-        positions = sum(len(a) - 1 for _, a in samples if len(a) >= 2)
         chain = sum(counts[(0,) * j] for j in range(1, D))
         gain = sum(counts[p] for p in tree.paths)
         trees[D] = tree

@@ -221,8 +221,7 @@ class Decoder:
             out = self._accept(logits, uncached, first, drafts, draft_q, generator)
             new, proposed, keep, drafts, draft_q = out.tokens, out.proposed, out.keep, out.drafts, out.draft_q
             if cache is not None:
-                if out.kept_drafts is not None and out.kept_drafts != list(range(len(out.kept_drafts))):
-                    # a tree whose accepted nodes are not its first ones: keep exactly their KV
+                if out.kept_drafts is not None:  # a tree accepted nodes other than its first ones: keep their KV
                     SDLM.keep_tail(cache, first + len(uncached), out.kept_drafts)
                 else:
                     SDLM.crop(cache, first + len(step.input_ids) - keep)  # rejected drafts, block KV (over masks)
@@ -327,7 +326,8 @@ class Decoder:
         widths = tree.widths
         ranked = self.sampler.ranked(blocks[last + 1, 1 : 1 + len(widths)], max(widths)).tolist()
         next_drafts = tree.node_tokens(ranked)
-        return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, path)
+        kept = None if path == list(range(len(path))) else path  # the first nodes: a plain crop keeps them
+        return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, kept)
 
     def _trim_drafts(self, drafts: list[int], remaining: int) -> list[int]:
         """The drafts a step may verify: the bonus token needs one slot of the length budget, so at most
@@ -385,7 +385,8 @@ class _Accepted:
     drafts: list[int] = field(default_factory=list)
     draft_q: torch.Tensor | None = None
     kept_drafts: list[int] | None = None
-    """Draft trees: which drafts (tree nodes, by index) were accepted, in order; None: the first ones."""
+    """Draft trees: which drafts (tree nodes, by index) were accepted, in order, when they are not
+    the first ``keep - n`` drafts; None: the first ones (the cache is cropped as for a chain)."""
 
 
 def reference_decode(sdlm: SDLM, prompt_ids: Sequence[int], config: GenerationConfig) -> Generation:

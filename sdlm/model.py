@@ -71,21 +71,15 @@ def _crop(cache, n_remove: int) -> None:
 
 
 def _keep_tail(cache, start: int, idx) -> None:
-    layers = getattr(cache, "layers", None)
-    if layers is None:  # transformers < 4.56: parallel lists of tensors
-        pairs = [(cache.key_cache, cache.value_cache)]
-        for keys, values in pairs:
-            for i in range(len(keys)):
-                sel = torch.as_tensor(list(idx), dtype=torch.long, device=keys[i].device) + start
-                keys[i] = torch.cat([keys[i][..., :start, :], keys[i].index_select(-2, sel)], -2)
-                values[i] = torch.cat([values[i][..., :start, :], values[i].index_select(-2, sel)], -2)
-        return
-    for layer in layers:
+    """Keep cache entries ``0 .. start-1`` and then ``start + idx`` (transformers 5 layered caches)."""
+    sel = None
+    for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
         if hasattr(layer, "cumulative_length"):
             raise SDLMError("draft trees need a full KV cache; this model has sliding-window layers: drop --tree")
-        sel = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + start
+        if sel is None:
+            sel = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + start
         layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, sel)], -2)
         layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, sel)], -2)
 
