@@ -13,6 +13,11 @@ it gives the most trained block tokens/s the step could reach with everything el
 
 ``--no-profiler`` times the same steps without the profiler (whose own overhead slows a GPU step that
 waits on the host), for speed figures to compare.
+
+``--sweep-samples 64 128 256`` (with ``--no-profiler``) times the steps at each of these samples per
+step in turn, in one process: a line each.
+
+    python bench/train_profile.py recipes/smollm2-block-adapter-gpu-stage5.yaml --no-profiler --set compile=true --sweep-samples 64 128 256
 """
 
 from __future__ import annotations
@@ -42,29 +47,36 @@ def main() -> None:
     ap.add_argument("--out", help="also write the report here")
     ap.add_argument("--no-profiler", action="store_true", help="time the steps only (no profiler overhead, no operator table)")
     ap.add_argument("--flops", action="store_true", help="also count the step's matrix-product FLOPs and the floor they set")
+    ap.add_argument("--sweep-samples", type=int, nargs="+", metavar="N",
+                    help="with --no-profiler: time the steps at each of these samples per step, a line each")
     args = ap.parse_args()
+    if args.sweep_samples and not args.no_profiler:
+        ap.error("--sweep-samples needs --no-profiler")
+    if args.sweep_samples and min(args.sweep_samples) < 1:
+        ap.error("--sweep-samples: samples per step must be >= 1")
 
     cfg = TrainConfig.from_yaml(args.recipe, parse_overrides(args.set))
     tr = Trainer(cfg)
     cuda = tr.sdlm.device.type == "cuda"
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         tr.train_step()
+    if args.warmup and tr.cfg.compile:
+        print(f"{args.warmup} warm-up steps (compiling included) took {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.sweep_samples:
+        for n in args.sweep_samples:
+            tr.cfg.samples_per_step = n
+            for _ in range(args.warmup):
+                tr.train_step()
+            recs = [tr.train_step() for _ in range(args.steps)]
+            print(header(args, tr, cuda) + "\n" + speed_line(recs, profiled=False), flush=True)
+        return
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     recs = []
     with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
             recs.append(tr.train_step())
-    med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
-    lines = [
-        f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), "
-        f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, "
-        f"{tr.cfg.samples_per_step} samples per step, {args.steps} {'timed' if args.no_profiler else 'profiled'} "
-        f"steps after {args.warmup}",
-        f"median step {med('step_seconds'):.3f} s, of which laying out + packing on the host "
-        f"{med('prep_seconds'):.3f} s; {med('block_tokens_per_s'):.0f} trained block tokens/s, "
-        f"{med('sample_tokens_per_s'):.0f} sample tokens/s"
-        + ("" if args.no_profiler else " (profiler overhead included)"),
-    ]
+    lines = [header(args, tr, cuda), speed_line(recs, profiled=not args.no_profiler)]
     if not args.no_profiler:
         lines += ["", prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows)]
     if args.flops:
@@ -73,6 +85,24 @@ def main() -> None:
     print(report)
     if args.out:
         Path(args.out).write_text(report + "\n")
+
+
+def header(args, tr: Trainer, cuda: bool) -> str:
+    return (
+        f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), "
+        f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, compiled {tr.cfg.compile}, "
+        f"{tr.cfg.samples_per_step} samples per step, {args.steps} {'timed' if args.no_profiler else 'profiled'} "
+        f"steps after {args.warmup}"
+    )
+
+
+def speed_line(recs: list[dict], profiled: bool) -> str:
+    med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
+    return (
+        f"median step {med('step_seconds'):.3f} s, of which laying out + packing on the host "
+        f"{med('prep_seconds'):.3f} s; {med('block_tokens_per_s'):.0f} trained block tokens/s, "
+        f"{med('sample_tokens_per_s'):.0f} sample tokens/s" + (" (profiler overhead included)" if profiled else "")
+    )
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, k: int = 576, m: int = 1536) -> float:

@@ -369,10 +369,38 @@ def test_trainer_split_samples_matches_packed(tmp_path):
     assert Trainer(tiny(tmp_path / "d", retrofit="block-adapter")).split_samples  # CPU default: on
     from sdlm.errors import SDLMError
 
-    for key in ("split_samples", "bf16_weights", "train_mask_embedding"):
+    for key in ("split_samples", "bf16_weights", "train_mask_embedding", "compile"):
         with pytest.raises(SDLMError, match=f"{key}.*true or false"):
             tiny(tmp_path / "f", **{key: "maybe"})
     assert not Trainer(tiny(tmp_path / "e", retrofit="full", split_samples=True)).split_samples  # dense path only
+
+
+def test_compiled_regions_give_the_same_steps(tmp_path):
+    """``compile: true`` compiles the repeated parts of every decoder layer (never the attention, whose
+    cache update reads the layer index) and trains the same steps as eager, packed and split."""
+    import torch._dynamo
+
+    from sdlm.train.trainer import decoder_layers
+
+    runs = {}
+    for split in (False, True):
+        for comp in (False, True):
+            torch._dynamo.reset()
+            tr = Trainer(tiny(tmp_path / f"{split}{comp}", retrofit="block-adapter", steps=3, save_every=0,
+                              eval_every=0, split_samples=split, compile=comp))
+            layers = decoder_layers(tr.sdlm.model)
+            assert len(layers) == tr.sdlm.model.config.num_hidden_layers
+            compiled = [m for m in layers.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+            attn = [m for m in layers.modules() if hasattr(m, "layer_idx")]
+            assert (len(compiled) > 0) is comp and not any(a in compiled for a in attn)
+            recs = [tr.train_step() for _ in range(3)]
+            runs[split, comp] = ([r["loss"] for r in recs], {k: v.clone() for k, v in tr.adapter.state_dict().items()})
+    for split in (False, True):
+        (la, wa), (lb, wb) = runs[split, False], runs[split, True]
+        assert la == pytest.approx(lb, abs=1e-4)
+        for k in wa:
+            assert torch.allclose(wa[k], wb[k], atol=1e-4), k
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
