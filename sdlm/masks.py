@@ -76,18 +76,45 @@ def allowed(q: TokenInfo, k: TokenInfo, causal_within_block: bool = False) -> to
 
     Shapes: ``q`` fields (..., Tq), ``k`` fields (..., Tk) -> (..., Tq, Tk).
     """
-    q_pos, q_block, q_start = q.pos[..., :, None], q.block[..., :, None], q.start[..., :, None]
-    k_pos, k_block = k.pos[..., None, :], k.block[..., None, :]
-    q_clean, k_clean = q_block < 0, k_block < 0
+    seq = q.seq is not None and k.seq is not None
+    return _rule(
+        q.pos[..., :, None], q.block[..., :, None], q.start[..., :, None],
+        k.pos[..., None, :], k.block[..., None, :], causal_within_block,
+        q.seq[..., :, None] if seq else None, k.seq[..., None, :] if seq else None,
+    )
 
+
+def block_mask(q: TokenInfo, k: TokenInfo, causal_within_block: bool = False, block_size: int = 128):
+    """The same rule as a flex-attention ``BlockMask`` over batched fields ``q`` (B, Tq), ``k`` (B, Tk).
+
+    Flex attention skips the tiles of ``block_size`` x ``block_size`` that the rule hides entirely
+    (most of the block part in training) and never builds the dense (Tq x Tk) mask.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seq = q.seq is not None and k.seq is not None
+
+    def mask_mod(b, h, qi, ki):
+        return _rule(
+            q.pos[b, qi], q.block[b, qi], q.start[b, qi], k.pos[b, ki], k.block[b, ki], causal_within_block,
+            q.seq[b, qi] if seq else None, k.seq[b, ki] if seq else None,
+        )
+
+    B, Tq = q.pos.shape
+    return create_block_mask(mask_mod, B, None, Tq, k.pos.shape[-1], device=q.pos.device, BLOCK_SIZE=block_size)
+
+
+def _rule(q_pos, q_block, q_start, k_pos, k_block, causal_within_block, q_seq=None, k_seq=None):
+    """The rule on broadcastable descriptors (the one definition :func:`allowed` and :func:`block_mask` share)."""
+    q_clean, k_clean = q_block < 0, k_block < 0
     clean_to_clean = q_clean & k_clean & (k_pos <= q_pos)
     block_to_clean = ~q_clean & k_clean & (k_pos < q_start)
     same_block = ~q_clean & (k_block == q_block)
     if causal_within_block:
         same_block = same_block & (k_pos <= q_pos)
     ok = clean_to_clean | block_to_clean | same_block
-    if q.seq is not None and k.seq is not None:
-        ok = ok & (q.seq[..., :, None] == k.seq[..., None, :])
+    if q_seq is not None:
+        ok = ok & (q_seq == k_seq)
     return ok
 
 

@@ -258,6 +258,49 @@ class SDLM:
         _keep_tail(cache, start, idx)
 
 
+FLEX_ATTENTION = "sdlm_flex"
+_compiled_flex = None
+
+
+def use_flex_attention(model) -> None:
+    """Let ``model`` take flex-attention block masks (:func:`sdlm.masks.block_mask`) as attention masks.
+
+    Registers one attention function with ``transformers``: a ``BlockMask`` runs through flex
+    attention (compiled on CUDA; eager elsewhere, where PyTorch runs it forward only), any other
+    mask (a 4D tensor, or None for plain causal) through sdpa as before, so decoding keeps
+    working on the same model.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if not isinstance(attention_mask, BlockMask):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if dropout:
+            raise SDLMError("flex attention runs without attention dropout: set the model's attention_dropout to 0")
+        out = _flex(query.device)(query, key, value, block_mask=attention_mask, scale=scaling,
+                                  enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(FLEX_ATTENTION, attention)
+    AttentionMaskInterface.register(FLEX_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(FLEX_ATTENTION)
+
+
+def _flex(device: torch.device):
+    """``flex_attention``, compiled once on CUDA (its fused kernels only exist compiled)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
 def add_mask_token(model, tokenizer, token: str = MASK_TOKEN) -> int:
     """Add ``token`` as a special token; give it the mean input (and output) embedding row.
 

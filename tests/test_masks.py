@@ -132,3 +132,30 @@ def test_additive_mask(dtype):
     assert out[0, 0, 0, 0] == 0 and out[0, 0, 1, 1] == 0
     assert out[0, 0, 0, 1] == torch.finfo(dtype).min
     assert additive(m[None].repeat(3, 1, 1), dtype).shape == (3, 1, 2, 2)
+
+
+@pytest.mark.parametrize("causal_within_block", [False, True])
+@pytest.mark.parametrize("with_seq", [False, True])
+def test_flex_block_mask_is_the_same_rule(causal_within_block, with_seq):
+    """The flex-attention BlockMask evaluates the same rule as :func:`allowed`, over lengths that are
+    not multiples of its tiles, with queries against a longer key list; hidden tiles are dropped."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from sdlm.masks import block_mask
+
+    g = torch.Generator().manual_seed(3)
+    B, Tq, Tk = 2, 150, 290
+    rand = lambda lo, hi, T: torch.randint(lo, hi, (B, T), generator=g)  # noqa: E731
+    k = TokenInfo(rand(0, 90, Tk), rand(-1, 4, Tk), rand(0, 90, Tk), rand(-1, 2, Tk) if with_seq else None)
+    q = TokenInfo(k.pos[:, -Tq:], k.block[:, -Tq:], k.start[:, -Tq:], None if k.seq is None else k.seq[:, -Tq:])
+    bm = block_mask(q, k, causal_within_block, block_size=64)
+    assert bm.shape == (B, 1, Tq, Tk)
+    dense = create_mask(bm.mask_mod, B, 1, Tq, Tk, device="cpu")[:, 0]
+    assert torch.equal(dense, allowed(q, k, causal_within_block))
+    # a layout where whole tiles are hidden: clean tokens never see the block part after them
+    lay = training_layout(torch.arange(100), torch.ones(100, dtype=torch.bool), list(range(0, 96, 4)), 4, MASK)
+    info = TokenInfo(*(t[None] for t in (lay.info.pos, lay.info.block, lay.info.start)))
+    sparse = block_mask(info, info, block_size=64)
+    assert sparse.sparsity() > 0
+    assert torch.equal(create_mask(sparse.mask_mod, 1, 1, len(lay.info), len(lay.info), device="cpu")[:, 0],
+                       allowed(info, info))

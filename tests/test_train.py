@@ -404,6 +404,41 @@ def test_compiled_regions_give_the_same_steps(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_flex_attention_gives_the_same_losses(arch, monkeypatch, tmp_path):
+    """With flex attention registered, both loss paths run their masks as flex block masks and give the
+    sdpa losses and metrics; decoding (dense and no masks) still runs through sdpa, unchanged. The
+    trainer refuses flex off CUDA, where PyTorch has no flex backward."""
+    import sdlm.model as model_mod
+    from sdlm.errors import SDLMError
+    from sdlm.model import use_flex_attention
+
+    s, ad = adapted(arch)
+    b = batch(s)
+    dec = Decoder(s, GenerationConfig(mode="speculative", max_new_tokens=12, block_size=4))
+    prompt = [5, 17, 33, 8]
+    with torch.no_grad():
+        ref = [fn(s, b, 4) for fn in (dense_loss, two_pass_loss)]
+        out_ref = dec.generate(prompt)
+        use_flex_attention(s.model)
+        calls = []
+        real = model_mod._flex
+        monkeypatch.setattr(model_mod, "_flex", lambda dev: calls.append(dev) or real(dev))
+        flex = [fn(s, b, 4) for fn in (dense_loss, two_pass_loss)]
+        n_layers = s.model.config.num_hidden_layers
+        assert len(calls) == 3 * n_layers  # dense: one forward; two-pass: clean and block forwards
+        for r, f in zip(ref, flex):
+            assert torch.allclose(r.loss, f.loss, atol=1e-5)
+            assert torch.equal(r.slot_correct, f.slot_correct) and torch.equal(r.slot_count, f.slot_count)
+        calls.clear()
+        out = dec.generate(prompt)
+        assert out.tokens == out_ref.tokens and not calls
+    with pytest.raises(SDLMError, match="flex trains on CUDA only"):
+        Trainer(tiny(tmp_path / "a", retrofit="block-adapter", attention="flex"))
+    with pytest.raises(SDLMError, match="unknown attention"):
+        tiny(tmp_path / "b", attention="dense")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_bf16_weight_copies_change_nothing(arch):
     """Frozen linears with bf16 copies give bit-identical losses and gradients under bf16 autocast,
     and float32 results outside it; trained or tied weights get no copy."""

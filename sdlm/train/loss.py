@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import IGNORE, TrainingLayout
-from ..masks import TokenInfo, additive, allowed
-from ..model import SDLM
+from ..masks import TokenInfo, additive, allowed, block_mask
+from ..model import FLEX_ATTENTION, SDLM
 
 
 @dataclass
@@ -202,7 +202,7 @@ def dense_loss(
     has_block = batch.block_labels != IGNORE  # (B, T)
     has_ar = (batch.ar_labels != IGNORE) & bool(ar_loss_weight > 0)
     keep = torch.nonzero((has_block | has_ar).any(0)).flatten()  # LM head only where some row has a target
-    mask = additive(allowed(batch.info, batch.info, cfg.causal_within_block), sdlm.dtype)  # (B, 1, T, T)
+    mask = _mask(sdlm, batch.info, batch.info, cfg.causal_within_block)  # (B, 1, T, T)
     logits = _forward_keep(sdlm, batch.input_ids, batch.info, mask, None, keep)  # (B, N, V)
     kb, ka = has_block[:, keep], has_ar[:, keep]
     slots = batch.slot[:, keep][kb]
@@ -248,7 +248,7 @@ def two_pass_loss(
 
     cache = DynamicCache()
     with torch.no_grad():  # the clean pass: base model only (gate 0), it fills the cache
-        mask = None if _plain_causal(clean.info) else additive(allowed(clean.info, clean.info), sdlm.dtype)
+        mask = None if _plain_causal(clean.info) else _mask(sdlm, clean.info, clean.info)
         if distill > 0:
             tcol = blocks.teacher_col[:, keep][kb]  # (N,) clean column of each target's teacher
             rows = torch.nonzero(kb)[:, 0]
@@ -260,7 +260,7 @@ def two_pass_loss(
         else:
             _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, torch.tensor([L - 1]))
     keys = TokenInfo.cat([clean.info, blocks.info])
-    mask = additive(allowed(blocks.info, keys, cfg.causal_within_block), sdlm.dtype)  # (B, 1, K, L+K)
+    mask = _mask(sdlm, blocks.info, keys, cfg.causal_within_block)  # (B, 1, K, L+K)
     # Gate 1 on the whole block part, padding included: padding sees only padding, no real token sees
     # it and no loss reads it, so its value is free, and an all-ones gate skips the gate multiply.
     logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep, gate=True)  # (B, N, V)
@@ -274,6 +274,14 @@ def two_pass_loss(
         soft = _slot_mean(F.cross_entropy(logits.float(), teacher, reduction="none"), slots, slot_weights, norm)
         loss = (1 - distill) * loss + distill * soft
     return LossOutput(loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
+
+
+def _mask(sdlm: SDLM, q: TokenInfo, k: TokenInfo, causal_within_block: bool = False):
+    """The attention mask of queries ``q`` over keys ``k``: a flex-attention block mask when the model
+    runs flex attention (:func:`sdlm.model.use_flex_attention`), else the dense additive (B, 1, Tq, Tk) one."""
+    if getattr(sdlm.model.config, "_attn_implementation", None) == FLEX_ATTENTION:
+        return block_mask(q, k, causal_within_block)
+    return additive(allowed(q, k, causal_within_block), sdlm.dtype)
 
 
 def _plain_causal(info: TokenInfo) -> bool:

@@ -24,7 +24,7 @@ from ..adapter import AdapterConfig, attach
 from ..errors import SDLMError
 from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
-from ..model import SDLM
+from ..model import SDLM, use_flex_attention
 from .data import Example, build_examples, read_records
 from .loss import LossOutput, dense_loss, loss_norm, pack, two_pass_loss
 
@@ -115,6 +115,10 @@ class TrainConfig:
     train). The same numbers and fewer cast kernels; float32 weights stay for everything outside
     autocast. Off by default: on one H200 the step waits on the host, and the copies bought no speed
     there (README, "Trainer speed"). For retrofits that keep the base frozen."""
+    attention: str = "sdpa"
+    """``sdpa``: dense (T x T) masks from the block rule. ``flex``: flex attention from the same rule
+    (:func:`sdlm.masks.block_mask`), which skips the tiles the rule hides (most of the block part)
+    and builds no dense mask. CUDA only: PyTorch has no CPU backward for flex attention."""
     compile: bool = False
     """``torch.compile`` the parts of every decoder layer that repeat (the MLP, the norms, the
     attention's projections with their LoRA): fused kernels and fewer host calls per step. The
@@ -129,6 +133,8 @@ class TrainConfig:
             raise SDLMError(f"unknown retrofit {self.retrofit!r}: use one of {', '.join(RETROFITS)}")
         if self.block_size < 1:
             raise SDLMError(f"block_size must be >= 1, got {self.block_size}")
+        if self.attention not in ("sdpa", "flex"):
+            raise SDLMError(f"unknown attention {self.attention!r}: use sdpa or flex")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise SDLMError(f"unknown schedule {self.schedule!r}: use constant, linear or cosine")
         if self.schedule_over not in ("steps", "time"):
@@ -249,6 +255,11 @@ class Trainer:
         self.bf16_weights = bool(self.bf16 and cfg.bf16_weights and cfg.retrofit != "full")
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
+        if cfg.attention == "flex":
+            if self.sdlm.device.type != "cuda":
+                raise SDLMError("attention: flex trains on CUDA only (PyTorch has no CPU backward for flex "
+                                "attention): use attention: sdpa on this device")
+            use_flex_attention(self.sdlm.model)
         if cfg.compile:
             compile_regions(self.sdlm.model)
 
