@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode this many prompts together, one forward per step for all (output as with 1; "
                         "no streaming; default: %(default)s)")
     g.add_argument("--tree", default=None, metavar="SPEC",
-                   help="mode speculative, greedy: verify a tree of draft candidates per step (lossless; more tokens "
+                   help="mode speculative, greedy or sampled: verify a tree of draft candidates per step (lossless; more tokens "
                         "per forward for a larger forward: pays on a GPU). auto (the model's calibrated tree), "
                         "widths per depth like 3,2,1, or a JSON file of rank paths")
     g.add_argument("--prompts-file", default=None,

@@ -68,10 +68,12 @@ class GenerationConfig:
     use_cache: bool = True
     """False recomputes every step from scratch (the reference decoder)."""
     tree: str | None = None
-    """Mode ``speculative``, greedy: verify a tree of draft candidates per step instead of one chain
+    """Mode ``speculative``: verify a tree of draft candidates per step instead of one chain
     (:mod:`sdlm.tree`). ``auto``: the model's calibrated tree for this D; widths per depth such as
-    ``3,2,1``; or a JSON file of rank paths. None / ``none``: the chain (SPEC §3.2). Still lossless;
-    more tokens per forward for a larger forward."""
+    ``3,2,1``; or a JSON file of rank paths. None / ``none``: the chain (SPEC §3.2). Still lossless,
+    greedy or sampled (a sampled token is drawn from the model's own distribution at each node the
+    walk reaches: with the same seed, the same tokens as ``ar``); more tokens per forward for a
+    larger forward."""
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -92,8 +94,6 @@ class GenerationConfig:
         if self.tree not in (None, "", "none", "chain"):
             if self.mode != "speculative":
                 raise SDLMError(f"a draft tree is for mode speculative, not {self.mode}: drop --tree or use --mode speculative")
-            if self.temperature > 0:
-                raise SDLMError("draft trees decode greedily: use --temperature 0, or drop --tree to sample")
         if self.temperature < 0:
             raise SDLMError(f"temperature must be >= 0, got {self.temperature} (0 = greedy)")
         if self.top_k < 0:
@@ -295,7 +295,7 @@ class Decoder:
         causal = logits[: k + 1]  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
         blocks = logits[k + 1 :].view(k + 1, D, -1)  # (k+1, D, V): candidate blocks B_0 .. B_k
         if self.tree is not None:
-            return self._accept_tree(causal, blocks, drafts, n)
+            return self._accept_tree(causal, blocks, drafts, n, generator)
         if self.sampler.greedy:
             targets, _ = self.sampler.choose(causal)  # (k+1,)
             a = greedy_accept(drafts, targets.tolist())
@@ -312,17 +312,32 @@ class Decoder:
             next_drafts, next_q = toks.tolist(), probs
         return _Accepted(list(drafts[:a]) + [bonus], k, n + a, next_drafts, next_q)
 
-    def _accept_tree(self, causal, blocks, drafts, n) -> "_Accepted":
-        """Greedy acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the
-        model's own next token; the bonus is the causal prediction at the deepest accepted node, and
-        the next drafts come from that node's block (block 0 is the root's)."""
+    def _accept_tree(self, causal, blocks, drafts, n, generator=None) -> "_Accepted":
+        """Acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the model's own
+        next token; the bonus is that token at the deepest accepted node, and the next drafts (the
+        best-ranked block tokens) come from that node's block (block 0 is the root's).
+
+        Greedy, the model's token is its argmax. Sampling, it is drawn from the model's (warped)
+        distribution at each node when the walk reaches it, one draw per committed token, exactly as
+        ``ar`` draws it: the output is distributed as AR sampling (and with the same seed it is the
+        same), whatever the drafts; they only decide how many tokens one forward commits."""
         from .tree import tree_accept
 
         tree, k = self.tree, len(drafts)
-        targets, _ = self.sampler.choose(causal)
-        path = tree_accept(tree.parents[:k], drafts, targets.tolist())
+        if self.sampler.greedy:
+            target = self.sampler.choose(causal)[0].tolist()
+        else:
+            drawn: dict[int, int] = {}
+
+            def draw(i: int) -> int:
+                if i not in drawn:
+                    drawn[i] = int(self.sampler.choose(causal[i : i + 1], generator)[0][0])
+                return drawn[i]
+
+            target = draw
+        path = tree_accept(tree.parents[:k], drafts, target)
         last = path[-1] if path else -1
-        bonus = int(targets[last + 1])
+        bonus = int(target(last + 1) if callable(target) else target[last + 1])
         widths = tree.widths
         ranked = self.sampler.ranked(blocks[last + 1, 1 : 1 + len(widths)], max(widths)).tolist()
         next_drafts = tree.node_tokens(ranked)

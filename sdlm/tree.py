@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -234,23 +234,29 @@ def tree_visibility(parents: Sequence[int], n_uncached: int, block_size: int) ->
     return vis
 
 
-def tree_accept(parents: Sequence[int], tokens: Sequence[int], targets: Sequence[int]) -> list[int]:
-    """Greedy acceptance over a tree: the nodes on the path AR decoding would write.
+def tree_accept(
+    parents: Sequence[int], tokens: Sequence[int], targets: Sequence[int] | Callable[[int], int]
+) -> list[int]:
+    """Acceptance over a tree: the nodes on the path AR decoding would write.
 
-    ``targets[0]`` is the model's greedy token after the last committed one and
+    ``targets[0]`` is the model's own token after the last committed one and
     ``targets[i + 1]`` the one after node ``i`` (valid when node ``i`` is on the
-    path). From the root, step to the child that holds the current target while
-    there is one. Returns the accepted nodes in order (possibly none).
+    path): its greedy choice, or a sample. From the root, step to the child that
+    holds the current target while there is one. Returns the accepted nodes in
+    order (possibly none). ``targets`` may be a function of the index, called
+    only for the nodes the walk reaches, in order: sampling draws each token when
+    it is needed, as AR sampling would.
     """
-    if len(targets) != len(tokens) + 1 or len(parents) != len(tokens):
+    if len(parents) != len(tokens) or (not callable(targets) and len(targets) != len(tokens) + 1):
         raise ValueError("need one parent and one token per node, and one target more than nodes")
+    target = targets if callable(targets) else targets.__getitem__
     children: dict[int, list[int]] = {}
     for i, p in enumerate(parents):
         children.setdefault(p, []).append(i)
     path: list[int] = []
     cur = -1
     while True:
-        want = int(targets[cur + 1])
+        want = int(target(cur + 1))
         nxt = next((c for c in children.get(cur, ()) if int(tokens[c]) == want), None)
         if nxt is None:
             return path

@@ -70,7 +70,7 @@ def test_retrofit_then_confidence(capsys, tmp_path):
         (["generate", "hi", "--model", "random:llama", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["generate", "--prompts-file", "/no/such/file", "--model", "random:llama"], "not found"),
         (["generate", "hi", "--model", "random:llama", "--mode", "ar", "--tree", "2,2"], "mode speculative"),
-        (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--temperature", "0.5"], "greedily"),
+        (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--mode", "ar"], "mode speculative"),
         (["generate", "hi", "--model", "random:llama", "--tree", "auto"], "no calibrated draft tree"),
         (["generate", "hi", "--model", "random:llama", "--tree", "wide"], "neither"),
         (["calibrate-tree", "/no/such.jsonl", "--model", "random:llama", "--save"], "writes into a model folder"),

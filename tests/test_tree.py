@@ -100,6 +100,14 @@ def test_rank_path_counts():
     assert c[(0,)] == 0 and sum(c.values()) == 2  # row 1 offers 4 and 9 for position 4: no hit
 
 
+def test_tree_accept_draws_lazily():
+    parents, tokens = [-1, -1, 0, 1], [5, 6, 7, 8]
+    asked = []
+    want = {0: 6, 2: 8, 4: 3}
+    assert tree_accept(parents, tokens, lambda i: asked.append(i) or want[i]) == [1, 3]
+    assert asked == [0, 2, 4]  # only the nodes the walk reached, in order
+
+
 def test_tree_accept():
     # root children 0 (token 5) and 1 (token 6); node 2 (token 7) under node 1; node 3 (token 8) under node 0
     parents, tokens = [-1, -1, 1, 0], [5, 6, 7, 8]
@@ -230,9 +238,30 @@ def test_auto_tree_from_calibration(trained, tmp_path):
         trained.config.draft_trees = None
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.8, seed=3), dict(temperature=1.2, top_k=5, top_p=0.9, seed=11)])
+def test_sampled_tree_draws_what_ar_draws(trained, sampling):
+    """Sampling over a tree draws the model's own token at each node the walk reaches, one draw per
+    committed token as ``ar`` does: with the same seed, the same tokens as ``ar`` sampling (cached,
+    uncached and batched), in fewer forwards, and a test that cannot pass by luck: other seeds differ."""
+    prompts = _ids(trained)
+    base = dict(max_new_tokens=30, **sampling)
+    ar = [Decoder(trained, GenerationConfig(mode="ar", **base)).generate(p) for p in prompts]
+    cfg = GenerationConfig(block_size=4, tree="3,2,1", **base)
+    tree = [Decoder(trained, cfg).generate(p) for p in prompts]
+    assert [g.tokens for g in tree] == [g.tokens for g in ar]
+    assert sum(g.forwards for g in tree) < 0.75 * sum(g.forwards for g in ar)
+    for p, g in zip(prompts[:3], tree):
+        ref = reference_decode(trained, p, cfg)
+        assert (ref.tokens, ref.forwards) == (g.tokens, g.forwards)
+    batched = generate_batch(Decoder(trained, cfg), prompts, batch_size=3)
+    assert [(b.tokens, b.forwards) for b in batched] == [(g.tokens, g.forwards) for g in tree]
+    other = [Decoder(trained, GenerationConfig(mode="ar", **{**base, "seed": base["seed"] + 1})).generate(p) for p in prompts]
+    assert [g.tokens for g in other] != [g.tokens for g in ar]
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(mode="confidence", tree="2,2"), "mode speculative"),
-    (dict(mode="speculative", tree="2,2", temperature=0.7), "greedily"),
+    (dict(mode="ar", tree="2,2", temperature=0.7), "mode speculative"),
 ])
 def test_tree_setting_errors(trained, kw, msg):
     with pytest.raises(SDLMError, match=msg):
