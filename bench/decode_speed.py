@@ -7,6 +7,10 @@ and whether the output equals `ar`'s (it must, for `speculative`).
 
 With ``--batch-size B`` > 1 every mode decodes the prompts B at a time (sdlm.batched) and the speed
 is the throughput: all new tokens over the wall time of all batches.
+
+With ``--temperature`` > 0 every mode samples with the same seed per prompt. A tree
+(``speculative:D:auto``) then draws what ``ar`` draws (the same output); the chain samples by the
+rejection rule and draws differently (its output is distributed as ``ar``'s, but not the same text).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     ap.add_argument("--batch-size", type=int, default=1, help="decode this many prompts together")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (every mode, seeded alike)")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of every prompt and mode")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -57,7 +65,8 @@ def main() -> int:
         cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
                                block_size=int(parts[1]) if len(parts) > 1 else None,
                                threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
-                               tree=parts[2] if len(parts) > 2 and mode == "speculative" else None)
+                               tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         dec = Decoder(sdlm, cfg)
         t0 = time.perf_counter()
         if args.batch_size > 1:
@@ -83,6 +92,8 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else cpu
     out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+           "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+           if args.temperature > 0 else "greedy",
            "batch_size": args.batch_size,
            "speed": "throughput (all tokens / wall time)" if args.batch_size > 1 else "median over prompts",
            "machine": f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}",
