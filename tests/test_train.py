@@ -438,6 +438,32 @@ def test_flex_attention_gives_the_same_losses(arch, monkeypatch, tmp_path):
         tiny(tmp_path / "b", attention="dense")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_flex_attention_gradients_on_cuda(arch):
+    """On a GPU, flex attention gives the sdpa losses and gradients, both loss paths."""
+    from sdlm.model import use_flex_attention
+
+    s, ad = adapted(arch)
+    s.model.to("cuda")
+    b = batch(s)
+
+    def run(fn):
+        for p in ad.lora_parameters().values():
+            p.grad = None
+        o = fn(s, b, 4)
+        o.loss.backward()
+        return o.loss.detach(), [p.grad.clone() for p in ad.lora_parameters().values()]
+
+    ref = [run(fn) for fn in (dense_loss, two_pass_loss)]
+    use_flex_attention(s.model)
+    flex = [run(fn) for fn in (dense_loss, two_pass_loss)]
+    for (la, ga), (lb, gb) in zip(ref, flex):
+        assert torch.allclose(la, lb, atol=1e-4)
+        for x, y in zip(ga, gb):
+            assert torch.allclose(x, y, atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_bf16_weight_copies_change_nothing(arch):
     """Frozen linears with bf16 copies give bit-identical losses and gradients under bf16 autocast,
