@@ -1,7 +1,9 @@
 """Decoding speed of each mode against plain AR, in the same run, on the same prompts.
 
 Reports per mode: median tokens/s, pooled tokens per forward, the ratio to `ar`,
-and whether the output equals `ar`'s (it must, for `speculative`).
+and whether the output equals `ar`'s (it must, for `speculative`). Mode ``hf`` is the outside
+baseline: ``transformers`` ``generate`` on the bare base model (the adapter switched off), greedy,
+one prompt at a time.
 
     python bench/decode_speed.py --model smollm2-135m-instruct-sdlm --max-new-tokens 128
 
@@ -46,9 +48,6 @@ def main() -> int:
 
     import torch
 
-    import time
-
-    from sdlm.batched import generate_batch
     from sdlm.decode import Decoder, GenerationConfig, encode_prompt
     from sdlm.model import SDLM
 
@@ -58,34 +57,37 @@ def main() -> int:
     for mode in ("ar", "speculative"):  # warm-up
         Decoder(sdlm, GenerationConfig(mode=mode, max_new_tokens=8)).generate(prompts[0])
 
-    results, ar_tokens = {}, None
+    if "hf" in args.modes:
+        hf_generate(sdlm, prompts[0], 8)  # warm-up
+
+    results, outputs = {}, {}
     for spec in args.modes:
         parts = spec.split(":")
         mode = parts[0]
-        cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
-                               block_size=int(parts[1]) if len(parts) > 1 else None,
-                               threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
-                               tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        dec = Decoder(sdlm, cfg)
-        t0 = time.perf_counter()
-        if args.batch_size > 1:
-            gens = generate_batch(dec, prompts, args.batch_size)
+        if mode == "hf":
+            if args.temperature > 0 or args.batch_size > 1:
+                raise SystemExit("mode hf is the greedy one-prompt baseline: drop it, or --temperature / --batch-size")
+            gens = [hf_generate(sdlm, p, args.max_new_tokens) for p in prompts]
+            wall = sum(g.seconds for g in gens)
         else:
-            gens = [dec.generate(p) for p in prompts]
-        wall = time.perf_counter() - t0
-        toks = [g.tokens for g in gens]
-        if mode == "ar":
-            ar_tokens = toks
-        same = None if ar_tokens is None else sum(a == b for a, b in zip(toks, ar_tokens))
+            cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
+                                   block_size=int(parts[1]) if len(parts) > 1 else None,
+                                   threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
+                                   tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+            gens, wall = run_mode(sdlm, cfg, prompts, args.batch_size)
+        outputs[spec] = [g.tokens for g in gens]
         speed = (sum(g.new_tokens for g in gens) / wall if args.batch_size > 1
                  else statistics.median(g.tokens_per_second for g in gens))
         results[spec] = {
             "median_tokens_per_second": round(speed, 2),
             "tokens_per_forward": round(sum(g.new_tokens for g in gens) / sum(g.forwards for g in gens), 3),
             "new_tokens": sum(g.new_tokens for g in gens),
-            "same_output_as_ar": f"{same}/{len(gens)}" if same is not None else None,
         }
+    ar_tokens = outputs.get("ar")
+    for spec, r in results.items():
+        same = None if ar_tokens is None else sum(a == b for a, b in zip(outputs[spec], ar_tokens))
+        r["same_output_as_ar"] = f"{same}/{len(prompts)}" if same is not None else None
     base = results.get("ar", {}).get("median_tokens_per_second")
     for r in results.values():
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
@@ -104,6 +106,45 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def run_mode(sdlm, cfg, prompts, batch_size):
+    import time
+
+    from sdlm.batched import generate_batch
+    from sdlm.decode import Decoder
+
+    dec = Decoder(sdlm, cfg)
+    t0 = time.perf_counter()
+    if batch_size > 1:
+        gens = generate_batch(dec, prompts, batch_size)
+    else:
+        gens = [dec.generate(p) for p in prompts]
+    return gens, time.perf_counter() - t0
+
+
+def hf_generate(sdlm, prompt, max_new_tokens):
+    """``transformers`` ``generate`` (greedy, with its own KV cache) on the bare base: the adapter off."""
+    import time
+
+    import torch
+
+    from sdlm.decode import Generation
+
+    adapter = getattr(sdlm, "adapter", None)
+    if adapter is not None:
+        adapter.set_active(False)
+    x = torch.tensor([prompt], device=sdlm.device)
+    if sdlm.device.type == "cuda":
+        torch.cuda.synchronize(sdlm.device)
+    t0 = time.perf_counter()
+    out = sdlm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=sdlm.tokenizer.eos_token_id)
+    if sdlm.device.type == "cuda":
+        torch.cuda.synchronize(sdlm.device)
+    dt = time.perf_counter() - t0
+    tokens = out[0, len(prompt):].tolist()
+    return Generation(len(prompt), tokens, "", len(tokens), dt, "", {})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""bench/decode_speed.py: every mode against `ar` in one run, with `transformers` `generate` as the outside baseline."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "decode_speed.py"), "--model", "random:llama", "--n", "2",
+           "--max-new-tokens", "10", "--out", str(out), *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return res, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_decode_speed_compares_modes_and_the_hf_baseline(tmp_path):
+    res, data = _run(tmp_path, "--modes", "hf", "ar", "speculative:4", "speculative:4:2,1")
+    assert res.returncode == 0, res.stderr
+    r = data["results"]
+    assert list(r) == ["hf", "ar", "speculative:4", "speculative:4:2,1"] and data["sampling"] == "greedy"
+    # transformers generate on the bare base and every lossless mode write what `ar` writes
+    assert all(v["same_output_as_ar"] == "2/2" for v in r.values())
+    assert r["ar"]["speed_vs_ar"] == 1.0 and r["hf"]["tokens_per_forward"] == 1.0
+    assert all(v["median_tokens_per_second"] > 0 for v in r.values())
+
+
+def test_decode_speed_sampled(tmp_path):
+    res, data = _run(tmp_path, "--modes", "ar", "speculative:4:2,1", "--temperature", "0.9", "--seed", "5")
+    assert res.returncode == 0, res.stderr
+    assert data["sampling"]["seed"] == 5
+    assert data["results"]["speculative:4:2,1"]["same_output_as_ar"] == "2/2"  # a sampled tree draws what ar draws
+    res, _ = _run(tmp_path, "--modes", "hf", "--temperature", "0.9")
+    assert res.returncode != 0 and "greedy one-prompt baseline" in res.stderr
+
+
+@pytest.mark.parametrize("modes", [["bogus"]])
+def test_decode_speed_bad_mode(tmp_path, modes):
+    res, _ = _run(tmp_path, "--modes", *modes)
+    assert res.returncode != 0 and "unknown mode" in res.stderr
