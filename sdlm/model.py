@@ -222,31 +222,49 @@ class SDLM:
         )
         return logits[0, -step.n_logits :].float()
 
-    def forward(self, input_ids, position_ids, mask4d, gate, cache=None, logits_to_keep: int | torch.Tensor = 0):
+    def forward(self, input_ids, position_ids, mask4d, gate, cache=None, logits_to_keep: int | torch.Tensor = 0,
+                hidden: bool = False):
         """The one call into the HF model. ``gate`` (B, T) marks block tokens for gated adapters;
         ``True``: every token is a block token (the adapter runs without a gate multiply).
 
-        ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it)."""
+        ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it).
+        ``hidden``: return the decoder's last hidden states (B, T, H) instead of logits (the caller
+        applies :meth:`lm_head` itself, e.g. in chunks)."""
         dev = self.device
         kwargs = {}
-        if self._takes_logits_to_keep:
+        model, cache_kwarg = self.model, self._cache_kwarg
+        if hidden:
+            model = self.model.get_decoder()
+            params = inspect.signature(model.forward).parameters
+            cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        elif self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         self.gate = True if gate is True else gate.to(dev)
         adapter = getattr(self, "adapter", None)
         if adapter is not None and adapter.config.kind == "block-adapter":
             adapter.set_active(self.gate is True or bool(self.gate.any()))  # no block token: skip the LoRA work
         try:
-            out = self.model(
+            out = model(
                 input_ids=input_ids.to(dev),
                 position_ids=position_ids.to(dev),
                 attention_mask=None if mask4d is None else mask4d.to(dev),
                 use_cache=cache is not None,
-                **{self._cache_kwarg: cache},
+                **{cache_kwarg: cache},
                 **kwargs,
             )
         finally:
             self.gate = None
-        return out.logits
+        return out.last_hidden_state if hidden else out.logits
+
+    def lm_head(self) -> torch.nn.Module:
+        """The output layer that turns :meth:`forward`'s hidden states into logits, for models whose
+        logits are exactly that layer's output (no final soft-capping or logit scale)."""
+        cfg = self.model.config
+        for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+            if getattr(cfg, key, None) not in (None, 1, 1.0):
+                raise SDLMError(f"{type(self.model).__name__} post-processes its logits ({key}): "
+                                "compute the loss without loss_chunk")
+        return self.model.get_output_embeddings()
 
     @staticmethod
     def crop(cache, n_remove: int) -> None:

@@ -438,6 +438,48 @@ def test_flex_attention_gives_the_same_losses(arch, monkeypatch, tmp_path):
         tiny(tmp_path / "b", attention="dense")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_loss_gives_the_same_loss_and_grads(arch, chunk):
+    """The LM head and loss in chunks of targets (logits recomputed in the backward pass): the same
+    loss, per-slot metrics and gradients as all logits at once, with and without slot weights."""
+    s, ad = adapted(arch)
+    b = batch(s)
+    for w in (None, [1.0, 0.8, 0.6, 0.4]):
+        res = []
+        for c in (None, chunk):
+            for p in ad.lora_parameters().values():
+                p.grad = None
+            o = two_pass_loss(s, b, 4, slot_weights=w, chunk=c)
+            o.loss.backward()
+            res.append((o, [p.grad.clone() for p in ad.lora_parameters().values()]))
+        (a, ga), (c_, gc) = res
+        assert torch.allclose(a.loss, c_.loss, atol=1e-6) and torch.allclose(a.block_loss, c_.block_loss, atol=1e-6)
+        assert torch.equal(a.slot_correct, c_.slot_correct) and torch.equal(a.slot_count, c_.slot_count)
+        assert torch.allclose(a.slot_loss_sum, c_.slot_loss_sum, atol=1e-4)
+        for x, y in zip(ga, gc):
+            assert torch.allclose(x, y, atol=1e-5)
+    from sdlm.errors import SDLMError
+
+    with pytest.raises(SDLMError, match="hard-label"):
+        two_pass_loss(s, b, 4, distill=0.5, chunk=chunk)
+
+
+def test_trainer_loss_chunk(tmp_path):
+    from sdlm.errors import SDLMError
+
+    runs = []
+    for c in (None, 5):
+        tr = Trainer(tiny(tmp_path / str(c), retrofit="block-adapter", steps=2, save_every=0, eval_every=0,
+                          split_samples=False, loss_chunk=c))
+        runs.append([tr.train_step()["loss"] for _ in range(2)])
+    assert runs[0] == pytest.approx(runs[1], abs=1e-5)
+    for bad, msg in (({"loss_chunk": 0}, ">= 1"), ({"loss_chunk": 8, "retrofit": "full"}, "block-adapter"),
+                     ({"loss_chunk": 8, "retrofit": "block-adapter", "distill": 0.5}, "distill: 0")):
+        with pytest.raises(SDLMError, match=msg):
+            tiny(tmp_path / "bad", **bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_flex_attention_gradients_on_cuda(arch):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import SDLMError
 from ..layout import IGNORE, TrainingLayout
 from ..masks import TokenInfo, additive, allowed, block_mask
 from ..model import FLEX_ATTENTION, SDLM
@@ -157,15 +158,42 @@ class LossOutput:
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int):
     """Per-target block CE (N,) and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
-    labels, slots = labels.to(logits.device), slots.to(logits.device)
+    labels = labels.to(logits.device)
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
     correct = (logits.argmax(-1) == labels).float()
-    per_slot = torch.zeros(3, block_size, device=logits.device)
+    return (ce, *_slot_metrics(ce, correct, slots, block_size))
+
+
+def _chunked_ce(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int):
+    """Per-target CE (N,) and top-1 hits (N,) from hidden states (N, H), ``chunk`` rows at a time.
+
+    Each chunk's logits live only inside its own checkpointed call and are computed again in the
+    backward pass, so at most ``chunk`` x V logits exist at once instead of N x V."""
+    from torch.utils.checkpoint import checkpoint
+
+    labels = labels.to(hidden.device)
+
+    def part(h, y):
+        logits = head(h)
+        return F.cross_entropy(logits.float(), y, reduction="none"), (logits.argmax(-1) == y).float()
+
+    ces, hits = [], []
+    for i in range(0, hidden.shape[0], chunk):
+        ce, hit = checkpoint(part, hidden[i : i + chunk], labels[i : i + chunk], use_reentrant=False)
+        ces.append(ce)
+        hits.append(hit)
+    return torch.cat(ces), torch.cat(hits)
+
+
+def _slot_metrics(ce: torch.Tensor, correct: torch.Tensor, slots: torch.Tensor, block_size: int):
+    """Summed CE, top-1 hits and target counts per slot, on the host: three (D,) tensors."""
+    slots = slots.to(ce.device)
+    per_slot = torch.zeros(3, block_size, device=ce.device)
     per_slot[0].index_add_(0, slots, ce.detach().float())
     per_slot[1].index_add_(0, slots, correct)
     per_slot[2].index_add_(0, slots, torch.ones_like(correct))
     slot_loss, slot_correct, slot_count = per_slot.cpu()  # one transfer
-    return ce, slot_loss, slot_correct, slot_count
+    return slot_loss, slot_correct, slot_count
 
 
 def _slot_mean(
@@ -222,6 +250,7 @@ def two_pass_loss(
     distill: float = 0.0,
     slot_weights: list[float] | None = None,
     norm: float | None = None,
+    chunk: int | None = None,
 ) -> LossOutput:
     """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
 
@@ -230,7 +259,9 @@ def two_pass_loss(
     anyway), ``(1 - distill) * CE(hard) + distill * CE(soft)``. ``slot_weights``
     as in :func:`dense_loss`. ``norm`` (see :func:`loss_norm`): divide the summed
     target losses by it instead of averaging, so the losses of a batch run in parts
-    add up to the batch's loss.
+    add up to the batch's loss. ``chunk``: apply the LM head and the loss to this many
+    targets at a time (:func:`_chunked_ce`): the same loss and gradients with at most
+    ``chunk`` rows of logits in memory (hard labels only: not with ``distill``).
 
     A batch of one unpadded sample (one row) runs its clean pass without a mask
     (plain causal attention, which attention kernels run at half the cost of a
@@ -263,11 +294,19 @@ def two_pass_loss(
     mask = _mask(sdlm, blocks.info, keys, cfg.causal_within_block)  # (B, 1, K, L+K)
     # Gate 1 on the whole block part, padding included: padding sees only padding, no real token sees
     # it and no loss reads it, so its value is free, and an all-ones gate skips the gate multiply.
-    logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep, gate=True)  # (B, N, V)
-    # every kept column a target (one row): a view, not a gather (whose backward fills a zero (B, N, V))
-    logits = logits.flatten(0, 1) if bool(kb.all()) else logits[kb]
-    slots = blocks.slot[:, keep][kb]
-    ce, sl, sc, sn = _metrics(logits, blocks.block_labels[:, keep][kb], slots, block_size)
+    slots, labels = blocks.slot[:, keep][kb], blocks.block_labels[:, keep][kb]
+    if chunk:
+        if distill > 0:
+            raise SDLMError("loss_chunk computes hard-label losses only: set distill: 0 or drop loss_chunk")
+        head = sdlm.lm_head()
+        h = sdlm.forward(blocks.input_ids, blocks.info.pos, mask, True, cache, hidden=True)[:, keep]  # (B, N, H)
+        ce, correct = _chunked_ce(h.flatten(0, 1) if bool(kb.all()) else h[kb], head, labels, chunk)
+        sl, sc, sn = _slot_metrics(ce, correct, slots, block_size)
+    else:
+        logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep, gate=True)  # (B, N, V)
+        # every kept column a target (one row): a view, not a gather (whose backward fills a zero (B, N, V))
+        logits = logits.flatten(0, 1) if bool(kb.all()) else logits[kb]
+        ce, sl, sc, sn = _metrics(logits, labels, slots, block_size)
     block_loss = ce.mean()
     loss = _slot_mean(ce, slots, slot_weights, norm)
     if distill > 0:

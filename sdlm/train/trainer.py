@@ -115,6 +115,11 @@ class TrainConfig:
     train). The same numbers and fewer cast kernels; float32 weights stay for everything outside
     autocast. Off by default: on one H200 the step waits on the host, and the copies bought no speed
     there (README, "Trainer speed"). For retrofits that keep the base frozen."""
+    loss_chunk: int | None = None
+    """block-adapter: apply the LM head and the loss to this many block targets at a time, recomputing
+    each chunk's logits in the backward pass: the same loss and gradients (tested) with at most this
+    many rows of logits in memory instead of all of a step's (which is what runs out of GPU memory
+    first in large steps). Hard labels only (not with ``distill``). None: all at once."""
     attention: str = "sdpa"
     """``sdpa``: dense (T x T) masks from the block rule. ``flex``: flex attention from the same rule
     (:func:`sdlm.masks.block_mask`), which skips the tiles the rule hides (most of the block part)
@@ -133,6 +138,11 @@ class TrainConfig:
             raise SDLMError(f"unknown retrofit {self.retrofit!r}: use one of {', '.join(RETROFITS)}")
         if self.block_size < 1:
             raise SDLMError(f"block_size must be >= 1, got {self.block_size}")
+        if self.loss_chunk is not None:
+            if not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
+                raise SDLMError(f"loss_chunk must be a number of targets >= 1 (or null), got {self.loss_chunk!r}")
+            if self.retrofit != "block-adapter" or self.distill > 0:
+                raise SDLMError("loss_chunk is for retrofit: block-adapter with hard labels (distill: 0)")
         if self.attention not in ("sdpa", "flex"):
             raise SDLMError(f"unknown attention {self.attention!r}: use sdpa or flex")
         if self.schedule not in ("constant", "linear", "cosine"):
@@ -325,7 +335,8 @@ class Trainer:
         for batch in batches:
             with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 if cfg.retrofit == "block-adapter":
-                    out = two_pass_loss(self.sdlm, batch, cfg.block_size, cfg.distill, cfg.slot_weights, norm)
+                    out = two_pass_loss(self.sdlm, batch, cfg.block_size, cfg.distill, cfg.slot_weights, norm,
+                                        chunk=cfg.loss_chunk)
                 else:
                     out = dense_loss(self.sdlm, batch, cfg.block_size, cfg.ar_loss_weight, cfg.slot_weights)
             if backward_scale is not None:
