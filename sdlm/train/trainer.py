@@ -359,6 +359,8 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", dynamic_ncols=True)
         last = {}
+        if cfg.compile and main and self.step < cfg.steps:
+            bar.write("compile: true: the first steps compile the decoder layers' repeated parts and run slower")
         while self.step < cfg.steps:
             over_time = cfg.time_limit_minutes is not None and self.train_seconds >= 60 * cfg.time_limit_minutes
             if dist.any(over_time):
