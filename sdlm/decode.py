@@ -325,19 +325,18 @@ class Decoder:
 
         tree, k = self.tree, len(drafts)
         if self.sampler.greedy:
-            target = self.sampler.choose(causal)[0].tolist()
+            target = self.sampler.choose(causal)[0].tolist().__getitem__
         else:
             drawn: dict[int, int] = {}
 
-            def draw(i: int) -> int:
+            def target(i: int) -> int:
                 if i not in drawn:
                     drawn[i] = int(self.sampler.choose(causal[i : i + 1], generator)[0][0])
                 return drawn[i]
 
-            target = draw
         path = tree_accept(tree.parents[:k], drafts, target)
         last = path[-1] if path else -1
-        bonus = int(target(last + 1) if callable(target) else target[last + 1])
+        bonus = int(target(last + 1))
         widths = tree.widths
         ranked = self.sampler.ranked(blocks[last + 1, 1 : 1 + len(widths)], max(widths)).tolist()
         next_drafts = tree.node_tokens(ranked)

@@ -7,6 +7,7 @@ transformers ``Cache``. Any causal LM that accepts those works.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -70,6 +71,17 @@ def _crop(cache, n_remove: int) -> None:
         cache.crop(-n_remove)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes its KV cache by: transformers 5.24 renamed ``past_key_values``
+    to ``cache`` (the old name warns); 5.17 knows only the old one. Looked up once per model class."""
+    return _cache_kwarg_of(type(model).forward)
+
+
 def _keep_tail(cache, start: int, idx) -> None:
     """Keep cache entries ``0 .. start-1`` and then ``start + idx`` (transformers 5 layered caches)."""
     sel = None
@@ -97,8 +109,7 @@ class SDLM:
         self.gate: torch.Tensor | bool | None = None
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
-        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); 5.17 knows only the old one
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = _cache_kwarg(model)
 
     # ------------------------------------------------------------ loading
 
@@ -235,8 +246,7 @@ class SDLM:
         model, cache_kwarg = self.model, self._cache_kwarg
         if hidden:
             model = self.model.get_decoder()
-            params = inspect.signature(model.forward).parameters
-            cache_kwarg = "cache" if "cache" in params else "past_key_values"
+            cache_kwarg = _cache_kwarg(model)
         elif self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         self.gate = True if gate is True else gate.to(dev)

@@ -158,10 +158,13 @@ class LossOutput:
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int):
     """Per-target block CE (N,) and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
-    labels = labels.to(logits.device)
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
-    correct = (logits.argmax(-1) == labels).float()
+    ce, correct = _ce_hits(logits, labels.to(logits.device))
     return (ce, *_slot_metrics(ce, correct, slots, block_size))
+
+
+def _ce_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target CE (N,), in float32, and top-1 hits (N,) of logits (N, V) against labels (N,)."""
+    return F.cross_entropy(logits.float(), labels, reduction="none"), (logits.argmax(-1) == labels).float()
 
 
 def _chunked_ce(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int):
@@ -172,14 +175,10 @@ def _chunked_ce(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tenso
     from torch.utils.checkpoint import checkpoint
 
     labels = labels.to(hidden.device)
-
-    def part(h, y):
-        logits = head(h)
-        return F.cross_entropy(logits.float(), y, reduction="none"), (logits.argmax(-1) == y).float()
-
     ces, hits = [], []
     for i in range(0, hidden.shape[0], chunk):
-        ce, hit = checkpoint(part, hidden[i : i + chunk], labels[i : i + chunk], use_reentrant=False)
+        ce, hit = checkpoint(lambda h, y: _ce_hits(head(h), y), hidden[i : i + chunk], labels[i : i + chunk],
+                             use_reentrant=False)
         ces.append(ce)
         hits.append(hit)
     return torch.cat(ces), torch.cat(hits)
