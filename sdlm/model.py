@@ -7,6 +7,7 @@ transformers ``Cache``. Any causal LM that accepts those works.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from .attention import BlockLayout, active
 from .errors import SDLMError
 from .io import atomic_dir
 from .layout import StepLayout
@@ -238,7 +240,9 @@ class SDLM:
         """The one call into the HF model. ``gate`` (B, T) marks block tokens for gated adapters;
         ``True``: every token is a block token (the adapter runs without a gate multiply).
 
-        ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it).
+        ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it);
+        a :class:`sdlm.attention.BlockLayout`: the block pass of one training sample, for a model set up
+        with :func:`sdlm.attention.use_block_attention`.
         ``hidden``: return the decoder's last hidden states (B, T, H) instead of logits (the caller
         applies :meth:`lm_head` itself, e.g. in chunks)."""
         dev = self.device
@@ -253,15 +257,20 @@ class SDLM:
         adapter = getattr(self, "adapter", None)
         if adapter is not None and adapter.config.kind == "block-adapter":
             adapter.set_active(self.gate is True or bool(self.gate.any()))  # no block token: skip the LoRA work
+        pattern = contextlib.nullcontext()
+        if isinstance(mask4d, BlockLayout):  # the block pass of one sample: block attention (sdlm.attention)
+            mask4d = mask4d.to(dev)
+            pattern, mask4d = active(mask4d), mask4d.clean_bias
         try:
-            out = model(
-                input_ids=input_ids.to(dev),
-                position_ids=position_ids.to(dev),
-                attention_mask=None if mask4d is None else mask4d.to(dev),
-                use_cache=cache is not None,
-                **{cache_kwarg: cache},
-                **kwargs,
-            )
+            with pattern:
+                out = model(
+                    input_ids=input_ids.to(dev),
+                    position_ids=position_ids.to(dev),
+                    attention_mask=None if mask4d is None else mask4d.to(dev),
+                    use_cache=cache is not None,
+                    **{cache_kwarg: cache},
+                    **kwargs,
+                )
         finally:
             self.gate = None
         return out.last_hidden_state if hidden else out.logits

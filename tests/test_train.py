@@ -439,22 +439,23 @@ def test_flex_attention_gives_the_same_losses(arch, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_chunked_loss_gives_the_same_loss_and_grads(arch, chunk):
-    """The LM head and loss in chunks of targets (logits recomputed in the backward pass): the same
-    loss, per-slot metrics and gradients as all logits at once, with and without slot weights."""
+@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
+def test_fused_head_and_loss_give_the_reference_loss_and_grads(arch, chunk):
+    """The two-pass step applies the LM head and the loss together (``linear_ce``), all targets at once
+    or in chunks: the same loss, per-slot metrics and gradients as the dense reference, which takes
+    the full logits through ``F.cross_entropy``, with and without slot weights."""
     s, ad = adapted(arch)
     b = batch(s)
     for w in (None, [1.0, 0.8, 0.6, 0.4]):
         res = []
-        for c in (None, chunk):
+        for fn in (lambda: dense_loss(s, b, 4, slot_weights=w), lambda: two_pass_loss(s, b, 4, slot_weights=w, chunk=chunk)):
             for p in ad.lora_parameters().values():
                 p.grad = None
-            o = two_pass_loss(s, b, 4, slot_weights=w, chunk=c)
+            o = fn()
             o.loss.backward()
             res.append((o, [p.grad.clone() for p in ad.lora_parameters().values()]))
         (a, ga), (c_, gc) = res
-        assert torch.allclose(a.loss, c_.loss, atol=1e-6) and torch.allclose(a.block_loss, c_.block_loss, atol=1e-6)
+        assert torch.allclose(a.loss, c_.loss, atol=1e-5) and torch.allclose(a.block_loss, c_.block_loss, atol=1e-5)
         assert torch.equal(a.slot_correct, c_.slot_correct) and torch.equal(a.slot_count, c_.slot_count)
         assert torch.allclose(a.slot_loss_sum, c_.slot_loss_sum, atol=1e-4)
         for x, y in zip(ga, gc):
@@ -462,7 +463,49 @@ def test_chunked_loss_gives_the_same_loss_and_grads(arch, chunk):
     from sdlm.errors import SDLMError
 
     with pytest.raises(SDLMError, match="hard-label"):
-        two_pass_loss(s, b, 4, distill=0.5, chunk=chunk)
+        two_pass_loss(s, b, 4, distill=0.5, chunk=chunk or 8)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_ce_is_cross_entropy_of_the_head(bias):
+    """``linear_ce`` against ``F.cross_entropy(head(h))``: per-target losses, top-1 hits and the gradient of
+    any weighting of the losses, at every chunk size; without a gradient it computes none; under bf16
+    autocast it matches the autocast reference."""
+    import torch.nn.functional as F
+
+    from sdlm.train.loss import linear_ce
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=bias).requires_grad_(False)
+    h0 = torch.randn(13, 8, generator=g) * 3
+    y = torch.randint(0, 50, (13,), generator=g)
+    y[3] = head(h0[3]).argmax()  # at least one hit
+    w = torch.rand(13, generator=g)
+    h = h0.clone().requires_grad_(True)
+    logits = head(h)
+    ref_ce = F.cross_entropy(logits, y, reduction="none")
+    (ref_ce * w).sum().backward()
+    ref_grad, ref_hits = h.grad.clone(), (logits.argmax(-1) == y).float()
+    assert ref_hits.sum() >= 1
+    for chunk in (1, 5, 13, 1000):
+        h = h0.clone().requires_grad_(True)
+        ce, hits = linear_ce(h, head, y, chunk)
+        (ce * w).sum().backward()
+        assert torch.allclose(ce, ref_ce, atol=1e-5) and torch.equal(hits, ref_hits)
+        assert torch.allclose(h.grad, ref_grad, atol=1e-5)
+    with torch.no_grad():
+        ce, _ = linear_ce(h0, head, y, 4)
+    assert torch.allclose(ce, ref_ce, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = h0.clone().requires_grad_(True)
+        ref = F.cross_entropy(head(h).float(), y, reduction="none")
+        (ref * w).sum().backward()
+        g_ref = h.grad.clone()
+        h = h0.clone().requires_grad_(True)
+        ce, _ = linear_ce(h, head, y, 5)
+        (ce * w).sum().backward()
+    assert h.grad.dtype == torch.float32
+    assert torch.allclose(ce, ref, atol=1e-4) and torch.allclose(h.grad, g_ref, atol=2e-2, rtol=2e-2)
 
 
 def test_trainer_loss_chunk(tmp_path):
@@ -478,6 +521,29 @@ def test_trainer_loss_chunk(tmp_path):
                      ({"loss_chunk": 8, "retrofit": "block-adapter", "distill": 0.5}, "distill: 0")):
         with pytest.raises(SDLMError, match=msg):
             tiny(tmp_path / "bad", **bad)
+
+
+def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
+    """``attention: auto`` runs block attention where samples run one at a time (the CPU default) and sdpa
+    where they are packed; ``blocks`` needs the block-adapter. bf16 weight copies default on for CPUs
+    under bf16 autocast. A run with the defaults gives the losses of one with sdpa."""
+    from sdlm.attention import BLOCK_ATTENTION
+    from sdlm.errors import SDLMError
+
+    runs = {}
+    for name, over in (("auto", {}), ("sdpa", {"attention": "sdpa"})):
+        tr = Trainer(tiny(tmp_path / name, retrofit="block-adapter", steps=2, save_every=0, eval_every=0, **over))
+        runs[name] = [tr.train_step()["loss"] for _ in range(2)]
+        assert tr.split_samples and tr.attention == name.replace("auto", "blocks")
+        assert (tr.sdlm.model.config._attn_implementation == BLOCK_ATTENTION) == (name == "auto")
+    assert runs["auto"] == pytest.approx(runs["sdpa"], abs=1e-5)
+    tr = Trainer(tiny(tmp_path / "packed", retrofit="block-adapter", split_samples=False))
+    assert tr.attention == "sdpa" and tr.sdlm.model.config._attn_implementation != BLOCK_ATTENTION
+    with pytest.raises(SDLMError, match="attention: blocks is for retrofit: block-adapter"):
+        tiny(tmp_path / "lora", retrofit="lora", attention="blocks")
+    assert Trainer(tiny(tmp_path / "bf16", retrofit="block-adapter", bf16=True)).bf16_weights
+    assert not Trainer(tiny(tmp_path / "bf16off", retrofit="block-adapter", bf16=True, bf16_weights=False)).bf16_weights
+    assert not Trainer(tiny(tmp_path / "fp32", retrofit="block-adapter")).bf16_weights  # the tiny recipe: bf16 off
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..attention import BLOCK_ATTENTION, block_layout
 from ..errors import SDLMError
 from ..layout import IGNORE, TrainingLayout
 from ..masks import TokenInfo, additive, allowed, block_mask
@@ -167,21 +168,84 @@ def _ce_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return F.cross_entropy(logits.float(), labels, reduction="none"), (logits.argmax(-1) == labels).float()
 
 
-def _chunked_ce(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int):
-    """Per-target CE (N,) and top-1 hits (N,) from hidden states (N, H), ``chunk`` rows at a time.
+class _LinearCE(torch.autograd.Function):
+    """Per-target CE (N,) in float32 and top-1 hits (N,) of ``hidden @ weight.T (+ bias)`` against
+    ``labels``, ``chunk`` rows at a time, with the gradient taken in the same pass.
 
-    Each chunk's logits live only inside its own checkpointed call and are computed again in the
-    backward pass, so at most ``chunk`` x V logits exist at once instead of N x V."""
-    from torch.utils.checkpoint import checkpoint
+    For each chunk it computes the logits, their log-sum-exp, and, when ``hidden`` needs a gradient,
+    ``(softmax - onehot) @ weight``: the gradient of each row's CE with respect to its hidden state. The
+    backward pass only scales those rows. So no logits are kept for the backward pass (at most
+    ``chunk`` rows of them exist at once), and the log-softmax backward, the NLL backward and its
+    zero-filled (N, V) gradient are never run. The numbers are those of ``F.cross_entropy`` on the
+    same logits (tested); the weight and bias get no gradient (the LM head of a retrofit that keeps
+    the base frozen)."""
 
-    labels = labels.to(hidden.device)
-    ces, hits = [], []
-    for i in range(0, hidden.shape[0], chunk):
-        ce, hit = checkpoint(lambda h, y: _ce_hits(head(h), y), hidden[i : i + chunk], labels[i : i + chunk],
-                             use_reentrant=False)
-        ces.append(ce)
-        hits.append(hit)
-    return torch.cat(ces), torch.cat(hits)
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        N = hidden.shape[0]
+        ce = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        hits = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        for i in range(0, N, chunk):
+            y = labels[i : i + chunk]
+            z = F.linear(hidden[i : i + chunk], weight, bias).float()  # (n, V)
+            top, arg = z.max(-1)  # the first maximum, as argmax
+            hits[i : i + chunk] = (arg == y).float()
+            picked = z.gather(1, y[:, None])[:, 0]
+            z.sub_(top[:, None]).exp_()  # in place: exp(z - max)
+            total = z.sum(-1)
+            ce[i : i + chunk] = top + total.log() - picked  # log-sum-exp - z[y]
+            if grad is not None:
+                z.div_(total[:, None])  # softmax
+                z[torch.arange(len(y), device=z.device), y] -= 1.0
+                grad[i : i + chunk] = z.to(weight.dtype) @ weight
+        ctx.mark_non_differentiable(hits)
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return ce, hits
+
+    @staticmethod
+    def backward(ctx, g_ce, g_hits):
+        (grad,) = ctx.saved_tensors
+        return (g_ce[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None
+
+
+def fusable_head(sdlm: SDLM) -> torch.nn.Linear | None:
+    """The model's LM head where :func:`linear_ce` can stand in for it and the loss: a plain linear
+    layer whose output is the logits (no soft-capping or scale) and whose weights do not train."""
+    try:
+        head = sdlm.lm_head()
+    except SDLMError:
+        return None
+    if not isinstance(head, torch.nn.Linear) or any(p.requires_grad for p in head.parameters()):
+        return None
+    return head
+
+
+def linear_ce(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int = 1024):
+    """Per-target CE (N,) and top-1 hits (N,) of the logits ``head(hidden)`` (N, V) against ``labels`` (N,),
+    computed ``chunk`` rows at a time (:class:`_LinearCE`). Under autocast the logits are computed in
+    its dtype, as ``head(hidden)`` would be; a low-precision copy of the head's weights is made once
+    and kept while they do not change."""
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    weight, bias = _cast_weight(head, dtype)
+    with torch.autocast(dev, enabled=False):
+        return _LinearCE.apply(hidden.to(dtype), weight, bias, labels.to(hidden.device), chunk)
+
+
+def _cast_weight(head: torch.nn.Linear, dtype: torch.dtype):
+    """``head``'s weight and bias in ``dtype``, cast once and kept on the module while unchanged."""
+    w = head.weight
+    if w.dtype == dtype:
+        return w, head.bias
+    key = (dtype, w.data_ptr(), w._version)
+    kept = getattr(head, "_sdlm_cast", None)
+    if kept is None or kept[0] != key:
+        bias = None if head.bias is None else head.bias.detach().to(dtype)
+        kept = (key, w.detach().to(dtype), bias)
+        head._sdlm_cast = kept
+    return kept[1], kept[2]
 
 
 def _slot_metrics(ce: torch.Tensor, correct: torch.Tensor, slots: torch.Tensor, block_size: int):
@@ -252,15 +316,18 @@ def two_pass_loss(
     chunk: int | None = None,
 ) -> LossOutput:
     """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
+    For a model set up with :func:`sdlm.attention.use_block_attention`, the block pass of one-sample
+    rows runs block attention.
 
     ``distill`` > 0 mixes in soft targets: the base model's own next-token
     distribution at the matching clean position (the clean pass computes it
     anyway), ``(1 - distill) * CE(hard) + distill * CE(soft)``. ``slot_weights``
     as in :func:`dense_loss`. ``norm`` (see :func:`loss_norm`): divide the summed
     target losses by it instead of averaging, so the losses of a batch run in parts
-    add up to the batch's loss. ``chunk``: apply the LM head and the loss to this many
-    targets at a time (:func:`_chunked_ce`): the same loss and gradients with at most
-    ``chunk`` rows of logits in memory (hard labels only: not with ``distill``).
+    add up to the batch's loss. With hard labels the LM head and the loss run together
+    (:func:`linear_ce`), ``chunk`` targets at a time (default 1024): the same loss and gradients with
+    at most ``chunk`` rows of logits in memory; a ``chunk`` with ``distill`` is an error (soft targets
+    need the logits).
 
     A batch of one unpadded sample (one row) runs its clean pass without a mask
     (plain causal attention, which attention kernels run at half the cost of a
@@ -287,19 +354,25 @@ def two_pass_loss(
             where = torch.searchsorted(need, tcol)
             teacher = torch.softmax(t_logits[rows, where].float(), -1)  # (N, V)
             del t_logits
-        else:
-            _forward_keep(sdlm, clean.input_ids, clean.info, mask, cache, torch.tensor([L - 1]))
-    keys = TokenInfo.cat([clean.info, blocks.info])
-    mask = _mask(sdlm, blocks.info, keys, cfg.causal_within_block)  # (B, 1, K, L+K)
+        else:  # KV only: no LM head
+            sdlm.forward(clean.input_ids, clean.info.pos, mask, clean.info.is_block, cache, hidden=True)
+    mask = None
+    if getattr(sdlm.model.config, "_attn_implementation", None) == BLOCK_ATTENTION:
+        mask = block_layout(blocks.info, clean.info, block_size, cfg.causal_within_block, sdlm.dtype)
+    if mask is None:  # the dense (B, 1, K, L+K) mask (or flex's block mask)
+        mask = _mask(sdlm, blocks.info, TokenInfo.cat([clean.info, blocks.info]), cfg.causal_within_block)
     # Gate 1 on the whole block part, padding included: padding sees only padding, no real token sees
     # it and no loss reads it, so its value is free, and an all-ones gate skips the gate multiply.
     slots, labels = blocks.slot[:, keep][kb], blocks.block_labels[:, keep][kb]
-    if chunk:
-        if distill > 0:
-            raise SDLMError("loss_chunk computes hard-label losses only: set distill: 0 or drop loss_chunk")
-        head = sdlm.lm_head()
+    if chunk and distill > 0:
+        raise SDLMError("loss_chunk computes hard-label losses only: set distill: 0 or drop loss_chunk")
+    head = fusable_head(sdlm) if distill == 0 else None
+    if chunk and head is None:
+        sdlm.lm_head()  # raises the reason
+        raise SDLMError("loss_chunk needs an LM head whose weights do not train")
+    if head is not None:  # hard labels: the LM head and the loss in one pass (linear_ce)
         h = sdlm.forward(blocks.input_ids, blocks.info.pos, mask, True, cache, hidden=True)[:, keep]  # (B, N, H)
-        ce, correct = _chunked_ce(h.flatten(0, 1) if bool(kb.all()) else h[kb], head, labels, chunk)
+        ce, correct = linear_ce(h.flatten(0, 1) if bool(kb.all()) else h[kb], head, labels, chunk or 1024)
         sl, sc, sn = _slot_metrics(ce, correct, slots, block_size)
     else:
         logits = _forward_keep(sdlm, blocks.input_ids, blocks.info, mask, cache, keep, gate=True)  # (B, N, V)

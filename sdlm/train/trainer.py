@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import AdapterConfig, attach
+from ..attention import use_block_attention
 from ..errors import SDLMError
 from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
@@ -31,6 +32,7 @@ from .loss import LossOutput, dense_loss, loss_norm, pack, two_pass_loss
 logger = logging.getLogger(__name__)
 
 RETROFITS = ("block-adapter", "lora", "full")
+ATTENTIONS = ("auto", "sdpa", "blocks", "flex")
 
 
 @dataclass
@@ -109,21 +111,26 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None
     """bf16 autocast; None = on where the device supports it."""
-    bf16_weights: bool = False
+    bf16_weights: bool | None = None
     """With bf16 autocast: keep a bf16 copy of every frozen linear weight and use it inside autocast,
     instead of autocast casting the float32 weight at every call (it caches casts only of weights that
     train). The same numbers and fewer cast kernels; float32 weights stay for everything outside
-    autocast. Off by default: on one H200 the step waits on the host, and the copies bought no speed
-    there (README, "Trainer speed"). For retrofits that keep the base frozen."""
+    autocast. None = on for CPUs, where the casts cost step time; off on GPUs: on one H200 the step
+    waits on the host, and the copies bought no speed there (README, "Trainer speed"). For
+    retrofits that keep the base frozen."""
     loss_chunk: int | None = None
-    """block-adapter: apply the LM head and the loss to this many block targets at a time, recomputing
-    each chunk's logits in the backward pass: the same loss and gradients (tested) with at most this
-    many rows of logits in memory instead of all of a step's (which is what runs out of GPU memory
-    first in large steps). Hard labels only (not with ``distill``). None: all at once."""
-    attention: str = "sdpa"
-    """``sdpa``: dense (T x T) masks from the block rule. ``flex``: flex attention from the same rule
+    """block-adapter, hard labels: apply the LM head and the loss to this many block targets at a time
+    (they run together, the gradient taken in the same pass: :func:`sdlm.train.loss.linear_ce`), so at
+    most this many rows of logits are in memory. The same loss and gradients at every size (tested).
+    None: 1024. Not with ``distill`` (soft targets need all of a step's logits)."""
+    attention: str = "auto"
+    """``sdpa``: dense (T x T) masks from the block rule. ``blocks`` (block-adapter): the block pass of
+    a sample run on its own (``split_samples``) computes its attention in two exact pieces, over the
+    clean keys and within each block (:mod:`sdlm.attention`), skipping the scores the rule hides
+    between blocks; other forwards run sdpa. ``flex``: flex attention from the same rule
     (:func:`sdlm.masks.block_mask`), which skips the tiles the rule hides (most of the block part)
-    and builds no dense mask. CUDA only: PyTorch has no CPU backward for flex attention."""
+    and builds no dense mask; CUDA only: PyTorch has no CPU backward for flex attention. ``auto``:
+    ``blocks`` where samples run one at a time, else ``sdpa``."""
     compile: bool = False
     """``torch.compile`` the parts of every decoder layer that repeat (the MLP, the norms, the
     attention's projections with their LoRA): fused kernels and fewer host calls per step. The
@@ -143,8 +150,11 @@ class TrainConfig:
                 raise SDLMError(f"loss_chunk must be a number of targets >= 1 (or null), got {self.loss_chunk!r}")
             if self.retrofit != "block-adapter" or self.distill > 0:
                 raise SDLMError("loss_chunk is for retrofit: block-adapter with hard labels (distill: 0)")
-        if self.attention not in ("sdpa", "flex"):
-            raise SDLMError(f"unknown attention {self.attention!r}: use sdpa or flex")
+        if self.attention not in ATTENTIONS:
+            raise SDLMError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
+        if self.attention == "blocks" and self.retrofit != "block-adapter":
+            raise SDLMError("attention: blocks is for retrofit: block-adapter (its block pass runs apart from the "
+                            "clean tokens): use attention: sdpa")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise SDLMError(f"unknown schedule {self.schedule!r}: use constant, linear or cosine")
         if self.schedule_over not in ("steps", "time"):
@@ -262,7 +272,8 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
-        self.bf16_weights = bool(self.bf16 and cfg.bf16_weights and cfg.retrofit != "full")
+        want = cfg.bf16_weights if cfg.bf16_weights is not None else self.sdlm.device.type == "cpu"
+        self.bf16_weights = bool(self.bf16 and want and cfg.retrofit != "full")
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
         if cfg.attention == "flex":
@@ -270,6 +281,8 @@ class Trainer:
                 raise SDLMError("attention: flex trains on CUDA only (PyTorch has no CPU backward for flex "
                                 "attention): use attention: sdpa on this device")
             use_flex_attention(self.sdlm.model)
+        elif self.attention == "blocks":
+            use_block_attention(self.sdlm.model)
         if cfg.compile:
             compile_regions(self.sdlm.model)
 
@@ -314,6 +327,13 @@ class Trainer:
             starts = sample_block_starts(ex.loss_mask, n_blocks, generator)  # drawn afresh every epoch
             lays.append(training_layout(ex.ids, ex.loss_mask, starts, D, self.sdlm.config.mask_token_id))
         return lays
+
+    @property
+    def attention(self) -> str:
+        """The attention the step runs (``auto`` resolved)."""
+        if self.cfg.attention != "auto":
+            return self.cfg.attention
+        return "blocks" if self.split_samples else "sdpa"
 
     @property
     def split_samples(self) -> bool:

@@ -1,0 +1,121 @@
+"""Block attention (sdlm.attention): the same attention as sdpa with the dense block-rule mask."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlm.attention import BLOCK_ATTENTION, block_attention, block_layout, use_block_attention
+from sdlm.decode import Decoder, GenerationConfig
+from sdlm.layout import sample_block_starts, training_layout
+from sdlm.masks import TokenInfo, additive, allowed
+from sdlm.train.loss import dense_loss, pack, two_pass_loss
+
+from test_train import adapted
+
+
+def _rows(D, specs, seed=0):
+    """A batch of one-sample rows, each ``(clean length, block starts)``, padded: the clean parts to the
+    longest, the block parts to the most blocks (pad block ids negative, pad seq -1)."""
+    L = max(n for n, _ in specs)
+    K = max(len(st) for _, st in specs)
+    B = len(specs)
+    clean = TokenInfo(torch.zeros(B, L, dtype=torch.long), torch.full((B, L), -1), torch.full((B, L), -1),
+                      torch.full((B, L), -1))
+    q = TokenInfo(torch.zeros(B, K * D, dtype=torch.long), -2 - torch.arange(K * D).repeat(B, 1),
+                  torch.full((B, K * D), -1), torch.full((B, K * D), -1))
+    for b, (n, starts) in enumerate(specs):
+        clean.pos[b, :n], clean.seq[b, :n] = torch.arange(n), 0
+        for i, p in enumerate(starts):
+            cols = slice(i * D, (i + 1) * D)
+            q.pos[b, cols], q.block[b, cols], q.start[b, cols], q.seq[b, cols] = torch.arange(p, p + D), i, p, 0
+    return q, clean
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_attention_equals_dense_sdpa(causal):
+    """Outputs and gradients of the real queries equal sdpa's under the dense mask of the block rule, with
+    grouped-query heads, ragged rows (padding in the clean and block parts) and blocks starting at 0."""
+    D, H, Hkv, d = 4, 4, 2, 8
+    q_info, clean = _rows(D, [(11, [0, 3, 7, 10]), (7, [2, 5])])
+    B, T, L = q_info.pos.shape[0], q_info.pos.shape[1], clean.pos.shape[1]
+    layout = block_layout(q_info, clean, D, causal, torch.float32)
+    assert layout is not None and layout.clean_bias.shape == (B, 1, T, L)
+    dense = additive(allowed(q_info, TokenInfo.cat([clean, q_info]), causal), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(B, h, n, d, generator=g) for h, n in ((H, T), (Hkv, L + T), (Hkv, L + T)))
+    real = (q_info.seq >= 0)[:, None, :, None].float()
+    w = torch.randn(B, H, T, d, generator=g) * real  # a loss that reads the real queries only
+    outs = []
+    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3, enable_gqa=True),
+               lambda q, k, v: block_attention(q, k, v, layout, 0.3)):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        o = fn(q, k, v)
+        (o * w).sum().backward()
+        outs.append((o * real, q.grad, k.grad, v.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_block_layout_refuses_other_shapes():
+    """Packed rows of several samples, blocks out of order, a partial block or a block among the clean
+    keys get no layout (the caller then builds the dense mask)."""
+    D = 4
+    q, clean = _rows(D, [(9, [1, 4, 6])])
+    assert block_layout(q, clean, D, False, torch.float32) is not None
+    swapped = TokenInfo(q.pos, q.block.flip(-1), q.start, q.seq)
+    assert block_layout(swapped, clean, D, False, torch.float32) is None
+    cut = TokenInfo(q.pos[:, :-1], q.block[:, :-1], q.start[:, :-1], q.seq[:, :-1])
+    assert block_layout(cut, clean, D, False, torch.float32) is None
+    half = TokenInfo(q.pos, q.block.clone(), q.start, q.seq)
+    half.block[0, -2:] = -5  # half of the last block is padding
+    assert block_layout(half, clean, D, False, torch.float32) is None
+    with_block = TokenInfo(clean.pos, clean.block.clone(), clean.start, clean.seq)
+    with_block.block[0, 3] = 0
+    assert block_layout(q, with_block, D, False, torch.float32) is None
+    g = torch.Generator().manual_seed(1)
+    lays = []
+    for n in (12, 10):
+        lm = torch.zeros(n, dtype=torch.bool)
+        lm[3:] = True
+        lays.append(training_layout(torch.randint(0, 50, (n,), generator=g), lm, sample_block_starts(lm, 2, g), D, 99))
+    packed = pack(lays, row_tokens=1024)  # both samples in one row
+    L = packed.n_clean
+    blocks = packed.columns(torch.arange(L, packed.input_ids.shape[1]))
+    assert block_layout(blocks.info, packed.columns(torch.arange(L)).info, D, False, torch.float32) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_two_pass_with_block_attention_equals_dense(arch):
+    """A model set up with block attention: the two-pass loss of one sample, and of one-sample rows with
+    padding, equals the dense reference (loss, metrics, gradients); decoding on it is unchanged."""
+    s, ad = adapted(arch)
+    g = torch.Generator().manual_seed(3)
+    lays = []
+    for n, k in ((21, 5), (14, 2), (30, 7)):
+        lm = torch.zeros(n, dtype=torch.bool)
+        lm[4:] = True
+        lays.append(training_layout(torch.randint(0, 250, (n,), generator=g), lm, sample_block_starts(lm, k, g), 4,
+                                    s.config.mask_token_id))
+    dec = Decoder(s, GenerationConfig(mode="speculative", max_new_tokens=12, block_size=4))
+    with torch.no_grad():
+        out_ref = dec.generate([5, 17, 33, 8]).tokens
+
+    def run(fn, b):
+        for p in ad.lora_parameters().values():
+            p.grad = None
+        o = fn(s, b, 4)
+        o.loss.backward()
+        return o, [p.grad.clone() for p in ad.lora_parameters().values()]
+
+    batches = [pack([lays[0]]), pack(lays, row_tokens=None)]
+    refs = [run(dense_loss, b) for b in batches]
+    use_block_attention(s.model)
+    assert s.model.config._attn_implementation == BLOCK_ATTENTION
+    for b, (r, gr) in zip(batches, refs):
+        o, go = run(two_pass_loss, b)
+        assert torch.allclose(r.loss, o.loss, atol=1e-5)
+        assert torch.equal(r.slot_correct, o.slot_correct) and torch.equal(r.slot_count, o.slot_count)
+        for x, y in zip(gr, go):
+            assert torch.allclose(x, y, atol=1e-5)
+    with torch.no_grad():
+        assert dec.generate([5, 17, 33, 8]).tokens == out_ref
