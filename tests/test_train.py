@@ -658,3 +658,25 @@ def test_train_profile_script(tmp_path):
     assert "1 timed steps" in timed.stdout and "bf16 weight copies False" in timed.stdout
     assert "trained block tokens/s" in timed.stdout and "aten::" not in timed.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_train_fixed_steps_script(tmp_path):
+    """bench/train_fixed_steps.py: one line with a rate per repetition and their median, the settings the
+    trainer resolved, nothing written; bad counts are refused."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "bench" / "train_fixed_steps.py"), str(root / "recipes" / "tiny.yaml"),
+           "--reps", "2", "--steps", "1", "--tag", "t", "--set", "retrofit=block-adapter",
+           "--set", "samples_per_step=2", "--set", f"out_dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("t ") and "attention blocks" in line and "bf16 False" in line
+    rates = [float(x) for x in re.search(r"repetition ([\d. ]+), median", line).group(1).split()]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert not (tmp_path / "run").exists()
+    bad = subprocess.run(cmd[:3] + ["--reps", "0"], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "--reps" in bad.stderr
