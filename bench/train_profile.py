@@ -129,12 +129,14 @@ def flop_floor(tr: Trainer) -> str:
         rec = tr.train_step()
     counts = counter.get_flop_counts().get("Global", {})
     mm = sum(v for k, v in counts.items() if "mm" in str(k))  # mm, addmm, bmm: linear layers, LM head, LoRA
+    bmm = sum(v for k, v in counts.items() if "bmm" in str(k))  # batched: the block attention's products
     dtype = torch.bfloat16 if tr.bf16 else torch.float32
     rate = matmul_rate(tr.sdlm.device, dtype)
     per_token = mm / max(rec["block_tokens"], 1)
     return (
         f"matrix products: {mm / 1e9:.0f} GFLOP in a step of {rec['block_tokens']} trained block tokens "
-        f"({per_token / 1e6:.0f} MFLOP per token; attention not counted). This device multiplies at "
+        f"({per_token / 1e6:.3g} MFLOP per token, of which {bmm / max(rec['block_tokens'], 1) / 1e6:.3g} in batched "
+        f"products such as block attention's; sdpa attention not counted). This device multiplies at "
         f"{rate / 1e9:.0f} GFLOP/s ({dtype}, 2048x576 @ 576x1536, best of 8), so matrix products alone "
         f"bound the step at {rate / per_token:.0f} trained block tokens/s (with everything else free)."
     )

@@ -641,7 +641,8 @@ def test_padding_in_the_block_part_changes_nothing():
 
 def test_train_profile_script(tmp_path):
     """bench/train_profile.py: the profiled report has the operator table; --no-profiler times the
-    steps alone; neither writes checkpoints."""
+    steps alone; --flops adds the matrix-product count and floor; none writes checkpoints."""
+    import re
     import subprocess
     import sys
 
@@ -657,6 +658,10 @@ def test_train_profile_script(tmp_path):
     assert timed.returncode == 0, timed.stderr
     assert "1 timed steps" in timed.stdout and "bf16 weight copies False" in timed.stdout
     assert "trained block tokens/s" in timed.stdout and "aten::" not in timed.stdout
+    flops = subprocess.run(base + ["--no-profiler", "--flops"], capture_output=True, text=True, cwd=root)
+    assert flops.returncode == 0, flops.stderr
+    floor = re.search(r"matrix products: .*\(([\d.e+-]+) MFLOP per token, of which ([\d.e+-]+) in batched", flops.stdout)
+    assert floor and float(floor.group(1)) > float(floor.group(2)) > 0  # the tiny recipe runs block attention
     assert not (tmp_path / "run").exists()
 
 
