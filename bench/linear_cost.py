@@ -1,9 +1,11 @@
 """Cost of one linear layer by number of tokens: why a multi-token step costs several 1-token steps.
 
-Times ``F.linear`` for SmolLM2-135M's MLP shape (576 -> 1536) at T tokens, fp32, median of
-repeats, and prints microseconds and the ratio to T = 1.
+Times ``F.linear`` for SmolLM2-135M's MLP shape (576 -> 1536) at T tokens (fp32 or bf16), median
+of repeats, and prints microseconds and the ratio to T = 1. ``--prepacked`` also times the same layer
+with its weights prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``), on CPU.
 
     python bench/linear_cost.py --threads 2
+    python bench/linear_cost.py --threads 2 --dtype bfloat16 --prepacked
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--prepacked", action="store_true", help="also time oneDNN-prepacked weights (CPU)")
     args = ap.parse_args()
 
     import torch
@@ -29,22 +33,29 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    w = torch.randn(args.out_features, args.in_features)
-    base = None
-    print(f"linear {args.in_features} -> {args.out_features}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    for t in args.tokens:
-        x = torch.randn(1, t, args.in_features)
-        for _ in range(10):
-            F.linear(x, w)
-        runs = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                F.linear(x, w)
-            runs.append((time.perf_counter() - t0) / args.iters * 1e6)
-        us = statistics.median(runs)
-        base = base or us
-        print(f"T = {t:3d}: {us:7.1f} us  x{us / base:.2f}")
+    dtype = getattr(torch, args.dtype)
+    w = torch.randn(args.out_features, args.in_features, dtype=dtype)
+    calls = {"F.linear": lambda x: F.linear(x, w)}
+    if args.prepacked:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, max(args.tokens))
+        calls["prepacked"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    print(f"linear {args.in_features} -> {args.out_features}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    for name, call in calls.items():
+        base = None
+        for t in args.tokens:
+            x = torch.randn(t, args.in_features, dtype=dtype)
+            for _ in range(10):
+                call(x)
+            runs = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    call(x)
+                runs.append((time.perf_counter() - t0) / args.iters * 1e6)
+            us = statistics.median(runs)
+            base = base or us
+            print(f"{name:9s} T = {t:3d}: {us:7.1f} us  x{us / base:.2f}")
     return 0
 
 

@@ -42,3 +42,27 @@ def test_decode_speed_sampled(tmp_path):
 def test_decode_speed_bad_mode(tmp_path, modes):
     res, _ = _run(tmp_path, "--modes", *modes)
     assert res.returncode != 0 and "unknown mode" in res.stderr
+
+
+def test_block_attention_cost_script():
+    """bench/block_attention_cost.py: both attentions timed on small shapes, with outputs that agree."""
+    import re
+
+    cmd = [sys.executable, str(ROOT / "bench" / "block_attention_cost.py"), "--clean", "12", "--blocks", "3",
+           "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--dtype", "float32", "--repeats", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    diff = float(re.search(r"largest output difference ([\d.e+-]+)", res.stdout).group(1))
+    assert diff < 1e-5
+    assert re.search(r"sdpa, dense mask +forward +[\d.]+ ms", res.stdout)
+    assert re.search(r"block attention +forward +[\d.]+ ms", res.stdout)
+
+
+def test_linear_cost_script_dtypes():
+    """bench/linear_cost.py: a line per token count in the asked dtype, ratios to one token."""
+    cmd = [sys.executable, str(ROOT / "bench" / "linear_cost.py"), "--tokens", "1", "4", "--repeats", "1",
+           "--iters", "2", "--dtype", "bfloat16"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "bfloat16" in lines[0] and len([x for x in lines if "T =" in x]) == 2 and "x1.00" in lines[1]
