@@ -259,8 +259,8 @@ class SDLM:
             adapter.set_active(self.gate is True or bool(self.gate.any()))  # no block token: skip the LoRA work
         pattern = contextlib.nullcontext()
         if isinstance(mask4d, BlockLayout):  # the block pass of one sample: block attention (sdlm.attention)
-            mask4d = mask4d.to(dev)
-            pattern, mask4d = active(mask4d), mask4d.clean_bias
+            layout = mask4d.to(dev)
+            pattern, mask4d = active(layout), layout.clean_bias
         try:
             with pattern:
                 out = model(
@@ -282,7 +282,7 @@ class SDLM:
         for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
             if getattr(cfg, key, None) not in (None, 1, 1.0):
                 raise SDLMError(f"{type(self.model).__name__} post-processes its logits ({key}): "
-                                "compute the loss without loss_chunk")
+                                "its LM head alone does not give them")
         return self.model.get_output_embeddings()
 
     @staticmethod

@@ -158,14 +158,10 @@ class LossOutput:
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, block_size: int):
-    """Per-target block CE (N,) and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
-    ce, correct = _ce_hits(logits, labels.to(logits.device))
-    return (ce, *_slot_metrics(ce, correct, slots, block_size))
-
-
-def _ce_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-target CE (N,), in float32, and top-1 hits (N,) of logits (N, V) against labels (N,)."""
-    return F.cross_entropy(logits.float(), labels, reduction="none"), (logits.argmax(-1) == labels).float()
+    """Per-target block CE (N,), in float32, and per-slot metrics. logits (N, V), labels (N,), slots (N,)."""
+    labels = labels.to(logits.device)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (ce, *_slot_metrics(ce, (logits.argmax(-1) == labels).float(), slots, block_size))
 
 
 class _LinearCE(torch.autograd.Function):
@@ -368,8 +364,8 @@ def two_pass_loss(
         raise SDLMError("loss_chunk computes hard-label losses only: set distill: 0 or drop loss_chunk")
     head = fusable_head(sdlm) if distill == 0 else None
     if chunk and head is None:
-        sdlm.lm_head()  # raises the reason
-        raise SDLMError("loss_chunk needs an LM head whose weights do not train")
+        raise SDLMError("loss_chunk needs an LM head that is a plain linear layer with frozen weights and no "
+                        "logit soft-capping or scale: drop loss_chunk")
     if head is not None:  # hard labels: the LM head and the loss in one pass (linear_ce)
         h = sdlm.forward(blocks.input_ids, blocks.info.pos, mask, True, cache, hidden=True)[:, keep]  # (B, N, H)
         ce, correct = linear_ce(h.flatten(0, 1) if bool(kb.all()) else h[kb], head, labels, chunk or 1024)

@@ -276,7 +276,7 @@ class Trainer:
         self.bf16_weights = bool(self.bf16 and want and cfg.retrofit != "full")
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
-        if cfg.attention == "flex":
+        if self.attention == "flex":
             if self.sdlm.device.type != "cuda":
                 raise SDLMError("attention: flex trains on CUDA only (PyTorch has no CPU backward for flex "
                                 "attention): use attention: sdpa on this device")
