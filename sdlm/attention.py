@@ -33,42 +33,125 @@ _current: contextvars.ContextVar["BlockLayout | None"] = contextvars.ContextVar(
 
 
 @dataclass
-class BlockLayout:
-    """The shape of a block pass: K blocks of ``block_size`` queries over L clean keys, then themselves."""
+class BlockPart:
+    """One sample's share of a block pass: its queries are columns ``b0:b1`` of the block part, its
+    clean keys columns ``c0:c1`` of the clean part; ``clean_bias`` (B, 1, b1-b0, c1-c0) is the additive
+    mask of those queries over those keys (0 = attend), from the block rule."""
 
+    c0: int
+    c1: int
+    b0: int
+    b1: int
     clean_bias: torch.Tensor
-    """(1, 1, K·D, L) additive mask of the queries over the clean keys (0 = attend), from the block rule."""
+
+
+@dataclass
+class BlockLayout:
+    """The shape of a block pass: each part's blocks of ``block_size`` queries over its clean keys, then
+    over themselves. One part for rows of one sample each; a part per sample for samples packed one
+    after another in a single row (:func:`block_layout`)."""
+
+    parts: list[BlockPart]
     block_size: int
     causal_within_block: bool = False
 
     def to(self, device) -> "BlockLayout":
-        return BlockLayout(self.clean_bias.to(device), self.block_size, self.causal_within_block)
+        parts = [BlockPart(p.c0, p.c1, p.b0, p.b1, p.clean_bias.to(device)) for p in self.parts]
+        return BlockLayout(parts, self.block_size, self.causal_within_block)
+
+
+@dataclass
+class CausalSegments:
+    """The clean pass of samples packed one after another in a single row: plain causal attention
+    within each ``(start, end)`` column range, nothing across them (:func:`causal_segments`)."""
+
+    bounds: list[tuple[int, int]]
+
+    def to(self, device) -> "CausalSegments":
+        return self
+
+
+def _runs(seq: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The column ranges of equal ``seq`` (T,) values, or None if a value is negative (padding) or
+    appears in two separate ranges."""
+    if seq.numel() == 0 or bool((seq < 0).any()):
+        return None
+    cuts = (torch.nonzero(seq[1:] != seq[:-1]).flatten() + 1).tolist()
+    edges = [0, *cuts, seq.numel()]
+    runs = list(zip(edges[:-1], edges[1:]))
+    if len({int(seq[a]) for a, _ in runs}) != len(runs):
+        return None
+    return runs
+
+
+def causal_segments(clean: TokenInfo) -> CausalSegments | None:
+    """The :class:`CausalSegments` of a clean part (fields (1, L)) that holds whole samples one after
+    another, each at positions 0, 1, ..., with no padding; None for any other shape."""
+    if clean.pos.shape[0] != 1 or clean.seq is None or bool((clean.block >= 0).any()):
+        return None
+    runs = _runs(clean.seq[0])
+    if runs is None:
+        return None
+    for a, b in runs:
+        if not torch.equal(clean.pos[0, a:b], torch.arange(b - a, device=clean.pos.device)):
+            return None
+    return CausalSegments(runs)
+
+
+def _whole_blocks(block: torch.Tensor, block_size: int) -> bool:
+    """Block ids (B, T) are 0, 0, .., 1, 1, .., each ``block_size`` long, then padding (negative ids)
+    in whole blocks."""
+    B, T = block.shape
+    if T % block_size:
+        return False
+    real = block >= 0
+    col_block = torch.arange(T, device=block.device) // block_size
+    if not bool(((block == col_block) | ~real).all()):
+        return False
+    whole = real.view(B, -1, block_size)
+    return bool((whole.all(-1) | ~whole.any(-1)).all())
 
 
 def block_layout(q: TokenInfo, clean: TokenInfo, block_size: int, causal_within_block: bool,
                  dtype: torch.dtype) -> BlockLayout | None:
     """The :class:`BlockLayout` of block queries ``q`` (fields (B, K·D)) over clean keys ``clean`` (fields
-    (B, L)) followed by the same block tokens, or None where the batch is not of that shape: every row
-    one sample's whole blocks in order (block ids 0, 0, .., 1, 1, .., each ``block_size`` long),
-    then padding (negative block ids) in whole blocks; ``clean`` all clean tokens or padding.
+    (B, L)) followed by the same block tokens, or None where the batch is not of a shape it covers:
+
+    - every row one sample's whole blocks in order (block ids 0, 0, .., 1, 1, .., each ``block_size``
+      long), then padding (negative block ids) in whole blocks; ``clean`` all clean tokens or padding;
+    - one row of several samples (``seq`` 0, 1, ..), each with its clean tokens in one run of the clean
+      part and its whole blocks, in order, in one run of the block part; no padding (as :func:`pack`
+      lays out one row without padding).
 
     Padding queries see no clean key and only their own pseudo-block, which no real query sees: their
     outputs differ from the dense rule's, but nothing reads them."""
     B, T = q.pos.shape
-    if T % block_size or clean.pos.shape[0] != B or bool((clean.block >= 0).any()):
+    if clean.pos.shape[0] != B or bool((clean.block >= 0).any()):
         return None
-    real = q.block >= 0
-    col_block = torch.arange(T, device=q.block.device) // block_size
-    if not bool(((q.block == col_block) | ~real).all()):
+    several = q.seq is not None and clean.seq is not None and B == 1 and bool((q.seq[0] != q.seq[0, 0]).any())
+    if not several:
+        if not _whole_blocks(q.block, block_size):
+            return None
+        return BlockLayout([BlockPart(0, clean.pos.shape[1], 0, T, additive(allowed(q, clean), dtype))],
+                           block_size, causal_within_block)
+    q_runs, c_runs = _runs(q.seq[0]), _runs(clean.seq[0])
+    if q_runs is None or c_runs is None:
         return None
-    whole = real.view(B, -1, block_size)
-    if not bool((whole.all(-1) | ~whole.any(-1)).all()):  # a block part of real tokens, then whole pad blocks
-        return None
-    return BlockLayout(additive(allowed(q, clean), dtype), block_size, causal_within_block)
+    clean_of = {int(clean.seq[0, a]): (a, b) for a, b in c_runs}
+    parts = []
+    for b0, b1 in q_runs:
+        s = int(q.seq[0, b0])
+        if s not in clean_of or not _whole_blocks(q.block[:, b0:b1], block_size):
+            return None
+        c0, c1 = clean_of[s]
+        qs = TokenInfo(q.pos[:, b0:b1], q.block[:, b0:b1], q.start[:, b0:b1])
+        cs = TokenInfo(clean.pos[:, c0:c1], clean.block[:, c0:c1], clean.start[:, c0:c1])
+        parts.append(BlockPart(c0, c1, b0, b1, additive(allowed(qs, cs), dtype)))
+    return BlockLayout(parts, block_size, causal_within_block)
 
 
 @contextlib.contextmanager
-def active(layout: BlockLayout):
+def active(layout: "BlockLayout | CausalSegments"):
     """Run the forwards inside with ``layout`` as the attention pattern of every layer."""
     token = _current.set(layout)
     try:
@@ -79,27 +162,43 @@ def active(layout: BlockLayout):
 
 def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout,
                     scaling: float) -> torch.Tensor:
-    """Attention of ``query`` (B, H, K·D, d) over ``key``/``value`` (B, Hkv, L + K·D, d) under ``layout``:
-    the same result as sdpa with the dense block-rule mask. Returns (B, H, K·D, d).
+    """Attention of ``query`` (B, H, T, d) over ``key``/``value`` (B, Hkv, L + T, d), L clean keys then
+    the T block tokens, under ``layout``: the same result as sdpa with the dense block-rule mask.
+    Returns (B, H, T, d)."""
+    T, S = query.shape[2], key.shape[2]
+    L = S - T
+    parts = layout.parts
+    if parts[-1].b1 != T or parts[-1].c1 > L or (len(parts) == 1 and parts[0].c1 != L):
+        raise SDLMError(f"block attention got {T} queries and {S} keys for a layout of {parts[-1].b1} block "
+                        f"queries over {parts[-1].c1} clean keys")
+    outs = [
+        _block_part(query[:, :, p.b0 : p.b1], key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1],
+                    key[:, :, L + p.b0 : L + p.b1], value[:, :, L + p.b0 : L + p.b1], p.clean_bias,
+                    layout.block_size, layout.causal_within_block, scaling)
+        for p in parts
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
-    Scores and softmax in float32; the products in the inputs' dtype (as sdpa does)."""
+
+def _block_part(query, kc, vc, kb, vb, clean_bias, D, causal_within_block, scaling):
+    """One part: ``query`` (B, H, T, d) over clean keys ``kc``/``vc`` (B, Hkv, L, d) and its own blocks'
+    keys ``kb``/``vb`` (B, Hkv, T, d). Scores and softmax in float32; the products in the inputs' dtype
+    (as sdpa does)."""
     B, H, T, d = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
-    D = layout.block_size
-    L, K, g = S - T, T // D, H // Hkv
-    if T % D or H % Hkv or L != layout.clean_bias.shape[-1]:
-        raise SDLMError(f"block attention got {T} queries and {S} keys for a layout of blocks of {D} over "
-                        f"{layout.clean_bias.shape[-1]} clean keys")
+    Hkv, L = kc.shape[1], kc.shape[2]
+    K, g = T // D, H // Hkv
+    if T % D or H % Hkv or clean_bias.shape[-2:] != (T, L):
+        raise SDLMError(f"block attention got {T} queries and {L} clean keys for blocks of {D} and a clean "
+                        f"mask of {tuple(clean_bias.shape[-2:])}")
     q = query.reshape(B, Hkv, g, T, d)  # query head h reads key head h // g
-    kc, vc, kb, vb = key[:, :, :L], value[:, :, :L], key[:, :, L:], value[:, :, L:]
     s_clean = (q.reshape(B, Hkv, g * T, d) @ kc.transpose(-1, -2)).float().view(B, Hkv, g, T, L)
-    s_clean = s_clean * scaling + layout.clean_bias.view(-1, 1, 1, T, L)
+    s_clean = s_clean * scaling + clean_bias.view(-1, 1, 1, T, L)
     qb, kbb, vbb = q.view(B, Hkv, g, K, D, d), kb.reshape(B, Hkv, 1, K, D, d), vb.reshape(B, Hkv, 1, K, D, d)
     s_own = (qb @ kbb.transpose(-1, -2)).float() * scaling  # (B, Hkv, g, K, D, D)
-    if layout.causal_within_block:
+    if causal_within_block:
         hide = torch.ones(D, D, dtype=torch.bool, device=query.device).triu(1)
         s_own = s_own.masked_fill(hide, float("-inf"))
-    p = torch.softmax(torch.cat([s_clean, s_own.reshape(B, Hkv, g, T, D)], -1), -1).to(value.dtype)
+    p = torch.softmax(torch.cat([s_clean, s_own.reshape(B, Hkv, g, T, D)], -1), -1).to(vc.dtype)
     out = (p[..., :L].reshape(B, Hkv, g * T, L) @ vc).view(B, Hkv, g, T, d)
     out = out + (p[..., L:].reshape(B, Hkv, g, K, D, D) @ vbb).view(B, Hkv, g, T, d)
     return out.view(B, H, T, d)
@@ -119,6 +218,11 @@ def use_block_attention(model) -> None:
                                           dropout=dropout, **kwargs)
         if dropout:
             raise SDLMError("block attention runs without attention dropout: set the model's attention_dropout to 0")
+        if isinstance(layout, CausalSegments):  # packed clean parts: causal within each sample
+            kwargs.pop("is_causal", None)
+            outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                           scaling=scaling, is_causal=True, **kwargs)[0] for a, b in layout.bounds]
+            return torch.cat(outs, 1), None
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return block_attention(query, key, value, layout, scale).transpose(1, 2).contiguous(), None
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .attention import BlockLayout, active
+from .attention import BlockLayout, CausalSegments, active
 from .errors import SDLMError
 from .io import atomic_dir
 from .layout import StepLayout
@@ -241,8 +241,8 @@ class SDLM:
         ``True``: every token is a block token (the adapter runs without a gate multiply).
 
         ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it);
-        a :class:`sdlm.attention.BlockLayout`: the block pass of one training sample, for a model set up
-        with :func:`sdlm.attention.use_block_attention`.
+        a :class:`sdlm.attention.BlockLayout` or :class:`sdlm.attention.CausalSegments`: a training step's
+        block or clean pass, for a model set up with :func:`sdlm.attention.use_block_attention`.
         ``hidden``: return the decoder's last hidden states (B, T, H) instead of logits (the caller
         applies :meth:`lm_head` itself, e.g. in chunks)."""
         dev = self.device
@@ -258,9 +258,9 @@ class SDLM:
         if adapter is not None and adapter.config.kind == "block-adapter":
             adapter.set_active(self.gate is True or bool(self.gate.any()))  # no block token: skip the LoRA work
         pattern = contextlib.nullcontext()
-        if isinstance(mask4d, BlockLayout):  # the block pass of one sample: block attention (sdlm.attention)
-            layout = mask4d.to(dev)
-            pattern, mask4d = active(layout), layout.clean_bias
+        if isinstance(mask4d, (BlockLayout, CausalSegments)):  # a training pass's pattern (sdlm.attention)
+            # the model passes a 4D mask through untouched; the pattern's attention does not read it
+            pattern, mask4d = active(mask4d.to(dev)), torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=dev)
         try:
             with pattern:
                 out = model(

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlm.attention import BLOCK_ATTENTION, block_attention, block_layout, use_block_attention
+from sdlm.attention import BLOCK_ATTENTION, block_attention, block_layout, causal_segments, use_block_attention
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.masks import TokenInfo, additive, allowed
@@ -39,7 +39,7 @@ def test_block_attention_equals_dense_sdpa(causal):
     q_info, clean = _rows(D, [(11, [0, 3, 7, 10]), (7, [2, 5])])
     B, T, L = q_info.pos.shape[0], q_info.pos.shape[1], clean.pos.shape[1]
     layout = block_layout(q_info, clean, D, causal, torch.float32)
-    assert layout is not None and layout.clean_bias.shape == (B, 1, T, L)
+    assert layout is not None and len(layout.parts) == 1 and layout.parts[0].clean_bias.shape == (B, 1, T, L)
     dense = additive(allowed(q_info, TokenInfo.cat([clean, q_info]), causal), torch.float32)
     g = torch.Generator().manual_seed(0)
     q0, k0, v0 = (torch.randn(B, h, n, d, generator=g) for h, n in ((H, T), (Hkv, L + T), (Hkv, L + T)))
@@ -57,8 +57,9 @@ def test_block_attention_equals_dense_sdpa(causal):
 
 
 def test_block_layout_refuses_other_shapes():
-    """Packed rows of several samples, blocks out of order, a partial block or a block among the clean
-    keys get no layout (the caller then builds the dense mask)."""
+    """Blocks out of order, a partial block, a block among the clean keys, a sample spread over two runs
+    of a row, or padded rows of several samples get no layout (the caller then builds the dense mask);
+    one row of whole samples without padding gets a part per sample."""
     D = 4
     q, clean = _rows(D, [(9, [1, 4, 6])])
     assert block_layout(q, clean, D, False, torch.float32) is not None
@@ -78,16 +79,32 @@ def test_block_layout_refuses_other_shapes():
         lm = torch.zeros(n, dtype=torch.bool)
         lm[3:] = True
         lays.append(training_layout(torch.randint(0, 50, (n,), generator=g), lm, sample_block_starts(lm, 2, g), D, 99))
-    packed = pack(lays, row_tokens=1024)  # both samples in one row
+    lays.append(lays[0])
+    packed = pack(lays, row_tokens=1024)  # three samples in one row, no padding: a part each
     L = packed.n_clean
-    blocks = packed.columns(torch.arange(L, packed.input_ids.shape[1]))
-    assert block_layout(blocks.info, packed.columns(torch.arange(L)).info, D, False, torch.float32) is None
+    blocks, clean = packed.columns(torch.arange(L, packed.input_ids.shape[1])), packed.columns(torch.arange(L))
+    layout = block_layout(blocks.info, clean.info, D, False, torch.float32)
+    assert [(p.c0, p.c1, p.b0, p.b1) for p in layout.parts] == [(0, 12, 0, 8), (12, 22, 8, 16), (22, 34, 16, 24)]
+    assert causal_segments(clean.info).bounds == [(0, 12), (12, 22), (22, 34)]
+    assert causal_segments(TokenInfo(clean.info.pos, clean.info.block, clean.info.start)) is None  # no seq
+    # a sample whose blocks are split across two runs of the row, or a padded row of two samples: no layout
+    split = TokenInfo(blocks.info.pos, blocks.info.block, blocks.info.start, blocks.info.seq.clone())
+    split.seq[0, :4] = 2
+    assert block_layout(split, clean.info, D, False, torch.float32) is None
+    two_rows = pack(lays + lays[:1], row_tokens=40)
+    L2 = two_rows.n_clean
+    assert two_rows.input_ids.shape[0] == 2
+    assert block_layout(two_rows.columns(torch.arange(L2, two_rows.input_ids.shape[1])).info,
+                        two_rows.columns(torch.arange(L2)).info, D, False, torch.float32) is None
+    assert causal_segments(two_rows.columns(torch.arange(L2)).info) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_two_pass_with_block_attention_equals_dense(arch):
-    """A model set up with block attention: the two-pass loss of one sample, and of one-sample rows with
-    padding, equals the dense reference (loss, metrics, gradients); decoding on it is unchanged."""
+    """A model set up with block attention: the two-pass loss of one sample, of one-sample rows with
+    padding, and of one row holding all samples (the trainer's CPU layout: a part per sample, the
+    clean pass causal within each) equals the dense reference (loss, metrics, gradients); decoding on
+    it is unchanged."""
     s, ad = adapted(arch)
     g = torch.Generator().manual_seed(3)
     lays = []
@@ -107,7 +124,8 @@ def test_two_pass_with_block_attention_equals_dense(arch):
         o.loss.backward()
         return o, [p.grad.clone() for p in ad.lora_parameters().values()]
 
-    batches = [pack([lays[0]]), pack(lays, row_tokens=None)]
+    batches = [pack([lays[0]]), pack(lays, row_tokens=None), pack(lays, row_tokens=10_000)]
+    assert batches[2].input_ids.shape[0] == 1
     refs = [run(dense_loss, b) for b in batches]
     use_block_attention(s.model)
     assert s.model.config._attn_implementation == BLOCK_ATTENTION

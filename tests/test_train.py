@@ -366,7 +366,7 @@ def test_trainer_split_samples_matches_packed(tmp_path):
     assert na == nb and la == pytest.approx(lb, abs=1e-5)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-    assert Trainer(tiny(tmp_path / "d", retrofit="block-adapter")).split_samples  # CPU default: on
+    assert not Trainer(tiny(tmp_path / "d", retrofit="block-adapter")).split_samples  # default: one row
     from sdlm.errors import SDLMError
 
     for key in ("split_samples", "bf16_weights", "train_mask_embedding", "compile"):
@@ -524,20 +524,31 @@ def test_trainer_loss_chunk(tmp_path):
 
 
 def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
-    """``attention: auto`` runs block attention where samples run one at a time (the CPU default) and sdpa
-    where they are packed; ``blocks`` needs the block-adapter. bf16 weight copies default on for CPUs
-    under bf16 autocast. A run with the defaults gives the losses of one with sdpa."""
+    """``attention: auto`` runs block attention for the block-adapter on CPU, with a micro-batch as one row
+    of samples (one forward, the same losses and weights as sdpa's padded rows and as samples run apart),
+    and sdpa for the other retrofits; ``blocks`` needs the block-adapter. bf16 weight copies default on
+    for CPUs under bf16 autocast."""
     from sdlm.attention import BLOCK_ATTENTION
     from sdlm.errors import SDLMError
 
-    runs = {}
-    for name, over in (("auto", {}), ("sdpa", {"attention": "sdpa"})):
+    runs, forwards = {}, {}
+    for name, over in (("auto", {}), ("sdpa", {"attention": "sdpa"}), ("split", {"split_samples": True})):
         tr = Trainer(tiny(tmp_path / name, retrofit="block-adapter", steps=2, save_every=0, eval_every=0, **over))
-        runs[name] = [tr.train_step()["loss"] for _ in range(2)]
-        assert tr.split_samples and tr.attention == name.replace("auto", "blocks")
-        assert (tr.sdlm.model.config._attn_implementation == BLOCK_ATTENTION) == (name == "auto")
-    assert runs["auto"] == pytest.approx(runs["sdpa"], abs=1e-5)
-    tr = Trainer(tiny(tmp_path / "packed", retrofit="block-adapter", split_samples=False))
+        assert tr.attention == ("sdpa" if name == "sdpa" else "blocks") and tr.split_samples == (name == "split")
+        assert (tr.sdlm.model.config._attn_implementation == BLOCK_ATTENTION) == (name != "sdpa")
+        calls = []
+        hook = tr.sdlm.model.get_decoder().register_forward_hook(lambda m, a, k, o: calls.append(k["input_ids"].shape),
+                                                                 with_kwargs=True)
+        runs[name] = ([tr.train_step()["loss"] for _ in range(2)], {k: v.clone() for k, v in tr.adapter.state_dict().items()})
+        hook.remove()
+        forwards[name] = calls
+    assert all(shape[0] == 1 for shape in forwards["auto"])  # one row per pass
+    assert len(forwards["auto"]) == 2 * 2 and len(forwards["split"]) == 2 * 2 * tr.cfg.samples_per_step
+    for name in ("sdpa", "split"):
+        assert runs["auto"][0] == pytest.approx(runs[name][0], abs=1e-5)
+        for k, w in runs["auto"][1].items():
+            assert torch.allclose(w, runs[name][1][k], atol=1e-5), (name, k)
+    tr = Trainer(tiny(tmp_path / "full", retrofit="full"))
     assert tr.attention == "sdpa" and tr.sdlm.model.config._attn_implementation != BLOCK_ATTENTION
     with pytest.raises(SDLMError, match="attention: blocks is for retrofit: block-adapter"):
         tiny(tmp_path / "lora", retrofit="lora", attention="blocks")

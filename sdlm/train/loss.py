@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import BLOCK_ATTENTION, block_layout
+from ..attention import BLOCK_ATTENTION, block_layout, causal_segments
 from ..errors import SDLMError
 from ..layout import IGNORE, TrainingLayout
 from ..masks import TokenInfo, additive, allowed, block_mask
@@ -339,9 +339,13 @@ def two_pass_loss(
     keep = torch.nonzero(has_block.any(0)).flatten()
     kb = has_block[:, keep]
 
+    blocks_attn = getattr(sdlm.model.config, "_attn_implementation", None) == BLOCK_ATTENTION
     cache = DynamicCache()
     with torch.no_grad():  # the clean pass: base model only (gate 0), it fills the cache
-        mask = None if _plain_causal(clean.info) else _mask(sdlm, clean.info, clean.info)
+        if _plain_causal(clean.info):
+            mask = None
+        else:  # several samples in one row: causal within each (block attention's models), else the dense rule
+            mask = (causal_segments(clean.info) if blocks_attn else None) or _mask(sdlm, clean.info, clean.info)
         if distill > 0:
             tcol = blocks.teacher_col[:, keep][kb]  # (N,) clean column of each target's teacher
             rows = torch.nonzero(kb)[:, 0]
@@ -353,7 +357,7 @@ def two_pass_loss(
         else:  # KV only: no LM head
             sdlm.forward(clean.input_ids, clean.info.pos, mask, clean.info.is_block, cache, hidden=True)
     mask = None
-    if getattr(sdlm.model.config, "_attn_implementation", None) == BLOCK_ATTENTION:
+    if blocks_attn:
         mask = block_layout(blocks.info, clean.info, block_size, cfg.causal_within_block, sdlm.dtype)
     if mask is None:  # the dense (B, 1, K, L+K) mask (or flex's block mask)
         mask = _mask(sdlm, blocks.info, TokenInfo.cat([clean.info, blocks.info]), cfg.causal_within_block)

@@ -86,13 +86,13 @@ class TrainConfig:
     """Block tokens per response token: blocks per sample = ceil(density * targets / D)."""
     max_length: int = 512
     row_tokens: int | None = 1024
-    """Pack several samples (clean + blocks) into rows of up to this many tokens (None: one per row)."""
-    split_samples: bool | None = None
-    """block-adapter only: run each sample of a micro-batch as a forward and backward of its own
-    instead of packing them into rows. The loss and gradients are the same (the step's mean over
-    its targets); there is no padding and no attention across samples, and the LM head runs at
-    exactly the targets. None = on for CPU, where it is faster; off on GPUs, where large packed
-    forwards keep the device busy."""
+    """With ``attention: sdpa``/``flex``: pack several samples (clean + blocks) into rows of up to this many
+    tokens (None: one per row). With ``attention: blocks`` a micro-batch is one row whatever its length
+    (its attention runs per sample, so a row's length costs nothing)."""
+    split_samples: bool = False
+    """block-adapter only: run each sample of a micro-batch as a forward and backward of its own. The
+    loss and gradients are the same (the step's mean over its targets). Off by default: the CPU
+    default, ``attention: blocks``, runs a micro-batch as one row without padding and is faster."""
     heldout: int = 0
     """Samples kept out of training for evaluation."""
     eval_every: int = 0
@@ -124,13 +124,16 @@ class TrainConfig:
     most this many rows of logits are in memory. The same loss and gradients at every size (tested).
     None: 1024. Not with ``distill`` (soft targets need all of a step's logits)."""
     attention: str = "auto"
-    """``sdpa``: dense (T x T) masks from the block rule. ``blocks`` (block-adapter): the block pass of
-    a sample run on its own (``split_samples``) computes its attention in two exact pieces, over the
-    clean keys and within each block (:mod:`sdlm.attention`), skipping the scores the rule hides
-    between blocks; other forwards run sdpa. ``flex``: flex attention from the same rule
+    """``sdpa``: dense (T x T) masks from the block rule. ``blocks`` (block-adapter): a micro-batch
+    runs as one row, its samples one after another with no padding (so every linear layer runs once
+    on all of them); the clean pass is causal within each sample, and each sample's block pass
+    computes its attention in two exact pieces, over its clean keys and within each block
+    (:mod:`sdlm.attention`), skipping the scores the rule hides between blocks and between samples.
+    Other forwards run sdpa. ``flex``: flex attention from the same rule
     (:func:`sdlm.masks.block_mask`), which skips the tiles the rule hides (most of the block part)
     and builds no dense mask; CUDA only: PyTorch has no CPU backward for flex attention. ``auto``:
-    ``blocks`` where samples run one at a time, else ``sdpa``."""
+    ``blocks`` for the block-adapter on CPU, else ``sdpa`` (on GPUs large padded rows keep the
+    device busy, while per-sample attention would add host calls)."""
     compile: bool = False
     """``torch.compile`` the parts of every decoder layer that repeat (the MLP, the norms, the
     attention's projections with their LoRA): fused kernels and fewer host calls per step. The
@@ -333,13 +336,13 @@ class Trainer:
         """The attention the step runs (``auto`` resolved)."""
         if self.cfg.attention != "auto":
             return self.cfg.attention
-        return "blocks" if self.split_samples else "sdpa"
+        return "blocks" if self.cfg.retrofit == "block-adapter" and self.sdlm.device.type == "cpu" else "sdpa"
 
     @property
     def split_samples(self) -> bool:
         if self.cfg.retrofit != "block-adapter":
             return False
-        return self.cfg.split_samples if self.cfg.split_samples is not None else self.sdlm.device.type == "cpu"
+        return self.cfg.split_samples
 
     def loss(self, examples: list[Example], generator: torch.Generator, backward_scale: float | None = None) -> LossOutput:
         """The loss of one micro-batch; with ``backward_scale``, also the backward pass of
@@ -349,7 +352,9 @@ class Trainer:
         layouts = self._layouts(examples, generator)
         parts = [[lay] for lay in layouts] if self.split_samples else [layouts]
         norm = loss_norm(layouts, cfg.slot_weights) if len(parts) > 1 else None
-        batches = [pack(p, row_tokens=cfg.row_tokens) for p in parts]
+        one_row = self.attention == "blocks"  # one row per part: each sample's attention runs apart anyway
+        batches = [pack(p, row_tokens=sum(lay.input_ids.shape[0] for lay in p) if one_row else cfg.row_tokens)
+                   for p in parts]
         self.prep_seconds += time.perf_counter() - t0
         outs = []
         for batch in batches:
