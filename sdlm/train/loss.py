@@ -182,9 +182,14 @@ class _LinearCE(torch.autograd.Function):
         ce = torch.empty(N, dtype=torch.float32, device=hidden.device)
         hits = torch.empty(N, dtype=torch.float32, device=hidden.device)
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        low, full = _workspace(weight, min(chunk, N))
         for i in range(0, N, chunk):
             y = labels[i : i + chunk]
-            z = F.linear(hidden[i : i + chunk], weight, bias).float()  # (n, V)
+            n = len(y)
+            h = hidden[i : i + chunk]
+            z = torch.mm(h, weight.t(), out=low[:n]) if bias is None else torch.addmm(bias, h, weight.t(), out=low[:n])
+            if z.dtype != torch.float32:
+                z = full[:n].copy_(z)
             top, arg = z.max(-1)  # the first maximum, as argmax
             hits[i : i + chunk] = (arg == y).float()
             picked = z.gather(1, y[:, None])[:, 0]
@@ -193,8 +198,8 @@ class _LinearCE(torch.autograd.Function):
             ce[i : i + chunk] = top + total.log() - picked  # log-sum-exp - z[y]
             if grad is not None:
                 z.div_(total[:, None])  # softmax
-                z[torch.arange(len(y), device=z.device), y] -= 1.0
-                grad[i : i + chunk] = z.to(weight.dtype) @ weight
+                z[torch.arange(n, device=z.device), y] -= 1.0
+                grad[i : i + chunk] = (z if z.dtype == weight.dtype else low[:n].copy_(z)) @ weight
         ctx.mark_non_differentiable(hits)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
@@ -204,6 +209,26 @@ class _LinearCE(torch.autograd.Function):
     def backward(ctx, g_ce, g_hits):
         (grad,) = ctx.saved_tensors
         return (g_ce[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None
+
+
+def _workspace(weight: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Two (rows, V) buffers for :class:`_LinearCE`, kept between calls: the logits in ``weight``'s dtype
+    and, for a low-precision weight, their float32 copy. Fresh tensors this large come from the
+    operating system zeroed page by page at every step, which cost more than the arithmetic on them
+    (measured on a CPU); reused ones do not. Grown when a call needs more rows, dropped when the
+    weight's device or dtype changes."""
+    V = weight.shape[0]
+    key = (weight.device, weight.dtype, V)
+    kept = _WORKSPACE.get(key)
+    if kept is None or kept[0].shape[0] < rows:
+        _WORKSPACE.clear()  # one set at a time: the last shape's
+        low = torch.empty(rows, V, dtype=weight.dtype, device=weight.device)
+        full = None if weight.dtype == torch.float32 else torch.empty(rows, V, device=weight.device)
+        kept = _WORKSPACE[key] = (low, full)
+    return kept
+
+
+_WORKSPACE: dict = {}
 
 
 def fusable_head(sdlm: SDLM) -> torch.nn.Linear | None:

@@ -27,6 +27,7 @@ from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
 from ..model import SDLM, use_flex_attention
 from .data import Example, build_examples, read_records
+from .fused import fuse_lora_linears
 from .loss import LossOutput, dense_loss, loss_norm, pack, two_pass_loss
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,11 @@ class TrainConfig:
     (they run together, the gradient taken in the same pass: :func:`sdlm.train.loss.linear_ce`), so at
     most this many rows of logits are in memory. The same loss and gradients at every size (tested).
     None: 1024. Not with ``distill`` (soft targets need all of a step's logits)."""
+    fused_lora: bool = True
+    """block-adapter: run the block pass's LoRA layers as one autograd function each
+    (:mod:`sdlm.train.fused`): the input cast once, the low-rank update accumulated by the matrix
+    product, a backward pass of five matrix products; the same loss and gradients as ``peft``'s layers
+    up to rounding (tested). ``false``: ``peft``'s own forward."""
     attention: str = "auto"
     """``sdpa``: dense (T x T) masks from the block rule. ``blocks`` (block-adapter): a micro-batch
     runs as one row, its samples one after another with no padding (so every linear layer runs once
@@ -279,6 +285,8 @@ class Trainer:
         self.bf16_weights = bool(self.bf16 and want and cfg.retrofit != "full")
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
+        if cfg.fused_lora and cfg.retrofit == "block-adapter":
+            fuse_lora_linears(self.sdlm)
         if self.attention == "flex":
             if self.sdlm.device.type != "cuda":
                 raise SDLMError("attention: flex trains on CUDA only (PyTorch has no CPU backward for flex "
@@ -689,6 +697,7 @@ def shadow_bf16_linears(model: torch.nn.Module) -> int:
             return torch.nn.Linear.forward(mod, x, *args, **kwargs)
 
         mod.forward = forward
+        mod._sdlm_bf16_weight = w16  # for sdlm.train.fused
         n += 1
     return n
 

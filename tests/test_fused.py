@@ -1,0 +1,100 @@
+"""The fused LoRA layers of the training step (sdlm.train.fused) against peft's own layers."""
+
+import pytest
+import torch
+
+from sdlm.train.fused import fuse_lora_linears
+from sdlm.train.loss import dense_loss, two_pass_loss
+
+from test_train import adapted, batch
+
+
+def _grads(ad):
+    return [p.grad.clone() for p in ad.lora_parameters().values()] + [ad.mask_embedding.grad.clone()]
+
+
+def _run(s, ad, fn, b, autocast):
+    for p in ad.parameters():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(s, b, 4)
+    out.loss.backward()
+    return out.loss.detach(), _grads(ad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_lora_gives_peft_losses_and_gradients(arch):
+    """The two-pass loss with the fused layers equals the one through peft's layers (and the dense
+    reference): loss and gradients of every LoRA weight and of the mask embedding (float32; qwen2's
+    projections have biases). The block pass never runs peft's LoRA branch."""
+    s, ad = adapted(arch)
+    ad.train_mask_embedding()
+    ad.mask_embedding.requires_grad_(True)
+    b = batch(s)
+    ref_loss, ref_grads = _run(s, ad, dense_loss, b, False)
+    peft_loss, peft_grads = _run(s, ad, two_pass_loss, b, False)
+    assert fuse_lora_linears(s) == len(ad._layers) > 0  # in place: the same weights, fused layers
+    calls = []
+    for m in ad._layers:
+        m.lora_B["default"].register_forward_hook(lambda *a: calls.append(1))
+    fused_loss, fused_grads = _run(s, ad, two_pass_loss, b, False)
+    assert not calls
+    assert torch.allclose(fused_loss, peft_loss, atol=1e-5) and torch.allclose(peft_loss, ref_loss, atol=1e-5)
+    for x, y, r in zip(fused_grads, peft_grads, ref_grads):
+        assert (x - y).norm() <= 1e-5 * y.norm() and (y - r).norm() <= 1e-5 * r.norm() and y.norm() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_lora_layer_under_bf16_autocast(arch):
+    """Under bf16 autocast, with and without a bf16 weight copy, a fused layer's output and the gradients
+    of its input and LoRA weights are peft's up to bf16 rounding (one layer: a whole random model in bf16
+    is too chaotic to compare), and the output is bf16 as peft's is."""
+    from sdlm.train.fused import lora_linear
+
+    s, ad = adapted(arch)
+    biased = [m for m in ad._layers if m.base_layer.bias is not None]
+    layers = [ad._layers[0]] + biased[:1]
+    assert (arch == "qwen2") == bool(biased)
+    s.gate = True
+    g = torch.Generator().manual_seed(1)
+    for layer in layers:
+        x0 = torch.randn(2, 7, layer.base_layer.in_features, generator=g)
+        w = torch.randn(2, 7, layer.base_layer.out_features, generator=g)
+        results = []
+        for fn in (layer, lambda x: lora_linear(layer, x),
+                   lambda x: lora_linear(layer, x, layer.base_layer.weight.detach().bfloat16())):
+            x = x0.clone().requires_grad_(True)
+            for p in ad.lora_parameters().values():
+                p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = fn(x)
+            (y.float() * w).sum().backward()
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            results.append((y.float(), x.grad, A.grad.clone(), B.grad.clone(), y.dtype))
+        for other in results[1:]:
+            assert other[4] == results[0][4] == torch.bfloat16
+            for a, b in zip(other[:4], results[0][:4]):
+                assert (a - b).norm() <= 1e-2 * b.norm() and b.norm() > 0
+    s.gate = None
+
+
+def test_fused_lora_leaves_other_calls_to_peft():
+    """With a per-token gate, without gradients, or with the adapter off, a fused layer gives peft's output."""
+    s, ad = adapted("llama")
+    fuse_lora_linears(s)
+    layer = ad._layers[0]
+    x = torch.randn(1, 5, layer.base_layer.in_features)
+    gate = torch.tensor([[0, 1, 0, 1, 1]], dtype=torch.bool)
+    s.gate = gate
+    gated = layer(x)
+    base = layer.base_layer(x)
+    assert torch.allclose(gated[0, 0], base[0, 0]) and not torch.allclose(gated[0, 1], base[0, 1])
+    s.gate = True
+    with torch.no_grad():
+        on = layer(x)
+    with torch.enable_grad():
+        fused_on = layer(x)
+    assert torch.allclose(on, fused_on, atol=1e-5) and torch.allclose(on[0, 1], gated[0, 1], atol=1e-5)
+    ad.set_active(False)
+    assert torch.allclose(layer(x), base)
+    s.gate = None
