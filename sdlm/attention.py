@@ -54,10 +54,13 @@ class BlockLayout:
     parts: list[BlockPart]
     block_size: int
     causal_within_block: bool = False
+    clean_needs_grad: bool = True
+    """False: the clean keys and values need no gradient (they come from a pass without one), so the
+    backward pass skips their two products."""
 
     def to(self, device) -> "BlockLayout":
         parts = [BlockPart(p.c0, p.c1, p.b0, p.b1, p.clean_bias.to(device)) for p in self.parts]
-        return BlockLayout(parts, self.block_size, self.causal_within_block)
+        return BlockLayout(parts, self.block_size, self.causal_within_block, self.clean_needs_grad)
 
 
 @dataclass
@@ -164,44 +167,119 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scaling: float) -> torch.Tensor:
     """Attention of ``query`` (B, H, T, d) over ``key``/``value`` (B, Hkv, L + T, d), L clean keys then
     the T block tokens, under ``layout``: the same result as sdpa with the dense block-rule mask.
-    Returns (B, H, T, d)."""
+    Returns (B, H, T, d). Scores and softmax in float32, the products in the inputs' dtype (as sdpa
+    does); the backward pass is written out (:class:`_BlockAttention`)."""
     T, S = query.shape[2], key.shape[2]
     L = S - T
     parts = layout.parts
     if parts[-1].b1 != T or parts[-1].c1 > L or (len(parts) == 1 and parts[0].c1 != L):
         raise SDLMError(f"block attention got {T} queries and {S} keys for a layout of {parts[-1].b1} block "
                         f"queries over {parts[-1].c1} clean keys")
-    outs = [
-        _block_part(query[:, :, p.b0 : p.b1], key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1],
-                    key[:, :, L + p.b0 : L + p.b1], value[:, :, L + p.b0 : L + p.b1], p.clean_bias,
-                    layout.block_size, layout.causal_within_block, scaling)
-        for p in parts
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    H, Hkv, D = query.shape[1], key.shape[1], layout.block_size
+    for p in parts:
+        if (p.b1 - p.b0) % D or H % Hkv or p.clean_bias.shape[-2:] != (p.b1 - p.b0, p.c1 - p.c0):
+            raise SDLMError(f"block attention got {p.b1 - p.b0} queries and {p.c1 - p.c0} clean keys for blocks "
+                            f"of {D} and a clean mask of {tuple(p.clean_bias.shape[-2:])}")
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):  # the products in autocast's dtype, as autocast would run them
+        dtype = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _BlockAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), layout, scaling)
+    return _BlockAttention.apply(query, key, value.to(query.dtype), layout, scaling)
 
 
-def _block_part(query, kc, vc, kb, vb, clean_bias, D, causal_within_block, scaling):
-    """One part: ``query`` (B, H, T, d) over clean keys ``kc``/``vc`` (B, Hkv, L, d) and its own blocks'
-    keys ``kb``/``vb`` (B, Hkv, T, d). Scores and softmax in float32; the products in the inputs' dtype
-    (as sdpa does)."""
-    B, H, T, d = query.shape
-    Hkv, L = kc.shape[1], kc.shape[2]
-    K, g = T // D, H // Hkv
-    if T % D or H % Hkv or clean_bias.shape[-2:] != (T, L):
-        raise SDLMError(f"block attention got {T} queries and {L} clean keys for blocks of {D} and a clean "
-                        f"mask of {tuple(clean_bias.shape[-2:])}")
-    q = query.reshape(B, Hkv, g, T, d)  # query head h reads key head h // g
-    s_clean = (q.reshape(B, Hkv, g * T, d) @ kc.transpose(-1, -2)).float().view(B, Hkv, g, T, L)
-    s_clean = s_clean * scaling + clean_bias.view(-1, 1, 1, T, L)
-    qb, kbb, vbb = q.view(B, Hkv, g, K, D, d), kb.reshape(B, Hkv, 1, K, D, d), vb.reshape(B, Hkv, 1, K, D, d)
-    s_own = (qb @ kbb.transpose(-1, -2)).float() * scaling  # (B, Hkv, g, K, D, D)
-    if causal_within_block:
-        hide = torch.ones(D, D, dtype=torch.bool, device=query.device).triu(1)
-        s_own = s_own.masked_fill(hide, float("-inf"))
-    p = torch.softmax(torch.cat([s_clean, s_own.reshape(B, Hkv, g, T, D)], -1), -1).to(vc.dtype)
-    out = (p[..., :L].reshape(B, Hkv, g * T, L) @ vc).view(B, Hkv, g, T, d)
-    out = out + (p[..., L:].reshape(B, Hkv, g, K, D, D) @ vbb).view(B, Hkv, g, T, d)
-    return out.view(B, H, T, d)
+class _BlockAttention(torch.autograd.Function):
+    """:func:`block_attention`, part by part, with its backward pass written out.
+
+    Per part (a sample's T queries, its L clean keys, its own T block keys in blocks of D), with P the
+    softmax over the (T, L + D) scores: ``O = P_clean V_clean + P_own V_own``, and backward
+    ``dS = P * (dP - rowsum(dO * O))`` (the softmax's backward through the output, as flash attention
+    takes it), then the four products for dQ, dK, dV. Gradients are written straight into full-size
+    tensors (no slicing backward nodes), and none are computed for the clean keys and values when the
+    layout says they need none (the two-pass step's clean KV comes from a pass without gradients)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, layout, scaling):
+        B, H, T, d = query.shape
+        Hkv, L = key.shape[1], key.shape[2] - T
+        g, D = H // Hkv, layout.block_size
+        outs, saved = [], []
+        for p in layout.parts:
+            n, c = p.b1 - p.b0, p.c1 - p.c0
+            K = n // D
+            q = query[:, :, p.b0 : p.b1].reshape(B, Hkv, g, n, d)
+            kc, vc = key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1]
+            kb = key[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+            vb = value[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+            s = torch.empty(B, Hkv, g, n, c + D, dtype=torch.float32, device=query.device)
+            torch.add(p.clean_bias.view(-1, 1, 1, n, c), (q.reshape(B, Hkv, g * n, d) @ kc.transpose(-1, -2))
+                      .view(B, Hkv, g, n, c), alpha=scaling, out=s[..., :c])
+            torch.mul((q.view(B, Hkv, g, K, D, d) @ kb.transpose(-1, -2)).view(B, Hkv, g, n, D), scaling,
+                      out=s[..., c:])
+            if layout.causal_within_block:
+                s[..., c:].masked_fill_(_later_in_block(n, D, query.device), float("-inf"))
+            prob = torch.softmax(s, -1)
+            del s
+            pc, po = prob[..., :c].to(query.dtype), prob[..., c:].to(query.dtype)  # contiguous, for the products
+            o = (pc.view(B, Hkv, g * n, c) @ vc).view(B, Hkv, g, n, d)
+            outs.append(o.add_((po.view(B, Hkv, g, K, D, D) @ vb).view(B, Hkv, g, n, d)))
+            saved.append((prob, pc, po))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 3)
+        ctx.layout, ctx.scaling, ctx.saved = layout, scaling, saved
+        ctx.save_for_backward(query, key, value, out)
+        return out.view(B, H, T, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out = ctx.saved_tensors
+        layout, scaling = ctx.layout, ctx.scaling
+        B, H, T, d = query.shape
+        Hkv, L = key.shape[1], key.shape[2] - T
+        g, D = H // Hkv, layout.block_size
+        clean = layout.clean_needs_grad
+        dq = torch.empty(B, Hkv, g, T, d, dtype=query.dtype, device=query.device)
+        dk = (torch.zeros_like if clean else torch.empty_like)(key)
+        dv = (torch.zeros_like if clean else torch.empty_like)(value)
+        if not clean:
+            dk[:, :, :L].zero_()
+            dv[:, :, :L].zero_()
+        do = grad_out.to(query.dtype).reshape(B, Hkv, g, T, d)
+        # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction, from d columns instead of L + D
+        delta = (do.float() * out.float()).sum(-1, keepdim=True)
+        for p, (prob, pc, po) in zip(layout.parts, ctx.saved):
+            n, c = p.b1 - p.b0, p.c1 - p.c0
+            K = n // D
+            q = query[:, :, p.b0 : p.b1].reshape(B, Hkv, g, n, d)
+            kc, vc = key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1]
+            kb = key[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+            vb = value[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+            dop = do[:, :, :, p.b0 : p.b1]
+            ds = torch.empty_like(prob)
+            torch.sub((dop.reshape(B, Hkv, g * n, d) @ vc.transpose(-1, -2)).view(B, Hkv, g, n, c),
+                      delta[:, :, :, p.b0 : p.b1], out=ds[..., :c])
+            torch.sub((dop.reshape(B, Hkv, g, K, D, d) @ vb.transpose(-1, -2)).view(B, Hkv, g, n, D),
+                      delta[:, :, :, p.b0 : p.b1], out=ds[..., c:])
+            ds.mul_(prob)
+            dsc, dso = ds[..., :c].to(query.dtype), ds[..., c:].to(query.dtype)
+            del ds
+            dqp = (dsc.view(B, Hkv, g * n, c) @ kc).view(B, Hkv, g, n, d)
+            dqp += (dso.view(B, Hkv, g, K, D, D) @ kb).view(B, Hkv, g, n, d)
+            dq[:, :, :, p.b0 : p.b1] = dqp.mul_(scaling)
+            dk[:, :, L + p.b0 : L + p.b1] = (dso.view(B, Hkv, g, K, D, D).transpose(-1, -2)
+                                            @ q.view(B, Hkv, g, K, D, d)).sum(2).view(B, Hkv, n, d).mul_(scaling)
+            dv[:, :, L + p.b0 : L + p.b1] = (po.view(B, Hkv, g, K, D, D).transpose(-1, -2)
+                                            @ dop.reshape(B, Hkv, g, K, D, d)).sum(2).view(B, Hkv, n, d)
+            if clean:
+                dk[:, :, p.c0 : p.c1] += (dsc.view(B, Hkv, g * n, c).transpose(-1, -2)
+                                          @ q.reshape(B, Hkv, g * n, d)).mul_(scaling)
+                dv[:, :, p.c0 : p.c1] += pc.view(B, Hkv, g * n, c).transpose(-1, -2) @ dop.reshape(B, Hkv, g * n, d)
+        ctx.saved = None
+        return dq.view(B, H, T, d), dk, dv, None, None
+
+
+def _later_in_block(n: int, D: int, device) -> torch.Tensor:
+    """(n, D) True where key j of a query's own block comes after the query (causal within a block)."""
+    return torch.arange(D, device=device)[None, :] > (torch.arange(n, device=device) % D)[:, None]
 
 
 def use_block_attention(model) -> None:

@@ -56,6 +56,44 @@ def test_block_attention_equals_dense_sdpa(causal):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_block_attention_under_bf16_autocast_and_without_clean_gradients():
+    """Under bf16 autocast, with float32 queries and keys (rotary embeddings make them so) and bf16 values,
+    block attention computes in bf16 like sdpa does there: outputs and gradients within bf16 rounding of
+    sdpa's, in the inputs' dtypes. With ``clean_needs_grad`` off, the clean keys and values get zero
+    gradients and the block part's are unchanged."""
+    D, H, Hkv, d = 4, 6, 2, 16
+    q_info, clean = _rows(D, [(23, [0, 5, 9, 14, 20]), (17, [3, 8, 12])])
+    B, T, L = q_info.pos.shape[0], q_info.pos.shape[1], clean.pos.shape[1]
+    layout = block_layout(q_info, clean, D, False, torch.float32)
+    dense = additive(allowed(q_info, TokenInfo.cat([clean, q_info])), torch.float32)
+    g = torch.Generator().manual_seed(2)
+    q0, k0 = torch.randn(B, H, T, d, generator=g), torch.randn(B, Hkv, L + T, d, generator=g)
+    v0 = torch.randn(B, Hkv, L + T, d, generator=g).bfloat16()
+    real = (q_info.seq >= 0)[:, None, :, None].float()
+    w = torch.randn(B, H, T, d, generator=g) * real
+    outs = []
+    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.25, enable_gqa=True),
+               lambda q, k, v: block_attention(q, k, v, layout, 0.25)):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = fn(q, k, v)
+        (o.float() * w).sum().backward()
+        assert o.dtype == torch.bfloat16 and q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+        outs.append((o.float() * real, q.grad, k.grad, v.grad.float()))
+    for a, b in zip(*outs):
+        assert (a - b).norm() <= 2e-2 * b.norm()
+    layout.clean_needs_grad = False
+    q, k, v = (t.clone().float().requires_grad_(True) for t in (q0, k0, v0))
+    (block_attention(q, k, v, layout, 0.25) * w).sum().backward()
+    full = [t.clone().float().requires_grad_(True) for t in (q0, k0, v0)]
+    layout.clean_needs_grad = True
+    (block_attention(*full, layout, 0.25) * w).sum().backward()
+    assert k.grad[:, :, :L].abs().max() == 0 and v.grad[:, :, :L].abs().max() == 0
+    assert full[1].grad[:, :, :L].abs().max() > 0
+    assert torch.allclose(q.grad, full[0].grad) and torch.allclose(k.grad[:, :, L:], full[1].grad[:, :, L:])
+    assert torch.allclose(v.grad[:, :, L:], full[2].grad[:, :, L:])
+
+
 def test_block_layout_refuses_other_shapes():
     """Blocks out of order, a partial block, a block among the clean keys, a sample spread over two runs
     of a row, or padded rows of several samples get no layout (the caller then builds the dense mask);

@@ -384,6 +384,8 @@ def two_pass_loss(
     mask = None
     if blocks_attn:
         mask = block_layout(blocks.info, clean.info, block_size, cfg.causal_within_block, sdlm.dtype)
+        if mask is not None:
+            mask.clean_needs_grad = False  # the clean KV comes from the pass above, without gradients
     if mask is None:  # the dense (B, 1, K, L+K) mask (or flex's block mask)
         mask = _mask(sdlm, blocks.info, TokenInfo.cat([clean.info, blocks.info]), cfg.causal_within_block)
     # Gate 1 on the whole block part, padding included: padding sees only padding, no real token sees
