@@ -182,7 +182,7 @@ class _LinearCE(torch.autograd.Function):
         ce = torch.empty(N, dtype=torch.float32, device=hidden.device)
         hits = torch.empty(N, dtype=torch.float32, device=hidden.device)
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
-        low, full = _workspace(weight, min(chunk, N))
+        low, full = _workspace(weight, chunk if N > chunk // 2 else N)
         for i in range(0, N, chunk):
             y = labels[i : i + chunk]
             n = len(y)
