@@ -98,3 +98,29 @@ def test_fused_lora_leaves_other_calls_to_peft():
     ad.set_active(False)
     assert torch.allclose(layer(x), base)
     s.gate = None
+
+
+def test_trainer_fused_lora_default_and_same_steps(tmp_path):
+    """On CPU the trainer fuses the block-adapter's LoRA layers by default; ``fused_lora: false`` keeps
+    peft's layers. Both train the same steps (losses and adapter weights)."""
+    import sdlm.train.fused as fused
+    from sdlm.train.trainer import Trainer
+
+    from test_train import tiny
+
+    runs = {}
+    for on in (None, False):
+        calls = []
+        real = fused.lora_linear
+        fused.lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            tr = Trainer(tiny(tmp_path / str(on), retrofit="block-adapter", steps=3, save_every=0, eval_every=0,
+                              fused_lora=on))
+            runs[on] = ([tr.train_step()["loss"] for _ in range(3)],
+                        {k: v.clone() for k, v in tr.adapter.state_dict().items()})
+        finally:
+            fused.lora_linear = real
+        assert bool(calls) == (on is None)
+    assert runs[None][0] == pytest.approx(runs[False][0], abs=1e-5)
+    for k, w in runs[None][1].items():
+        assert torch.allclose(w, runs[False][1][k], atol=1e-5), k

@@ -124,11 +124,12 @@ class TrainConfig:
     (they run together, the gradient taken in the same pass: :func:`sdlm.train.loss.linear_ce`), so at
     most this many rows of logits are in memory. The same loss and gradients at every size (tested).
     None: 1024. Not with ``distill`` (soft targets need all of a step's logits)."""
-    fused_lora: bool = True
+    fused_lora: bool | None = None
     """block-adapter: run the block pass's LoRA layers as one autograd function each
     (:mod:`sdlm.train.fused`): the input cast once, the low-rank update accumulated by the matrix
     product, a backward pass of five matrix products; the same loss and gradients as ``peft``'s layers
-    up to rounding (tested). ``false``: ``peft``'s own forward."""
+    up to rounding (tested). ``false``: ``peft``'s own forward. None = on for CPUs, where it is
+    measured faster; off on GPUs until it is timed there."""
     attention: str = "auto"
     """``sdpa``: dense (T x T) masks from the block rule. ``blocks`` (block-adapter): a micro-batch
     runs as one row, its samples one after another with no padding (so every linear layer runs once
@@ -285,7 +286,8 @@ class Trainer:
         self.bf16_weights = bool(self.bf16 and want and cfg.retrofit != "full")
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
-        if cfg.fused_lora and cfg.retrofit == "block-adapter":
+        fused = cfg.fused_lora if cfg.fused_lora is not None else self.sdlm.device.type == "cpu"
+        if fused and cfg.retrofit == "block-adapter":
             fuse_lora_linears(self.sdlm)
         if self.attention == "flex":
             if self.sdlm.device.type != "cuda":
