@@ -1,20 +1,25 @@
-"""Attention for the block pass of one training sample, in two exact pieces (SPEC §2).
+"""Attention for the training step of the block-gated adapter (SPEC §2): block attention in two
+exact pieces, and several samples in one row.
 
-In the block pass of one sample (the CPU training step), the queries are the sample's K blocks of D
-tokens, one after another, and the keys are its L clean tokens followed by those same K·D block
-tokens. The block rule (:mod:`sdlm.masks`) lets block b see the clean keys before its start and its
-own D tokens, nothing else. Of the dense (K·D) × (L + K·D) mask, the block part is therefore
-block-diagonal: a dense kernel spends most of its work there on scores it throws away.
+In the block pass of one sample, the queries are the sample's K blocks of D tokens, one after
+another, and the keys are its L clean tokens followed by those same K·D block tokens. The block rule
+(:mod:`sdlm.masks`) lets block b see the clean keys before its start and its own D tokens, nothing
+else. Of the dense (K·D) × (L + K·D) mask, the block part is therefore block-diagonal: a dense kernel
+spends most of its work there on scores it throws away.
 
 :func:`block_attention` computes the same attention as two pieces sharing one softmax: every query
-against the L clean keys (masked by the rule, through :attr:`BlockLayout.clean_bias`), and each
+against the L clean keys (masked by the rule, through :attr:`BlockPart.clean_bias`), and each
 block's D queries against its own D keys. That is (K·D) × (L + D) scores instead of
-(K·D) × (L + K·D), in plain matrix products, whose backward pass is cheap; the dense kernel's
-backward pass is what costs most on a CPU.
+(K·D) × (L + K·D), in plain matrix products, with the backward pass written out.
 
-A model takes it through :func:`use_block_attention`; :meth:`sdlm.model.SDLM.forward` runs it when
-it is given a :class:`BlockLayout` instead of a 4D mask. Any other forward of the same model (the
-clean pass, decoding) runs sdpa as before.
+The CPU training step puts a micro-batch's samples one after another in a single row, so that every
+linear layer runs once over all of them. Attention stays per sample: the clean pass is causal within
+each sample (:class:`CausalSegments`), and the block pass has a :class:`BlockPart` per sample, over
+that sample's clean keys only.
+
+A model takes these through :func:`use_block_attention`; :meth:`sdlm.model.SDLM.forward` runs them
+when it is given a :class:`BlockLayout` or :class:`CausalSegments` instead of a 4D mask. Any other
+forward of the same model (decoding, evaluation) runs sdpa as before.
 """
 
 from __future__ import annotations
