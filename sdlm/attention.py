@@ -210,12 +210,7 @@ class _BlockAttention(torch.autograd.Function):
         g, D = H // Hkv, layout.block_size
         outs, saved = [], []
         for p in layout.parts:
-            n, c = p.b1 - p.b0, p.c1 - p.c0
-            K = n // D
-            q = query[:, :, p.b0 : p.b1].reshape(B, Hkv, g, n, d)
-            kc, vc = key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1]
-            kb = key[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
-            vb = value[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+            n, c, K, q, kc, vc, kb, vb = _part(query, key, value, p, L, D)
             s = torch.empty(B, Hkv, g, n, c + D, dtype=torch.float32, device=query.device)
             torch.add(p.clean_bias.view(-1, 1, 1, n, c), (q.reshape(B, Hkv, g * n, d) @ kc.transpose(-1, -2))
                       .view(B, Hkv, g, n, c), alpha=scaling, out=s[..., :c])
@@ -252,12 +247,7 @@ class _BlockAttention(torch.autograd.Function):
         # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction, from d columns instead of L + D
         delta = (do.float() * out.float()).sum(-1, keepdim=True)
         for p, (prob, pc, po) in zip(layout.parts, ctx.saved):
-            n, c = p.b1 - p.b0, p.c1 - p.c0
-            K = n // D
-            q = query[:, :, p.b0 : p.b1].reshape(B, Hkv, g, n, d)
-            kc, vc = key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1]
-            kb = key[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
-            vb = value[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+            n, c, K, q, kc, vc, kb, vb = _part(query, key, value, p, L, D)
             dop = do[:, :, :, p.b0 : p.b1]
             ds = torch.empty_like(prob)
             torch.sub((dop.reshape(B, Hkv, g * n, d) @ vc.transpose(-1, -2)).view(B, Hkv, g, n, c),
@@ -280,6 +270,19 @@ class _BlockAttention(torch.autograd.Function):
                 dv[:, :, p.c0 : p.c1] += pc.view(B, Hkv, g * n, c).transpose(-1, -2) @ dop.reshape(B, Hkv, g * n, d)
         ctx.saved = None
         return dq.view(B, H, T, d), dk, dv, None, None
+
+
+def _part(query, key, value, p: BlockPart, L: int, D: int):
+    """Part ``p``'s sizes (queries n, clean keys c, blocks K) and views: its queries (B, Hkv, g, n, d),
+    its clean keys and values (B, Hkv, c, d), its own block keys and values (B, Hkv, 1, K, D, d)."""
+    B, H, _, d = query.shape
+    Hkv = key.shape[1]
+    n, c = p.b1 - p.b0, p.c1 - p.c0
+    K = n // D
+    q = query[:, :, p.b0 : p.b1].reshape(B, Hkv, H // Hkv, n, d)
+    kb = key[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+    vb = value[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+    return n, c, K, q, key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1], kb, vb
 
 
 def _later_in_block(n: int, D: int, device) -> torch.Tensor:
