@@ -181,8 +181,10 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise SDLMError(f"block attention got {T} queries and {S} keys for a layout of {parts[-1].b1} block "
                         f"queries over {parts[-1].c1} clean keys")
     H, Hkv, D = query.shape[1], key.shape[1], layout.block_size
+    if H % Hkv:
+        raise SDLMError(f"block attention got {H} query heads for {Hkv} key/value heads: not a multiple")
     for p in parts:
-        if (p.b1 - p.b0) % D or H % Hkv or p.clean_bias.shape[-2:] != (p.b1 - p.b0, p.c1 - p.c0):
+        if (p.b1 - p.b0) % D or p.clean_bias.shape[-2:] != (p.b1 - p.b0, p.c1 - p.c0):
             raise SDLMError(f"block attention got {p.b1 - p.b0} queries and {p.c1 - p.c0} clean keys for blocks "
                             f"of {D} and a clean mask of {tuple(p.clean_bias.shape[-2:])}")
     dev = query.device.type
@@ -238,11 +240,9 @@ class _BlockAttention(torch.autograd.Function):
         g, D = H // Hkv, layout.block_size
         clean = layout.clean_needs_grad
         dq = torch.empty(B, Hkv, g, T, d, dtype=query.dtype, device=query.device)
-        dk = (torch.zeros_like if clean else torch.empty_like)(key)
-        dv = (torch.zeros_like if clean else torch.empty_like)(value)
-        if not clean:
-            dk[:, :, :L].zero_()
-            dv[:, :, :L].zero_()
+        dk, dv = torch.empty_like(key), torch.empty_like(value)  # the parts write every block column
+        dk[:, :, :L].zero_()  # clean columns: zero, or the parts' sums below
+        dv[:, :, :L].zero_()
         do = grad_out.to(query.dtype).reshape(B, Hkv, g, T, d)
         # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction, from d columns instead of L + D
         delta = (do.float() * out.float()).sum(-1, keepdim=True)

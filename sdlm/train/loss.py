@@ -337,8 +337,9 @@ def two_pass_loss(
     chunk: int | None = None,
 ) -> LossOutput:
     """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
-    For a model set up with :func:`sdlm.attention.use_block_attention`, the block pass of one-sample
-    rows runs block attention.
+    For a model set up with :func:`sdlm.attention.use_block_attention`, a batch of one-sample rows, or
+    one row of several samples without padding, runs block attention in the block pass (and, for the
+    one row, a causal clean pass per sample).
 
     ``distill`` > 0 mixes in soft targets: the base model's own next-token
     distribution at the matching clean position (the clean pass computes it

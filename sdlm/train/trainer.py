@@ -282,11 +282,12 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
-        want = cfg.bf16_weights if cfg.bf16_weights is not None else self.sdlm.device.type == "cpu"
+        on_cpu = self.sdlm.device.type == "cpu"  # the default of the settings measured on CPUs only
+        want = cfg.bf16_weights if cfg.bf16_weights is not None else on_cpu
         self.bf16_weights = bool(self.bf16 and want and cfg.retrofit != "full")
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
-        fused = cfg.fused_lora if cfg.fused_lora is not None else self.sdlm.device.type == "cpu"
+        fused = cfg.fused_lora if cfg.fused_lora is not None else on_cpu
         if fused and cfg.retrofit == "block-adapter":
             fuse_lora_linears(self.sdlm)
         if self.attention == "flex":
