@@ -45,7 +45,7 @@ def main() -> None:
             tr.step = step
             tokens += tr.train_step()["block_tokens"]
         rates.append(tokens / (time.perf_counter() - t0))
-    print(f"{args.tag} {' '.join(args.set)}: bf16 {tr.bf16}, bf16 weight copies {tr.bf16_weights}, attention "
+    print(f"{args.tag} {' '.join(args.set)}: bf16 {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, attention "
           f"{tr.attention}; trained block tokens/s per repetition " + " ".join(f"{r:.1f}" for r in rates)
           + f", median {statistics.median(rates):.1f}", flush=True)
 

@@ -124,3 +124,60 @@ def test_trainer_fused_lora_default_and_same_steps(tmp_path):
     assert runs[None][0] == pytest.approx(runs[False][0], abs=1e-5)
     for k, w in runs[None][1].items():
         assert torch.allclose(w, runs[False][1][k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_rms_norms_in_a_bf16_base(arch):
+    """Every RMS norm of the model is routed; with the base in bf16 a routed norm's output is within a
+    rounding of the module's own and its input gradient close to it, float32 calls still run the module's
+    own forward (bit for bit), and the two-pass loss and gradients barely move."""
+    from sdlm.train.fused import fuse_rms_norms
+    from sdlm.train.trainer import FrozenBF16
+
+    s, ad = adapted(arch)
+    ad.train_mask_embedding()
+    ad.mask_embedding.requires_grad_(True)
+    norms = [m for m in s.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    own = {m: m.forward for m in norms}
+    b = batch(s)
+    fb = FrozenBF16(s.model)
+    with fb:
+        ref_loss, ref_grads = _run(s, ad, two_pass_loss, b, True)
+    assert fuse_rms_norms(s.model) == len(norms) > 0
+    with fb:
+        loss, grads = _run(s, ad, two_pass_loss, b, True)
+        g = torch.Generator().manual_seed(1)
+        for m in norms[:3]:
+            x = (torch.randn(5, m.weight.shape[0], generator=g) * 4).bfloat16().requires_grad_(True)
+            y = m(x)
+            up = torch.randn(y.shape, generator=g).bfloat16()
+            y.backward(up)
+            x2 = x.detach().clone().requires_grad_(True)
+            y2 = own[m](x2)
+            y2.backward(up)
+            assert y.dtype == y2.dtype == torch.bfloat16
+            assert torch.allclose(y.float(), y2.float(), rtol=2**-7, atol=1e-3)
+            assert torch.allclose(x.grad.float(), x2.grad.float(), rtol=2e-2, atol=2e-2 * float(x2.grad.abs().max()))
+    x = torch.randn(5, norms[0].weight.shape[0])
+    assert torch.equal(norms[0](x), own[norms[0]](x))  # float32: the module's own forward
+    assert torch.allclose(loss, ref_loss, rtol=1e-2)
+    for u, v in zip(grads, ref_grads):
+        assert torch.nn.functional.cosine_similarity(u.flatten(), v.flatten(), dim=0) > 0.98
+
+
+def test_fused_rms_norms_leave_other_norms_alone():
+    """Norms of another form (Gemma's ``(1 + w)``, LayerNorm) or with a trained weight are not routed."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from sdlm.train.fused import fuse_rms_norms
+
+    mods = torch.nn.ModuleList([GemmaRMSNorm(32), torch.nn.LayerNorm(32, bias=False), torch.nn.LayerNorm(32),
+                                LlamaRMSNorm(32), LlamaRMSNorm(32)])
+    with torch.no_grad():
+        for m in mods:
+            m.weight.add_(torch.randn(32) * 0.3)
+    for m in mods[:-1]:
+        m.weight.requires_grad_(False)
+    assert fuse_rms_norms(mods) == 1  # the frozen Llama norm only
+    assert "forward" in vars(mods[3]) and all("forward" not in vars(m) for i, m in enumerate(mods) if i != 3)

@@ -552,9 +552,68 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
     assert tr.attention == "sdpa" and tr.sdlm.model.config._attn_implementation != BLOCK_ATTENTION
     with pytest.raises(SDLMError, match="attention: blocks is for retrofit: block-adapter"):
         tiny(tmp_path / "lora", retrofit="lora", attention="blocks")
-    assert Trainer(tiny(tmp_path / "bf16", retrofit="block-adapter", bf16=True)).bf16_weights
-    assert not Trainer(tiny(tmp_path / "bf16off", retrofit="block-adapter", bf16=True, bf16_weights=False)).bf16_weights
-    assert not Trainer(tiny(tmp_path / "fp32", retrofit="block-adapter")).bf16_weights  # the tiny recipe: bf16 off
+    tr = Trainer(tiny(tmp_path / "bf16", retrofit="block-adapter", bf16=True))
+    assert tr.bf16_base and not tr.bf16_weights  # a bf16 base needs no copies
+    tr = Trainer(tiny(tmp_path / "bf16b", retrofit="block-adapter", bf16=True, bf16_base=False))
+    assert tr.bf16_weights and not tr.bf16_base
+    tr = Trainer(tiny(tmp_path / "bf16off", retrofit="block-adapter", bf16=True, bf16_base=False, bf16_weights=False))
+    assert not tr.bf16_weights and not tr.bf16_base
+    tr = Trainer(tiny(tmp_path / "fp32", retrofit="block-adapter"))  # the tiny recipe: bf16 off
+    assert not tr.bf16_weights and not tr.bf16_base
+    assert not Trainer(tiny(tmp_path / "fullbf16", retrofit="full", bf16=True)).bf16_base  # its base trains
+
+
+def test_frozen_bf16_swaps_and_restores():
+    """Inside ``FrozenBF16`` every frozen float32 parameter (a tied one once) is bf16 with autocast's
+    rounding; outside, the very same float32 tensors are back, unchanged; trained ones are never touched."""
+    from sdlm.train.trainer import FrozenBF16
+
+    s, ad = adapted()
+    frozen = {n: p for n, p in s.model.named_parameters() if not p.requires_grad}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in frozen.items()}
+    trained = {n: p.data_ptr() for n, p in s.model.named_parameters() if p.requires_grad}
+    fb = FrozenBF16(s.model)
+    assert len(fb) == len({id(p) for p in frozen.values()}) > 0
+    with fb:
+        with fb:  # nested: still bf16 inside
+            pass
+        for n, p in frozen.items():
+            assert p.dtype == torch.bfloat16 and torch.equal(p.data, before[n][1].to(torch.bfloat16)), n
+        for n, p in s.model.named_parameters():
+            if p.requires_grad:
+                assert p.data_ptr() == trained[n] and p.dtype == torch.float32
+    for n, p in frozen.items():
+        assert p.data_ptr() == before[n][0] and torch.equal(p.detach(), before[n][1]), n
+
+
+def test_trainer_bf16_base_step(tmp_path):
+    """With ``bf16_base`` the step runs the frozen model in bf16 (its linear layers see bf16 weights and
+    inputs) and gives nearly autocast's loss and update; between steps the float32 base is back, bit for bit."""
+    runs = {}
+    for on in (False, True):
+        tr = Trainer(tiny(tmp_path / str(on), retrofit="block-adapter", bf16=True, bf16_base=on, steps=2,
+                          save_every=0, eval_every=0))
+        assert tr.bf16_base == on
+        base = {n: p.detach().clone() for n, p in tr.sdlm.model.named_parameters() if not p.requires_grad}
+        start = {k: v.clone() for k, v in tr.adapter.state_dict().items()}
+        seen = []
+        lin = next(m for m in tr.sdlm.model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad)
+        hook = lin.register_forward_hook(lambda m, a, o: seen.append((m.weight.dtype, a[0].dtype)))
+        losses = [tr.train_step()["loss"] for _ in range(2)]
+        hook.remove()
+        assert seen and all(w == (torch.bfloat16 if on else torch.float32) for w, _ in seen)
+        if on:
+            assert all(x == torch.bfloat16 for _, x in seen)  # the residual stream is bf16 too
+        for n, p in tr.sdlm.model.named_parameters():
+            if not p.requires_grad:
+                assert p.dtype == torch.float32 and torch.equal(p, base[n]), n
+        runs[on] = losses, {k: v - start[k] for k, v in tr.adapter.state_dict().items()}
+    (la, da), (lb, db) = runs[False], runs[True]
+    assert lb == pytest.approx(la, rel=0.02)
+    assert la != lb  # not the same numbers: activations are rounded to bf16
+    for k in da:
+        cos = torch.nn.functional.cosine_similarity(da[k].flatten(), db[k].flatten(), dim=0)
+        assert cos > 0.95, (k, float(cos))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only")

@@ -83,3 +83,87 @@ def fuse_lora_linears(sdlm) -> int:
         mod.forward = forward
         n += 1
     return n
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` with a frozen ``w`` of ``x``'s dtype and the
+    statistics in float32: the RMS norm of Llama-style models, in three passes over ``x`` instead of
+    six, and a backward pass (for ``x`` only) of five instead of about ten."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1) float32
+        ctx.save_for_backward(x, r, weight)
+        return torch.mul(x, r).to(x.dtype).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, r, weight = ctx.saved_tensors
+        gw = torch.mul(grad, weight).float()  # the gradient at the normalised x
+        xr = torch.mul(x, r)  # the normalised x, float32
+        m = torch.linalg.vecdot(gw, xr, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+        return gw.sub_(xr.mul_(m)).mul_(r).to(x.dtype), None, None
+
+
+def _norm_eps(mod) -> float | None:
+    for name in ("variance_epsilon", "eps"):
+        eps = getattr(mod, name, None)
+        if isinstance(eps, float):
+            return eps
+    return None
+
+
+def fuse_rms_norms(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Route the model's frozen RMS norms through :class:`_RMSNorm` for inputs and weights of ``dtype``
+    (a base held in bf16, :class:`sdlm.train.trainer.FrozenBF16`); any other call runs the module's own
+    forward. A norm is routed only if, on a random input of ``dtype``, its own forward and the fused
+    one agree within rounding, outputs and input gradients: a norm of another form (such as
+    ``(1 + w) * ...``) is left alone. Returns the number of norms routed."""
+    n = 0
+    for mod in model.modules():
+        w, eps = getattr(mod, "weight", None), _norm_eps(mod)
+        if not (isinstance(w, torch.nn.Parameter) and w.dim() == 1 and not w.requires_grad and eps is not None
+                and getattr(mod, "bias", None) is None and _same_norm(mod, w, eps, dtype)):
+            continue
+        own = mod.forward
+
+        def forward(x, *args, mod=mod, own=own, eps=eps, **kwargs):
+            if not args and not kwargs and x.dtype == dtype and mod.weight.dtype == dtype:
+                return _RMSNorm.apply(x, mod.weight, eps)
+            return own(x, *args, **kwargs)
+
+        mod.forward = forward
+        n += 1
+    return n
+
+
+def _same_norm(mod, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> bool:
+    """Whether ``mod`` computes :class:`_RMSNorm` (checked in ``dtype`` on a seeded random input)."""
+    gen = torch.Generator().manual_seed(0)
+    H = weight.shape[0]
+    x = (torch.randn(8, H, generator=gen) * 3).to(dtype=dtype, device=weight.device)
+    g = torch.randn(8, H, generator=gen).to(dtype=dtype, device=weight.device)
+    w = weight.detach().to(dtype)
+    saved = weight.data
+    try:
+        weight.data = w
+        with torch.enable_grad():
+            a = x.clone().requires_grad_(True)
+            ya = mod.forward(a)
+            ya.backward(g)
+            b = x.clone().requires_grad_(True)
+            yb = _RMSNorm.apply(b, w, eps)
+            yb.backward(g)
+    except Exception:  # noqa: BLE001 - a module of another signature: not a norm this can stand in for
+        return False
+    finally:
+        weight.data = saved
+    if ya.dtype != yb.dtype or ya.shape != yb.shape:
+        return False
+
+    def close(u, v, rel):  # within a few roundings of the largest value
+        u, v = u.detach().float(), v.detach().float()
+        return float((u - v).abs().max()) <= rel * float(u.abs().max())
+
+    return close(ya, yb, 2**-6) and close(a.grad, b.grad, 2**-5)
