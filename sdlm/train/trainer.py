@@ -123,9 +123,11 @@ class TrainConfig:
     bf16_base: bool | None = None
     """With bf16 autocast: run the frozen base model wholly in bf16 inside the training step (its
     weights, so also the residual stream, norms and rotary embeddings), instead of float32 activations
-    around bf16 matrix products. The trainable weights (LoRA, the mask embedding), the optimizer, the
-    LM head's loss and everything outside the step (held-out tokens per forward, the exported adapter)
-    stay float32; the float32 base weights are kept and are unchanged. Not the same numbers as
+    around bf16 matrix products, with its RMS norms fused (:func:`sdlm.train.fused.fuse_rms_norms`).
+    The trainable weights (LoRA, the mask embedding), the optimizer and the loss stay float32; the
+    held-out loss is computed as the step computes it, and everything else (held-out tokens per
+    forward, the exported adapter) sees the float32 base, kept unchanged beside a bf16 copy of the
+    frozen weights (2 more bytes per parameter). Not the same numbers as
     autocast's: activations are rounded to bf16 between layers (tested to be close; measured to learn
     the same per step, README). None = on for CPUs, where it removes most casts and halves the
     elementwise traffic (measured faster); off on GPUs, where a bf16 base bought no speed. Supersedes
