@@ -3,7 +3,10 @@
 Reports per mode: median tokens/s, pooled tokens per forward, the ratio to `ar`,
 and whether the output equals `ar`'s (it must, for `speculative`). Mode ``hf`` is the outside
 baseline: ``transformers`` ``generate`` on the bare base model (the adapter switched off), greedy,
-one prompt at a time.
+one prompt at a time, on the weights as stored.
+
+On a CPU the model's linear layers run on oneDNN-packed weights (``sdlm.cpu``) unless ``--no-prepack``;
+``--also-unpacked`` runs every mode both ways in the same run (rows ``MODE unpacked``).
 
     python bench/decode_speed.py --model smollm2-135m-instruct-sdlm --max-new-tokens 128
 
@@ -18,6 +21,7 @@ rejection rule and draws differently (its output is distributed as ``ar``'s, but
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -43,15 +47,25 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of every prompt and mode")
+    ap.add_argument("--no-prepack", action="store_true",
+                    help="run every mode on the weights as stored (no oneDNN-packed copies on a CPU)")
+    ap.add_argument("--also-unpacked", action="store_true",
+                    help="run every mode twice, with and without the packed copies (rows 'MODE unpacked'), in one run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import torch
 
+    from sdlm.cpu import packed_layers, packing_off
     from sdlm.decode import Decoder, GenerationConfig, encode_prompt
     from sdlm.model import SDLM
 
-    sdlm = SDLM.load(args.model, dtype=getattr(torch, args.dtype), device=args.device, quiet=True)
+    sdlm = SDLM.load(args.model, dtype=getattr(torch, args.dtype), device=args.device, quiet=True,
+                     prepack=False if args.no_prepack else None)
+    packed = bool(packed_layers(sdlm.model))
+    if args.also_unpacked and not packed:
+        raise SystemExit("--also-unpacked compares with packed weights, and none were packed here (not a CPU, or "
+                         "--no-prepack, or a build without oneDNN)")
     rows = [json.loads(l) for l in Path(args.prompts).read_text().splitlines()[: args.n]]
     prompts = [encode_prompt(sdlm, r.get("prompt") or r.get("question")) for r in rows]
     for mode in ("ar", "speculative"):  # warm-up
@@ -61,9 +75,13 @@ def main() -> int:
         hf_generate(sdlm, prompts[0], 8)  # warm-up
 
     results, outputs = {}, {}
-    for spec in args.modes:
+    runs = [(spec, False) for spec in args.modes]
+    if args.also_unpacked:
+        runs = [(spec, off) for spec in args.modes for off in (False, True) if not (spec == "hf" and off)]
+    for spec, off in runs:
         parts = spec.split(":")
         mode = parts[0]
+        label = f"{spec} unpacked" if off else spec
         if mode == "hf":
             if args.temperature > 0 or args.batch_size > 1:
                 raise SystemExit("mode hf is the greedy one-prompt baseline: drop it, or --temperature / --batch-size")
@@ -75,11 +93,12 @@ def main() -> int:
                                    threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
                                    tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-            gens, wall = run_mode(sdlm, cfg, prompts, args.batch_size)
-        outputs[spec] = [g.tokens for g in gens]
+            with packing_off() if off else contextlib.nullcontext():
+                gens, wall = run_mode(sdlm, cfg, prompts, args.batch_size)
+        outputs[label] = [g.tokens for g in gens]
         speed = (sum(g.new_tokens for g in gens) / wall if args.batch_size > 1
                  else statistics.median(g.tokens_per_second for g in gens))
-        results[spec] = {
+        results[label] = {
             "median_tokens_per_second": round(speed, 2),
             "tokens_per_forward": round(sum(g.new_tokens for g in gens) / sum(g.forwards for g in gens), 3),
             "new_tokens": sum(g.new_tokens for g in gens),
@@ -91,18 +110,24 @@ def main() -> int:
     base = results.get("ar", {}).get("median_tokens_per_second")
     for r in results.values():
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
+    for k, r in results.items():  # packed against unpacked, same mode
+        if k.endswith(" unpacked") and k[: -len(" unpacked")] in results:
+            r["packed_speedup"] = round(results[k[: -len(" unpacked")]]["median_tokens_per_second"]
+                                        / r["median_tokens_per_second"], 2)
     cpu = platform.processor() or platform.machine()
     device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else cpu
     out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
            if args.temperature > 0 else "greedy",
            "batch_size": args.batch_size,
+           "prepacked_linears": packed,
            "speed": "throughput (all tokens / wall time)" if args.batch_size > 1 else "median over prompts",
            "machine": f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            "results": results}
     for k, r in results.items():
-        print(f"{k:18s} {r['median_tokens_per_second']:7.2f} tok/s  x{r['speed_vs_ar']}  "
-              f"{r['tokens_per_forward']:.2f} tok/forward  same as ar: {r['same_output_as_ar']}")
+        print(f"{k:27s} {r['median_tokens_per_second']:7.2f} tok/s  x{r['speed_vs_ar']}  "
+              f"{r['tokens_per_forward']:.2f} tok/forward  same as ar: {r['same_output_as_ar']}"
+              + (f"  packed x{r['packed_speedup']}" if "packed_speedup" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
@@ -124,11 +149,13 @@ def run_mode(sdlm, cfg, prompts, batch_size):
 
 
 def hf_generate(sdlm, prompt, max_new_tokens):
-    """``transformers`` ``generate`` (greedy, with its own KV cache) on the bare base: the adapter off."""
+    """``transformers`` ``generate`` (greedy, with its own KV cache) on the bare base: the adapter off, and
+    the linear layers on their weights as stored (as a user of ``transformers`` runs them)."""
     import time
 
     import torch
 
+    from sdlm.cpu import packing_off
     from sdlm.decode import Generation
 
     adapter = getattr(sdlm, "adapter", None)
@@ -138,8 +165,9 @@ def hf_generate(sdlm, prompt, max_new_tokens):
     if sdlm.device.type == "cuda":
         torch.cuda.synchronize(sdlm.device)
     t0 = time.perf_counter()
-    out = sdlm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=sdlm.tokenizer.eos_token_id)
+    with packing_off():
+        out = sdlm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=sdlm.tokenizer.eos_token_id)
     if sdlm.device.type == "cuda":
         torch.cuda.synchronize(sdlm.device)
     dt = time.perf_counter() - t0

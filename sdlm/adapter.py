@@ -197,8 +197,10 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu", base: str | None = None) -> SDLM:
-    """Load the base model named in the adapter folder (or ``base``), apply the adapter."""
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu", base: str | None = None,
+                 prepack: bool | None = None) -> SDLM:
+    """Load the base model named in the adapter folder (or ``base``), apply the adapter. ``prepack`` as in
+    :meth:`SDLM.load`."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -210,7 +212,7 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
         raise
     except Exception as e:  # noqa: BLE001 - any read error becomes one clear line
         raise SDLMError(f"cannot read adapter {path}: {type(e).__name__}: {e}; re-save it or train it again") from None
-    sdlm = SDLM.load(base or config.base_model, dtype=dtype, device=device, quiet=True)
+    sdlm = SDLM.load(base or config.base_model, dtype=dtype, device=device, quiet=True, prepack=False)
     s = SDLMConfig.from_dict(config.sdlm)
     sdlm.retrofit(block_size=s.block_size, ar_loss_weight=s.ar_loss_weight, causal_within_block=s.causal_within_block,
                   draft_trees=s.draft_trees)
@@ -226,4 +228,10 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     for p in sdlm.model.parameters():
         p.requires_grad_(False)
     sdlm.name = str(path)
+    if prepack is None:
+        from .cpu import can_prepack
+
+        prepack = can_prepack(dtype, device)
+    if prepack:
+        sdlm.prepack()
     return sdlm

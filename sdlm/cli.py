@@ -25,12 +25,21 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, prepack: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="adapter folder, local HF folder, built-in name (smollm2-135m-instruct), random:<arch> "
                         "(llama, qwen2, qwen3, mistral) or Hub id (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    if prepack:
+        p.add_argument("--no-prepack", action="store_true",
+                       help="on a CPU, run the linear layers on their weights as stored instead of on copies "
+                            "prepacked for oneDNN (slower; the packed copies take as much memory again as the weights)")
+
+
+def _prepack(args):
+    """``SDLM.load``'s ``prepack`` for the model arguments: None (on where the CPU supports it) or False."""
+    return False if args.no_prepack else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read more prompts from this file, one per line (or JSONL with a 'prompt' field)")
 
     r = sub.add_parser("retrofit", help="add the mask token and SDLM settings to a model and save it as an HF folder")
-    _add_model_args(r)
+    _add_model_args(r, prepack=False)
     r.add_argument("--block-size", type=int, default=4)
     r.add_argument("--out", required=True, help="output folder")
 
@@ -124,7 +133,7 @@ def cmd_generate(args) -> int:
             raise SDLMError("a prompt is empty: give some text to continue")
     if args.batch_size < 1:
         raise SDLMError(f"--batch-size must be >= 1, got {args.batch_size}")
-    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device)
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, prepack=_prepack(args))
     decoder = Decoder(sdlm, cfg)
     if args.batch_size > 1:
         from .batched import generate_batch
@@ -209,7 +218,7 @@ def _stream_text(decoder, ids):
 def cmd_retrofit(args) -> int:
     from .model import SDLM
 
-    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True)
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True, prepack=False)
     sdlm.retrofit(block_size=args.block_size)
     path = sdlm.save(args.out)
     print(json.dumps({"saved": str(path), **sdlm.config.to_dict()}))
@@ -225,7 +234,7 @@ def cmd_distill(args) -> int:
         print(f"skipped {refused} MBPP test/validation prompts (never training data)", file=sys.stderr)
     if args.limit is not None:
         prompts = prompts[: args.limit]
-    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True)
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True, prepack=_prepack(args))
     stats = distill(sdlm, prompts, args.out, args.max_new_tokens, args.batch_size, progress=not args.no_progress)
     print(json.dumps({"out": args.out, **stats}))
     return 0
@@ -243,7 +252,7 @@ def cmd_calibrate_tree(args) -> int:
         raise SDLMError("a draft tree needs --block-size >= 2")
     if args.save and not Path(args.model).is_dir():
         raise SDLMError(f"--save writes into a model folder, and {args.model!r} is not one: use --out FILE")
-    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True)
+    sdlm = SDLM.load(args.model, dtype=_dtype(args.dtype), device=args.device, quiet=True, prepack=_prepack(args))
     if not sdlm.is_retrofitted:
         raise SDLMError(f"{args.model} has no SDLM settings: a draft tree is calibrated on a retrofitted, trained model")
     if args.limit < 1:

@@ -116,23 +116,39 @@ class SDLM:
     # ------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", quiet: bool = False) -> "SDLM":
+    def load(cls, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", quiet: bool = False,
+             prepack: bool | None = None) -> "SDLM":
         """Load a model by name and restore its SDLM settings.
 
         ``name``: an adapter folder (``sdlm_adapter.json``: base model + block adapter), or
         anything :func:`sdlm.zoo.load_base` takes (local HF folder, built-in name,
         ``random:<arch>``, Hub id).
+
+        ``prepack``: route the linear layers through oneDNN-packed weights for inference
+        (:meth:`prepack`); ``None`` (default): on for a CPU where the build supports it. Pass False
+        for a model that will train.
         """
+        sdlm = cls._load(name, dtype, device, quiet)
+        if prepack is None:
+            from .cpu import can_prepack
+
+            prepack = can_prepack(dtype, device)
+        if prepack:
+            sdlm.prepack()
+        return sdlm
+
+    @classmethod
+    def _load(cls, name: str, dtype: torch.dtype, device: str, quiet: bool) -> "SDLM":
         from .adapter import is_adapter_folder, load_adapter
         from .zoo import builtin_adapter, load_base
 
         shipped = builtin_adapter(name) if isinstance(name, str) else None
         if shipped is not None:
-            sdlm = load_adapter(shipped, dtype=dtype, device=device)
+            sdlm = load_adapter(shipped, dtype=dtype, device=device, prepack=False)
             sdlm.name = name
             return sdlm
         if is_adapter_folder(name):
-            return load_adapter(name, dtype=dtype, device=device)
+            return load_adapter(name, dtype=dtype, device=device, prepack=False)
 
         model, tokenizer = load_base(name, dtype=dtype, device=device)
         raw = getattr(model.config, CONFIG_KEY, None)
@@ -152,6 +168,20 @@ class SDLM:
                 "at about one token per forward; retrofit and train it for speed", name
             )
         return cls(model, tokenizer, config, name)
+
+    def prepack(self) -> int:
+        """Run the model's linear layers on oneDNN-packed copies of their weights in inference calls on a
+        CPU (:func:`sdlm.cpu.prepack_linears`): faster decoding, the same tokens in float32. Training
+        calls and other devices run as before. Returns the number of layers routed."""
+        from .cpu import prepack_linears
+
+        return prepack_linears(self.model)
+
+    def unpack(self) -> int:
+        """Undo :meth:`prepack` and free the packed copies. Returns the number of layers restored."""
+        from .cpu import unpack_linears
+
+        return unpack_linears(self.model)
 
     @property
     def is_retrofitted(self) -> bool:

@@ -274,7 +274,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.ckpt = self.out / "checkpoint"
-        self.sdlm = SDLM.load(cfg.model, dtype=torch.float32, device=cfg.device, quiet=True)
+        self.sdlm = SDLM.load(cfg.model, dtype=torch.float32, device=cfg.device, quiet=True, prepack=False)
         self.sdlm.retrofit(block_size=cfg.block_size, ar_loss_weight=cfg.ar_loss_weight)
         self.sdlm.config.retrofit = cfg.retrofit
         self.adapter = None

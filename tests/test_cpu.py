@@ -1,0 +1,118 @@
+"""Linear layers on oneDNN-packed weights for CPU inference (sdlm.cpu): the same products, used only
+where they may be, and the same decoded tokens as ``transformers`` ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import hf_greedy, random_prompt
+from sdlm.cpu import can_prepack, packed_layers, packing_off, prepack_linears, unpack_linears
+from sdlm.decode import Decoder, GenerationConfig
+
+pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch build has no oneDNN linear")
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if can_prepack(torch.bfloat16) else [])
+
+
+def _layer(dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(96, 160, bias=bias).to(dtype).requires_grad_(False)
+
+
+def _calls(mod) -> int:
+    return mod._sdlm_packed_state["calls"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_f_linear(dtype, bias):
+    lin = _layer(dtype, bias)
+    assert prepack_linears(lin) == 1
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    inputs = [torch.randn(1, 96), torch.randn(5, 96), torch.randn(2, 37, 96), torch.randn(7, 300)[:, 100:196]]
+    for x in inputs:
+        x = x.to(dtype)
+        with torch.inference_mode():
+            got = lin(x)
+        want = F.linear(x, lin.weight, lin.bias)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    assert _calls(lin) == len(inputs)  # every call above ran the packed product
+
+
+def test_calls_that_need_the_layers_own_forward_get_it():
+    lin = _layer(torch.float32)
+    lin.weight.requires_grad_(True)
+    prepack_linears(lin)
+    x = torch.randn(4, 96, requires_grad=True)
+    lin(x).square().sum().backward()  # gradients on: the module's own forward, with its autograd
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.linear(x2, lin.weight, lin.bias).square().sum().backward()
+    assert torch.equal(gx, x2.grad) and torch.allclose(gw, lin.weight.grad / 2)
+    with torch.no_grad():
+        lin(torch.randn(3, 96, dtype=torch.float64).float())  # no_grad: packed
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lin(torch.randn(3, 96)).dtype == torch.bfloat16  # autocast: the module's own (autocast's) path
+        with packing_off():
+            lin(torch.randn(3, 96))
+    assert _calls(lin) == 1
+
+
+def test_a_changed_weight_is_packed_again():
+    lin = _layer(torch.float32)
+    prepack_linears(lin)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        before = lin(x)
+        lin.weight.mul_(2)  # in place (an optimizer step, load_state_dict)
+        after = lin(x)
+        lin.weight = torch.nn.Parameter(torch.randn(160, 96), requires_grad=False)  # a new tensor
+        third = lin(x)
+    assert torch.allclose(after, 2 * before - lin.bias, atol=1e-4)
+    assert torch.allclose(third, F.linear(x, lin.weight, lin.bias), atol=1e-4)
+    assert _calls(lin) == 3
+
+
+def test_unpack_restores_the_layers():
+    model = torch.nn.Sequential(_layer(torch.float32), torch.nn.ReLU(), torch.nn.Linear(160, 8))
+    assert prepack_linears(model) == 1  # 160 -> 8 is narrower than the minimum: left alone
+    assert prepack_linears(model) == 0  # already routed
+    assert len(packed_layers(model)) == 1
+    assert unpack_linears(model) == 1
+    assert packed_layers(model) == [] and "forward" not in model[0].__dict__
+
+
+def test_prepacked_decoding_equals_generate(trained):
+    """The trained tiny model (drafts really accepted) loads packed on a CPU; every mode decodes what
+    ``transformers`` ``generate`` writes on the weights as stored, cached and uncached."""
+    assert packed_layers(trained.model), "SDLM.load packs on a CPU by default"
+    before = sum(_calls(m) for m in packed_layers(trained.model))
+    for seed, length in [(1, 5), (2, 11)]:
+        prompt = random_prompt(seed, length)
+        with packing_off():
+            want = hf_greedy(trained, prompt, 24)
+        for mode, D, cache in [("ar", 4, True), ("speculative", 2, True), ("speculative", 4, True),
+                               ("speculative", 8, True), ("speculative", 4, False)]:
+            g = Decoder(trained, GenerationConfig(mode=mode, block_size=D, max_new_tokens=24, use_cache=cache)).generate(prompt)
+            assert g.tokens == want, (mode, D, cache)
+    assert sum(_calls(m) for m in packed_layers(trained.model)) > before  # the decoders ran packed
+
+
+def test_load_packs_by_default_on_cpu_and_not_when_told(tmp_path):
+    from conftest import make_sdlm
+    from sdlm.model import SDLM
+
+    path = make_sdlm("llama").save(tmp_path / "m")
+    assert packed_layers(SDLM.load(str(path)).model)
+    assert not packed_layers(SDLM.load(str(path), prepack=False).model)
+
+
+def test_the_trainer_does_not_pack(tmp_path):
+    from conftest import TINY_RECIPE
+    from sdlm.train.trainer import TrainConfig, Trainer
+
+    tr = Trainer(TrainConfig.from_yaml(TINY_RECIPE, {"out_dir": str(tmp_path / "run"), "steps": 1}))
+    assert not packed_layers(tr.sdlm.model)
