@@ -180,6 +180,9 @@ class Decoder:
             config.temperature, config.top_k, config.top_p, suppress=(mask_id,) if mask_id is not None else ()
         )
         self.eos_ids = sdlm.eos_token_ids()
+        # speculative steps read the logits of few of their rows (the causal ones, then one block): the LM
+        # head runs on those only, where the model's logits are its LM head's output
+        self._plain_head = config.mode == "speculative" and _plain_head(sdlm)
         self.tree = None
         if config.mode == "speculative":
             from .tree import parse_tree
@@ -201,6 +204,8 @@ class Decoder:
         else:
             generator.seed()
         cache = self._new_cache() if cfg.use_cache else None
+        # a model whose step_logits was replaced on the instance (a wrapper, a test double) is read through it
+        lazy_head = self._plain_head and "step_logits" not in vars(self.sdlm)
         cached = 0  # committed tokens whose KV is in the cache
         drafts: list[int] = []  # speculative: proposals for the positions after the next bonus token
         draft_q: torch.Tensor | None = None  # their draft distributions (sampling only)
@@ -217,7 +222,10 @@ class Decoder:
                 if draft_q is not None:
                     draft_q = draft_q[: len(drafts)]
             step = self._layout(uncached, first, drafts)
-            logits = self.sdlm.step_logits(step, cache, cached)
+            if lazy_head:
+                logits = _LazyLogits(self.sdlm, self.sdlm.step_hidden(step, cache, cached))
+            else:
+                logits = self.sdlm.step_logits(step, cache, cached)
             out = self._accept(logits, uncached, first, drafts, draft_q, generator)
             new, proposed, keep, drafts, draft_q = out.tokens, out.proposed, out.keep, out.drafts, out.draft_q
             if cache is not None:
@@ -292,10 +300,15 @@ class Decoder:
         # §3.2: verify the drafts causally, commit the accepted ones and a bonus token, and take the
         # next drafts from the candidate block that follows the accepted ones.
         k = len(drafts)
-        causal = logits[: k + 1]  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
-        blocks = logits[k + 1 :].view(k + 1, D, -1)  # (k+1, D, V): candidate blocks B_0 .. B_k
+        rows = logits.rows if isinstance(logits, _LazyLogits) else lambda a, b: logits[a:b]
+        causal = rows(0, k + 1)  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
+        # then the candidate blocks B_0 .. B_k, D rows each: B_i's slot j is row k + 1 + i * D + j
+
+        def block(i: int, j0: int, j1: int) -> torch.Tensor:
+            return rows(k + 1 + i * D + j0, k + 1 + i * D + j1)
+
         if self.tree is not None:
-            return self._accept_tree(causal, blocks, drafts, n, generator)
+            return self._accept_tree(causal, block, drafts, n, generator)
         if self.sampler.greedy:
             targets, _ = self.sampler.choose(causal)  # (k+1,)
             a = greedy_accept(drafts, targets.tolist())
@@ -308,11 +321,11 @@ class Decoder:
         # drafts for n+a+1 .. n+a+D-1.
         next_drafts, next_q = [], None
         if D > 1:
-            toks, probs = self.sampler.choose(blocks[a, 1:], generator)
+            toks, probs = self.sampler.choose(block(a, 1, D), generator)
             next_drafts, next_q = toks.tolist(), probs
         return _Accepted(list(drafts[:a]) + [bonus], k, n + a, next_drafts, next_q)
 
-    def _accept_tree(self, causal, blocks, drafts, n, generator=None) -> "_Accepted":
+    def _accept_tree(self, causal, block, drafts, n, generator=None) -> "_Accepted":
         """Acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the model's own
         next token; the bonus is that token at the deepest accepted node, and the next drafts (the
         best-ranked block tokens) come from that node's block (block 0 is the root's).
@@ -338,7 +351,7 @@ class Decoder:
         last = path[-1] if path else -1
         bonus = int(target(last + 1))
         widths = tree.widths
-        ranked = self.sampler.ranked(blocks[last + 1, 1 : 1 + len(widths)], max(widths)).tolist()
+        ranked = self.sampler.ranked(block(last + 1, 1, 1 + len(widths)), max(widths)).tolist()
         next_drafts = tree.node_tokens(ranked)
         kept = None if path == list(range(len(path))) else path  # the first nodes: a plain crop keeps them
         return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, kept)
@@ -387,6 +400,25 @@ class Decoder:
             if any(s in text for s in self.config.stop):
                 return new[:m], text, True
         return new, text_before, False
+
+
+class _LazyLogits:
+    """A step's logits, computed from its final hidden states for the rows the accept rule reads."""
+
+    def __init__(self, sdlm: SDLM, hidden: torch.Tensor):
+        self.sdlm, self.hidden = sdlm, hidden
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        return self.sdlm.head_logits(self.hidden[a:b])
+
+
+def _plain_head(sdlm: SDLM) -> bool:
+    """Whether the model's logits are its LM head applied to its decoder's final hidden states."""
+    try:
+        sdlm.lm_head()
+    except SDLMError:
+        return False
+    return callable(getattr(sdlm.model, "get_decoder", None))
 
 
 @dataclass

@@ -253,17 +253,35 @@ class SDLM:
         With a cache, the new tokens' KV is appended to it: the caller crops what
         must not stay.
         """
+        logits = self.forward(
+            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len), step.info.is_block[None],
+            cache, step.n_logits
+        )
+        return logits[0, -step.n_logits :].float()
+
+    @torch.inference_mode()
+    def step_hidden(self, step: StepLayout, cache=None, cached_len: int = 0) -> torch.Tensor:
+        """:meth:`step_logits` without the LM head: the last ``n_logits`` final hidden states (n_logits, H),
+        for a decoder that needs the logits of only some of them (:meth:`head_logits`)."""
+        hidden = self.forward(
+            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len), step.info.is_block[None],
+            cache, hidden=True
+        )
+        return hidden[0, -step.n_logits :]
+
+    @torch.inference_mode()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits (N, V) float32 of final hidden states (N, H) from :meth:`step_hidden`."""
+        return self.lm_head()(hidden).float()
+
+    def _step_mask(self, step: StepLayout, cached_len: int) -> torch.Tensor:
         cached = TokenInfo.clean(torch.arange(cached_len))
         keys = TokenInfo.cat([cached, step.info])
         causal_within_block = self.config.causal_within_block if self.config else False
         ok = allowed(step.info, keys, causal_within_block)
         if step.visible is not None:  # a draft tree: nodes of other branches are hidden
             ok[..., cached_len:] &= step.visible
-        mask = additive(ok, self.dtype)  # (1, 1, T, cached+T)
-        logits = self.forward(
-            step.input_ids[None], step.info.pos[None], mask, step.info.is_block[None], cache, step.n_logits
-        )
-        return logits[0, -step.n_logits :].float()
+        return additive(ok, self.dtype)  # (1, 1, T, cached+T)
 
     def forward(self, input_ids, position_ids, mask4d, gate, cache=None, logits_to_keep: int | torch.Tensor = 0,
                 hidden: bool = False):

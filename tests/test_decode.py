@@ -427,3 +427,23 @@ def test_length_limit_is_cut_by_the_context(llama):
     # 500 prompt tokens + D = 4 leave room for 8 new tokens in a 512-position model
     g = Decoder(llama, GenerationConfig(mode="speculative", max_new_tokens=100)).generate(random_prompt(0, 500))
     assert g.new_tokens <= 8 and g.finish_reason in ("length", "eos")
+
+
+@pytest.mark.parametrize("D, tree", [(4, None), (8, None), (4, "3,2,1")])
+def test_speculative_runs_the_lm_head_only_on_rows_it_reads(trained, monkeypatch, D, tree):
+    """A speculative step reads the causal rows, then the slots of one candidate block: the LM head runs
+    on those rows only, and the tokens, forwards and accept lengths are those of the full logits."""
+    prompt = random_prompt(3, 9)
+    cfg = GenerationConfig(mode="speculative", block_size=D, max_new_tokens=32, tree=tree)
+    dense = Decoder(trained, cfg)
+    dense._plain_head = False  # every row's logits, as step_logits gives them
+    want = dense.generate(prompt)
+    rows = []
+    real = trained.head_logits
+    monkeypatch.setattr(trained, "head_logits", lambda h: rows.append(h.shape[0]) or real(h))
+    got = Decoder(trained, cfg).generate(prompt)
+    assert (got.tokens, got.forwards, got.accept_histogram) == (want.tokens, want.forwards, want.accept_histogram)
+    assert want.forwards < want.new_tokens  # drafts were accepted: blocks other than B_0 were read
+    nodes = len(dense.tree.parents) if tree else D - 1  # drafts verified per step at most
+    assert len(rows) == 2 * got.forwards  # causal rows, then one block's, per step
+    assert max(rows) <= nodes + 1 and sum(rows) < got.forwards * (nodes + 1 + (nodes + 1) * D) / 2
