@@ -4,9 +4,9 @@ A decoding forward multiplies a few tokens (1 for ``ar``, 20 for a speculative s
 weight matrix of the model. ``F.linear`` hands such thin products to a general matrix routine that
 re-lays out the weight at each call; oneDNN can take the weight once in its own blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``) and run thin products on it directly
-(``torch.ops.mkldnn._linear_pointwise``). On a 2-core AVX-512 CPU this made decoding the default
-model about 1.4 times as fast in float32, `ar` and `speculative` alike (``bench/decode_speed.py``,
-``--no-prepack`` for the comparison; figures in the README).
+(``torch.ops.mkldnn._linear_pointwise``). On a 2-core AVX-512 CPU, in float32, this made ``ar`` 1.3 to
+1.5 times and ``speculative`` (D = 4) 1.5 to 1.6 times as fast on the default model
+(``bench/decode_speed.py --also-unpacked``; figures in the README).
 
 :func:`prepack_linears` routes a model's linear layers through a packed copy of their weights when
 the call is an inference one: gradients off (``torch.no_grad`` / ``torch.inference_mode``), no
