@@ -14,7 +14,7 @@ autocast, a CPU input of the weight's dtype. Every other call (training, autocas
 runs the layer's own forward. The packed copy is made again if the weight changes (an in-place
 update, a new tensor of the same dtype). The original weights stay where they are, so state dicts,
 saving and training are unaffected; the packed copies take as much memory again as the linear
-weights.
+weights (``SDLM.load`` packs by default only where they fit in half the memory still available).
 
 The products are the same up to float rounding (another summation order): in float32 the tests
 decode the same tokens as ``transformers`` ``generate`` with and without packing.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 
 import torch
 
@@ -67,6 +68,50 @@ def can_prepack(dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:
     return True
 
 
+def _routable(mod: torch.nn.Module, min_features: int) -> bool:
+    if not isinstance(mod, torch.nn.Linear) or hasattr(mod, "_sdlm_packed_state"):
+        return False
+    w = mod.weight
+    return min(w.shape) >= min_features and can_prepack(w.dtype, w.device)
+
+
+def packed_bytes(model: torch.nn.Module, min_features: int = MIN_FEATURES) -> int:
+    """The memory the packed copies of :func:`prepack_linears` would take: the routable layers' weights."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        if _routable(mod, min_features) and id(mod) not in seen:
+            seen.add(id(mod))
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (``MemAvailable`` on Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def room_to_prepack(model: torch.nn.Module) -> bool:
+    """Whether the packed copies fit in half the memory still available (the default of ``SDLM.load``): a
+    large model on a small machine keeps its stored weights only, with a warning."""
+    need, free = packed_bytes(model), available_memory()
+    if free is None or need <= free // 2:
+        return True
+    logger.warning("not prepacking the linear layers for oneDNN: the copies would take %.1f GB of the %.1f GB "
+                   "available (decoding runs on the stored weights, slower); SDLM.load(..., prepack=True) forces it",
+                   need / 2**30, free / 2**30)
+    return False
+
+
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT)
 
@@ -77,11 +122,9 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
     Layers already routed are skipped. Returns the number of layers routed."""
     n = 0
     for mod in model.modules():
-        if not isinstance(mod, torch.nn.Linear) or hasattr(mod, "_sdlm_packed_state"):
+        if not _routable(mod, min_features):
             continue
         w = mod.weight
-        if min(w.shape) < min_features or not can_prepack(w.dtype, w.device):
-            continue
         try:
             packed = _pack(w)
         except RuntimeError as e:  # an unusual shape or build: this layer runs as before

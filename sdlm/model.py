@@ -125,14 +125,14 @@ class SDLM:
         ``random:<arch>``, Hub id).
 
         ``prepack``: route the linear layers through oneDNN-packed weights for inference
-        (:meth:`prepack`); ``None`` (default): on for a CPU where the build supports it. Pass False
-        for a model that will train.
+        (:meth:`prepack`); ``None`` (default): on for a CPU where the build supports it and the copies fit
+        in half the memory still available. Pass False for a model that will train.
         """
         sdlm = cls._load(name, dtype, device, quiet)
         if prepack is None:
-            from .cpu import can_prepack
+            from .cpu import can_prepack, room_to_prepack
 
-            prepack = can_prepack(dtype, device)
+            prepack = can_prepack(dtype, device) and room_to_prepack(sdlm.model)
         if prepack:
             sdlm.prepack()
         return sdlm

@@ -116,3 +116,20 @@ def test_the_trainer_does_not_pack(tmp_path):
 
     tr = Trainer(TrainConfig.from_yaml(TINY_RECIPE, {"out_dir": str(tmp_path / "run"), "steps": 1}))
     assert not packed_layers(tr.sdlm.model)
+
+
+def test_load_keeps_the_stored_weights_when_memory_is_short(tmp_path, monkeypatch, caplog):
+    import sdlm.cpu as cpu
+    from conftest import make_sdlm
+    from sdlm.model import SDLM
+
+    path = make_sdlm("llama").save(tmp_path / "m")
+    need = cpu.packed_bytes(SDLM.load(str(path), prepack=False).model)
+    assert need > 0
+    monkeypatch.setattr(cpu, "available_memory", lambda: 2 * need - 1)  # the copies would take over half
+    with caplog.at_level("WARNING", logger="sdlm.cpu"):
+        assert not packed_layers(SDLM.load(str(path)).model)
+    assert "not prepacking" in caplog.text
+    assert packed_layers(SDLM.load(str(path), prepack=True).model)  # asked for: packed anyway
+    monkeypatch.setattr(cpu, "available_memory", lambda: 2 * need)
+    assert packed_layers(SDLM.load(str(path)).model)
