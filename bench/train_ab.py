@@ -18,21 +18,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdlm.cli import parse_overrides  # noqa: E402
 from sdlm.train.trainer import TrainConfig, Trainer  # noqa: E402
-
-
-def _rate(tr: Trainer, steps: int) -> float:
-    tokens, t0 = 0, time.perf_counter()
-    for step in range(steps):
-        tr.step = step
-        tokens += tr.train_step()["block_tokens"]
-    return tokens / (time.perf_counter() - t0)
+from train_fixed_steps import rate  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +46,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {"A": [], "B": []}
     for _ in range(args.reps):
         for name, tr in trainers.items():
-            rates[name].append(_rate(tr, args.steps))
+            rates[name].append(rate(tr, args.steps))
     for name, sets in (("A", args.a), ("B", args.b)):
         r = rates[name]
         print(f"{name} {' '.join(sets) or '(recipe)'}: trained block tokens/s " + " ".join(f"{x:.1f}" for x in r)

@@ -228,10 +228,5 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     for p in sdlm.model.parameters():
         p.requires_grad_(False)
     sdlm.name = str(path)
-    if prepack is None:
-        from .cpu import can_prepack, room_to_prepack
-
-        prepack = can_prepack(dtype, device) and room_to_prepack(sdlm.model)
-    if prepack:
-        sdlm.prepack()
+    sdlm._prepack_if(prepack)
     return sdlm

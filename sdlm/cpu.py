@@ -77,12 +77,7 @@ def _routable(mod: torch.nn.Module, min_features: int) -> bool:
 
 def packed_bytes(model: torch.nn.Module, min_features: int = MIN_FEATURES) -> int:
     """The memory the packed copies of :func:`prepack_linears` would take: the routable layers' weights."""
-    seen, total = set(), 0
-    for mod in model.modules():
-        if _routable(mod, min_features) and id(mod) not in seen:
-            seen.add(id(mod))
-            total += mod.weight.numel() * mod.weight.element_size()
-    return total
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if _routable(m, min_features))
 
 
 def available_memory() -> int | None:
@@ -112,6 +107,10 @@ def room_to_prepack(model: torch.nn.Module) -> bool:
     return False
 
 
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT)
 
@@ -130,7 +129,7 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
         except RuntimeError as e:  # an unusual shape or build: this layer runs as before
             logger.debug("not prepacking %s: %s", tuple(w.shape), e)
             continue
-        state = {"key": _key(w), "packed": packed, "calls": 0}  # calls: the packed ones, for tests
+        state = {"key": _key(w), "packed": packed}
         own = mod.forward
 
         def forward(x, *args, mod=mod, own=own, state=state, **kwargs):
@@ -144,8 +143,7 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
                 if not can_prepack(w.dtype, w.device):
                     return own(x)
                 state["packed"], state["key"] = _pack(w), key
-            state["calls"] += 1
-            return torch.ops.mkldnn._linear_pointwise(x, state["packed"], mod.bias, "none", [], "")
+            return _packed_linear(x, state["packed"], mod.bias)
 
         mod._sdlm_own_forward = own if "forward" in mod.__dict__ else None  # None: the class's own
         mod._sdlm_packed_state = state

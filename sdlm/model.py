@@ -129,12 +129,7 @@ class SDLM:
         in half the memory still available. Pass False for a model that will train.
         """
         sdlm = cls._load(name, dtype, device, quiet)
-        if prepack is None:
-            from .cpu import can_prepack, room_to_prepack
-
-            prepack = can_prepack(dtype, device) and room_to_prepack(sdlm.model)
-        if prepack:
-            sdlm.prepack()
+        sdlm._prepack_if(prepack)
         return sdlm
 
     @classmethod
@@ -176,6 +171,15 @@ class SDLM:
         from .cpu import prepack_linears
 
         return prepack_linears(self.model)
+
+    def _prepack_if(self, prepack: bool | None) -> None:
+        """:meth:`prepack` if ``prepack``; with None, where the CPU supports it and the copies fit in memory."""
+        if prepack is None:
+            from .cpu import can_prepack, room_to_prepack
+
+            prepack = can_prepack(self.dtype, self.device) and room_to_prepack(self.model)
+        if prepack:
+            self.prepack()
 
     def unpack(self) -> int:
         """Undo :meth:`prepack` and free the packed copies. Returns the number of layers restored."""
