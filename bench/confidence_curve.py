@@ -33,6 +33,9 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--first-token", default="block", choices=["block", "causal"],
                     help="who picks each step's first token (GenerationConfig.first_token)")
+    ap.add_argument("--verify", action="store_true",
+                    help="verify the slots below tau in the next forward (GenerationConfig.verify; the first token "
+                         "is then the model's own)")
     ap.add_argument("--confidence", default="prob", choices=["prob", "entropy"],
                     help="the confidence of a slot (SPEC §3.1): its token's probability, or 1 - H/log V")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -63,12 +66,13 @@ def main() -> int:
     eos = set(sdlm.eos_token_ids())
     base_ids = [[t for t in r["answer_ids"] if t not in eos] for r in base_rows]
     out = {"model": args.model, "n": len(problems), "block_size": args.block_size, "first_token": args.first_token,
-           "confidence": args.confidence,
+           "verify": args.verify, "confidence": args.confidence,
            "max_new_tokens": args.max_new_tokens, "base_accuracy": base_score["accuracy"], "taus": {}}
     print(f"base greedy: GSM8K accuracy {base_score['accuracy']:.3f} on {len(problems)} questions")
     for tau in args.taus:
         dec = Decoder(sdlm, GenerationConfig(mode="confidence", block_size=args.block_size, threshold=tau,
-                                             first_token=args.first_token, confidence=args.confidence,
+                                             first_token=args.first_token, verify=args.verify,
+                                             confidence=args.confidence,
                                              max_new_tokens=args.max_new_tokens))
         t0 = time.perf_counter()
         gens = generate_batch(dec, [_encode(tok, r["messages"][:-1]) for r in base_rows], args.batch_size,
@@ -85,7 +89,8 @@ def main() -> int:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         out["taus"][str(tau)] = res
-        dump = Path(args.work) / f"confidence-{args.first_token}-{args.confidence}-tau{tau}-gsm8k{args.n}.jsonl"
+        rule = "verify" if args.verify else args.first_token
+        dump = Path(args.work) / f"confidence-{rule}-{args.confidence}-tau{tau}-gsm8k{args.n}.jsonl"
         dump.write_text("".join(json.dumps({"id": i, "tokens": g.tokens, "forwards": g.forwards}) + "\n"
                                 for i, g in enumerate(gens)))  # the outputs, to recount agreement later
         print(f"tau={tau}: {res['tokens_per_forward']:.2f} tokens/forward, same output {same}/{len(gens)}, "

@@ -18,9 +18,13 @@ def confident_prefix(conf: torch.Tensor, threshold: float) -> int:
     The first slot is always taken, so a step never commits fewer tokens than AR;
     with ``threshold >= 1`` exactly one token is taken per step.
     """
-    above = (conf > threshold).long()
-    run = int(above.cumprod(0).sum())
-    return max(1, min(run, conf.shape[0]))
+    return max(1, min(confident_run(conf, threshold), conf.shape[0]))
+
+
+def confident_run(conf: torch.Tensor, threshold: float) -> int:
+    """Length of the longest prefix with every confidence strictly above ``threshold`` (0 to all of it):
+    :func:`confident_prefix` without the clamp, for slots on offer beyond an already committed token."""
+    return int((conf > threshold).long().cumprod(0).sum())
 
 
 def greedy_accept(drafts: Sequence[int], targets: Sequence[int]) -> int:

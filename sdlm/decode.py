@@ -4,7 +4,9 @@ One forward pass per step. Modes (SPEC §3):
 
 - ``ar``: plain causal decoding, one token per step (the baseline).
 - ``confidence``: one block per step; commit the longest prefix of block
-  predictions whose confidence is above the threshold (lossy, fastest).
+  predictions whose confidence is above the threshold (lossy, fastest). With
+  ``verify``, the block slots below the threshold become drafts that the next
+  forward verifies, as in ``speculative``.
 - ``speculative``: the block's predictions are drafts that the next forward
   verifies with the model's own causal logits; output == AR output (lossless).
   With a draft tree (``tree``, :mod:`sdlm.tree`) a step verifies several
@@ -26,7 +28,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .accept import confident_prefix, cut_at_eos, greedy_accept, speculative_accept
+from .accept import confident_prefix, confident_run, cut_at_eos, greedy_accept, speculative_accept
 from .errors import SDLMError
 from .layout import StepLayout, ar_step, confidence_step, speculative_step
 from .model import SDLM
@@ -57,6 +59,15 @@ class GenerationConfig:
     last committed token, read from the same forward; the block's slots 1.. are then committed only
     when its slot 0 agrees with it (with the block-gated adapter that first token is the base
     model's own, so the output stays much closer to it; at threshold 1 it equals ``ar``)."""
+    verify: bool = False
+    """Mode ``confidence``: verify what a step does not commit. Each step runs a speculative step
+    (SPEC §3.2): it verifies the previous drafts with the model's own causal logits and commits the
+    accepted ones and the model's own next token; then it also commits the longest prefix of the
+    new block's slots 1.. whose confidence is above the threshold (when the block's slot 0 agrees
+    with that token), and the slots after them are the next step's drafts instead of being thrown
+    away. A committed token is then either the model's own or a confident block prediction; at
+    threshold 1 the output is exactly ``speculative``'s. ``first_token`` does not apply (the first
+    token of a step is always the model's own)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -85,6 +96,10 @@ class GenerationConfig:
         if self.first_token == "causal" and self.mode != "confidence":
             raise SDLMError(f"first token 'causal' is for mode confidence (mode {self.mode} already commits the "
                             "model's own tokens): drop --first-token or use --mode confidence")
+        if self.verify and self.mode != "confidence":
+            raise SDLMError(f"verify is for mode confidence (mode {self.mode} "
+                            f"{'already verifies every draft' if self.mode == 'speculative' else 'has no drafts'}): "
+                            "drop --verify or use --mode confidence")
         if self.block_size is not None and self.block_size < 1:
             raise SDLMError(f"block size must be >= 1, got {self.block_size}: use --block-size 4 (or any D >= 1)")
         if not 0.0 <= self.threshold <= 1.0:
@@ -109,7 +124,8 @@ class Step:
     tokens: list[int]
     """Tokens committed by this step (at least one)."""
     proposed: int
-    """Block predictions on offer: drafts verified (speculative) or block slots (confidence); 0 for AR."""
+    """Block predictions on offer: drafts verified (speculative), block slots (confidence), or with
+    ``verify`` the drafts verified plus the new block's slots 1..; 0 for AR."""
     finish_reason: str | None = None
     """``eos``, ``stop`` or ``length`` on the last step, else None."""
 
@@ -180,9 +196,11 @@ class Decoder:
             config.temperature, config.top_k, config.top_p, suppress=(mask_id,) if mask_id is not None else ()
         )
         self.eos_ids = sdlm.eos_token_ids()
-        # speculative steps read the logits of few of their rows (the causal ones, then one block): the LM
+        # steps with drafts: speculative, and confidence with verify (SPEC §3.2's layout)
+        self._drafting = config.mode == "speculative" or (config.mode == "confidence" and config.verify)
+        # such steps read the logits of few of their rows (the causal ones, then one block): the LM
         # head runs on those only, where the model's logits are its LM head's output
-        self._plain_head = config.mode == "speculative" and _plain_head(sdlm)
+        self._plain_head = self._drafting and _plain_head(sdlm)
         self.tree = None
         if config.mode == "speculative":
             from .tree import parse_tree
@@ -217,7 +235,7 @@ class Decoder:
             first = cached if cfg.use_cache else 0
             uncached = ids[first:]
 
-            if cfg.mode == "speculative":
+            if self._drafting:
                 drafts = self._trim_drafts(drafts, remaining)
                 if draft_q is not None:
                     draft_q = draft_q[: len(drafts)]
@@ -274,7 +292,7 @@ class Decoder:
         """The new tokens of one step (SPEC §3): what the mode feeds after the cached ones."""
         if self.config.mode == "ar":
             return ar_step(uncached, first)
-        if self.config.mode == "confidence":
+        if self.config.mode == "confidence" and not self.config.verify:
             return confidence_step(uncached, first, self.block_size, self.mask_token_id,
                                    causal_first=self.config.first_token == "causal")
         parents = self.tree.parents[: len(drafts)] if self.tree is not None else None
@@ -287,7 +305,7 @@ class Decoder:
             tok, _ = self.sampler.choose(logits, generator)
             return _Accepted([int(tok[0])], 0, n)
         D = self.block_size
-        if self.config.mode == "confidence":
+        if self.config.mode == "confidence" and not self.config.verify:
             # §3.1: slot j predicts x_{n+j}; commit the confident prefix. The block's KV was computed
             # over masks: it must not stay.
             toks, probs = self.sampler.choose(logits, generator)
@@ -320,10 +338,17 @@ class Decoder:
         # its slot j predicts n+a+j. Slot 0 is replaced by the bonus token, slots 1..D-1 are the
         # drafts for n+a+1 .. n+a+D-1.
         next_drafts, next_q = [], None
+        sure: list[int] = []
         if D > 1:
             toks, probs = self.sampler.choose(block(a, 1, D), generator)
             next_drafts, next_q = toks.tolist(), probs
-        return _Accepted(list(drafts[:a]) + [bonus], k, n + a, next_drafts, next_q)
+            if self.config.verify:  # commit the confident prefix of the new drafts now; verify the rest next step
+                c = confident_run(confidence(probs, toks, self.config.confidence), self.config.threshold)
+                # slots 1.. assumed the block's own slot 0: they follow only where it is the committed token
+                if c and int(self.sampler.ranked(block(a, 0, 1), 1)[0, 0]) == bonus:
+                    sure, next_drafts, next_q = next_drafts[:c], next_drafts[c:], next_q[c:]
+        proposed = k + (D - 1 if self.config.verify else 0)
+        return _Accepted(list(drafts[:a]) + [bonus] + sure, proposed, n + a, next_drafts, next_q)
 
     def _accept_tree(self, causal, block, drafts, n, generator=None) -> "_Accepted":
         """Acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the model's own

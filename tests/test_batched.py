@@ -32,13 +32,15 @@ def _same(batched, alone):
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("mode,D,tau", [("ar", 4, 0.9), ("speculative", 2, 0.9), ("speculative", 4, 0.9),
                                         ("speculative", 8, 0.9), ("confidence", 4, 0.5), ("confidence", 4, 0.9),
-                                        ("confidence-causal", 4, 0.5)])
+                                        ("confidence-causal", 4, 0.5), ("confidence-verify", 4, 0.5),
+                                        ("confidence-verify", 8, 0.9)])
 def test_batched_equals_one_at_a_time(trained, mode, D, tau, use_cache):
     prompts = _ids(trained, PROMPTS)
     first = "causal" if mode.endswith("-causal") else "block"
-    mode = mode.removesuffix("-causal")
+    verify = mode.endswith("-verify")
+    mode = mode.removesuffix("-causal").removesuffix("-verify")
     cfg = GenerationConfig(mode=mode, block_size=D, threshold=tau, max_new_tokens=30, use_cache=use_cache,
-                           first_token=first)
+                           first_token=first, verify=verify)
     alone = [Decoder(trained, cfg).generate(p) for p in prompts]
     batched = generate_batch(Decoder(trained, cfg), prompts, batch_size=4)
     _same(batched, alone)
@@ -59,8 +61,9 @@ def test_batched_rows_finish_at_eos_stop_and_length(trained):
 
 def test_batched_sampling_draws_like_a_lone_decoder(trained):
     prompts = _ids(trained, PROMPTS[:4])
-    for mode in ("speculative", "confidence", "ar"):
-        cfg = GenerationConfig(mode=mode, block_size=4, threshold=0.5, max_new_tokens=20, temperature=0.9, seed=3)
+    for mode, verify in (("speculative", False), ("confidence", False), ("confidence", True), ("ar", False)):
+        cfg = GenerationConfig(mode=mode, block_size=4, threshold=0.5, max_new_tokens=20, temperature=0.9, seed=3,
+                               verify=verify)
         alone = [Decoder(trained, cfg).generate(p) for p in prompts]
         _same(generate_batch(Decoder(trained, cfg), prompts, batch_size=4), alone)
 

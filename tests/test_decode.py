@@ -29,6 +29,8 @@ MODES = {
     "speculative-sampled": dict(mode="speculative", temperature=1.0, top_k=40, seed=7),
     "confidence-sampled": dict(mode="confidence", temperature=0.8, top_p=0.9, threshold=0.02, seed=3),
     "confidence-causal": dict(mode="confidence", first_token="causal", threshold=0.0),
+    "confidence-verify": dict(mode="confidence", verify=True, threshold=0.03),
+    "confidence-verify-sampled": dict(mode="confidence", verify=True, threshold=0.02, temperature=0.8, seed=5),
 }
 # cold enough that sampling mostly follows the greedy path the oracle drafts are taken from
 COLD = dict(mode="speculative", temperature=0.01, seed=11)
@@ -55,7 +57,7 @@ def test_cached_equals_reference(sdlm_model, mode, D):
 
 
 @pytest.mark.parametrize("D", [2, 4, 8])
-@pytest.mark.parametrize("mode", ["speculative", "speculative-cold", "confidence-prob"])
+@pytest.mark.parametrize("mode", ["speculative", "speculative-cold", "confidence-prob", "confidence-verify"])
 def test_cached_equals_reference_with_accepted_drafts(arch, monkeypatch, mode, D):
     # block predictions come true at 2 of every 3 positions: steps accept runs of different lengths,
     # so the cache is cropped by every possible amount
@@ -263,6 +265,90 @@ def test_scripted_confidence_causal_first_token(llama, monkeypatch, use_cache):
     # the same script with first_token="block": the block's slot 0 picks the token, y[10]
     cfg.first_token = "block"
     assert Decoder(llama, cfg).generate(y[:6]).tokens == y[6:11]
+
+
+class _WrongSlot0:
+    """Wraps ScriptedModel: every block's slot 0 predicts another token than the truth (the model's own
+    next token), its slots 1.. stay as scripted."""
+
+    def __init__(self, fake):
+        self.fake = fake
+
+    def step_logits(self, step, cache=None, cached_len=0):
+        out = self.fake.step_logits(step, cache, cached_len)
+        n = step.n_logits
+        for r in range(len(step.input_ids) - n, len(step.input_ids)):
+            if bool(step.info.is_block[r]) and int(step.info.pos[r]) == int(step.info.start[r]):
+                row = out[r - (len(step.input_ids) - n)]
+                row.zero_()
+                row[(self.fake.y[int(step.info.pos[r]) + 1] + 1) % V_BYTES] = 20.0
+        return out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_scripted_confidence_verify(llama, monkeypatch, use_cache):
+    # verify: each step verifies the previous drafts and commits the accepted ones, the model's own next
+    # token, then the new block's confident slots; the unconfident slots after them are the next drafts
+    y = truth(64)
+    cfg = GenerationConfig(mode="confidence", verify=True, block_size=4, threshold=0.5, max_new_tokens=12,
+                           use_cache=use_cache)
+    fake = scripted(monkeypatch, llama, y, "confident:2")
+    steps = list(Decoder(llama, cfg).stream(y[:6]))
+    # step 1: y6 (own) + y7 (slot 1, confident); y8, y9 drafted. Steps 2, 3: the 2 drafts, y (own), one
+    # confident slot. Step 4: one draft left room (the length limit), y17 (own); the confident y18 is cut.
+    assert [t for s in steps for t in s.tokens] == y[6:18]
+    assert [s.count for s in steps] == [2, 4, 4, 2] and fake.calls == 4
+    assert [s.proposed for s in steps] == [3, 5, 5, 4]  # drafts verified + the new block's slots 1..3
+    # every slot confident: the whole block every step, nothing left to verify
+    fake = scripted(monkeypatch, llama, y, "confident:4")
+    assert [s.count for s in Decoder(llama, cfg).stream(y[:6])] == [4, 4, 4] and fake.calls == 3
+    # threshold 1: nothing is confident enough, so it is speculative decoding, step for step
+    for drafts in ("confident:4", "right", "wrong"):
+        fake = scripted(monkeypatch, llama, y, drafts)
+        ref = Decoder(llama, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=12)).generate(y[:6])
+        got = Decoder(llama, GenerationConfig(**{**cfg.__dict__, "threshold": 1.0})).generate(y[:6])
+        assert got.tokens == ref.tokens == y[6:18]
+        assert got.accept_histogram == ref.accept_histogram and got.forwards == ref.forwards
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_scripted_confidence_verify_needs_slot0_to_agree(llama, monkeypatch, use_cache):
+    # the block's slots 1.. are confident but its slot 0 is not the model's own token: they assumed
+    # another token before them, so none is committed unverified; they are drafts and the next step
+    # verifies them (here they are right: speculative decoding's counts, 1 then 4 per forward)
+    y = truth(64)
+    fake = scripted(monkeypatch, llama, y, "confident:4")
+    monkeypatch.setattr(llama, "step_logits", _WrongSlot0(fake).step_logits)
+    cfg = GenerationConfig(mode="confidence", verify=True, block_size=4, threshold=0.5, max_new_tokens=9,
+                           use_cache=use_cache)
+    g = Decoder(llama, cfg).generate(y[:6])
+    assert g.tokens == y[6:15] and g.accept_histogram == {1: 1, 4: 2}
+
+
+@pytest.mark.parametrize("D", [2, 4, 8])
+def test_confidence_verify_on_the_trained_model(trained, D):
+    # at threshold 1 it is speculative decoding (the model's own output); below it, confident slots are
+    # committed at once: more tokens per forward, cached == uncached
+    prompts = [trained.tokenizer(t)["input_ids"] for t in ("abcd abcd ab", "qwe qwe qwe", "hello hello")]
+    for p in prompts:
+        exact = GenerationConfig(mode="confidence", verify=True, block_size=D, threshold=1.0, max_new_tokens=30)
+        got = Decoder(trained, exact).generate(p)
+        spec = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30)).generate(p)
+        assert got.tokens == spec.tokens == hf_greedy(trained, p, 30)
+        assert got.accept_histogram == spec.accept_histogram
+    loose = GenerationConfig(mode="confidence", verify=True, block_size=D, threshold=0.5, max_new_tokens=30)
+    gens = [Decoder(trained, loose).generate(p) for p in prompts]
+    for p, g in zip(prompts, gens):
+        assert_same_generation(g, reference_decode(trained, p, loose))
+    specs = [Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30)).generate(p)
+             for p in prompts]
+    assert sum(g.forwards for g in gens) < sum(g.forwards for g in specs)
+
+
+def test_verify_is_for_mode_confidence():
+    for mode in ("speculative", "ar"):
+        with pytest.raises(SDLMError, match="verify is for mode confidence"):
+            GenerationConfig(mode=mode, verify=True).validate()
 
 
 @pytest.mark.parametrize("kind,per_forward", [("prob", 1), ("entropy", 4)])
