@@ -52,6 +52,11 @@ def test_retrofit_then_confidence(capsys, tmp_path):
     assert code == 0 and json.loads(out)["block_size"] == 3
     code, out, _ = run(capsys, "generate", "hi", "--model", str(tmp_path / "m"), "--mode", "confidence", "--json", "--max-new-tokens", "6")
     assert code == 0 and json.loads(out)["block_size"] == 3
+    # --verify at threshold 1: every token verified, the model's own output (as speculative)
+    args = ["generate", "hi", "--model", str(tmp_path / "m"), "--json", "--max-new-tokens", "6"]
+    code, out, _ = run(capsys, *args, "--mode", "confidence", "--verify", "--threshold", "1")
+    _, ref, _ = run(capsys, *args, "--mode", "ar")
+    assert code == 0 and json.loads(out)["tokens"] == json.loads(ref)["tokens"]
 
 
 @pytest.mark.parametrize(
@@ -70,6 +75,7 @@ def test_retrofit_then_confidence(capsys, tmp_path):
         (["generate", "hi", "--model", "random:llama", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["generate", "--prompts-file", "/no/such/file", "--model", "random:llama"], "not found"),
         (["generate", "hi", "--model", "random:llama", "--mode", "ar", "--tree", "2,2"], "mode speculative"),
+        (["generate", "hi", "--model", "random:llama", "--verify"], "verify is for mode confidence"),
         (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--mode", "ar"], "mode speculative"),
         (["generate", "hi", "--model", "random:llama", "--tree", "auto"], "no calibrated draft tree"),
         (["generate", "hi", "--model", "random:llama", "--tree", "wide"], "neither"),
