@@ -6,6 +6,8 @@ reports tokens per forward, how often the output equals the base model's greedy 
 same questions. The base answers come from batched greedy ``generate`` (cached in ``--work``).
 
     python bench/confidence_curve.py --n 200 --taus 0.5 0.7 0.9 0.95 --max-new-tokens 256
+    python bench/confidence_curve.py --n 200 --taus 0.9 --verify      # slots below tau verified next step
+    python bench/confidence_curve.py --n 200 --taus --speculative     # the lossless mode's count only
 
 Decoding is batched (``--batch-size`` prompts per forward, sdlm.batched; the output equals
 one-at-a-time decoding). Any N gives the same columns (say which N when quoting).
