@@ -40,7 +40,8 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=["ar", "speculative:4", "speculative:8", "confidence:4:0.9"],
                     help="ar, speculative:D, speculative:D:TREE (a draft tree: auto, or widths like 3,2,1), "
                          "confidence:D:tau, confidence:D:tau:causal (the model's own first token), "
-                         "confidence:D:tau:verify (slots below tau verified next step)")
+                         "confidence:D:tau:verify (slots below tau verified next step); a last part draftP "
+                         "(speculative:4:chain:draft0.1) verifies only drafts above probability P")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     ap.add_argument("--batch-size", type=int, default=1, help="decode this many prompts together")
@@ -92,8 +93,9 @@ def main() -> int:
             cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
                                    block_size=int(parts[1]) if len(parts) > 1 else None,
                                    threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
-                                   tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
+                                   tree=parts[2] if len(parts) > 2 and mode == "speculative" and parts[2] != "chain" else None,
                                    first_token="causal" if "causal" in parts[3:] else "block", verify="verify" in parts[3:],
+                                   draft_threshold=next((float(x[5:]) for x in parts[3:] if x.startswith("draft")), 0.0),
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
             with packing_off() if off else contextlib.nullcontext():
                 gens, wall = run_mode(sdlm, cfg, prompts, args.batch_size)

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true",
                    help="mode confidence: verify the block slots below the threshold in the next forward instead "
                         "of dropping them (each token is the model's own or a confident one; more tokens per forward)")
+    g.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
+                   help="speculative (and confidence --verify): verify only the drafts whose probability is above P "
+                        "(smaller forwards; the output is unchanged; default 0: every draft)")
     g.add_argument("--block-size", type=int, default=None, help="block size D (default: the model's trained D)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -124,7 +127,8 @@ def cmd_generate(args) -> int:
 
     cfg = GenerationConfig(
         mode=args.mode, block_size=args.block_size, threshold=args.threshold, confidence=args.confidence,
-        first_token=args.first_token, verify=args.verify, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        first_token=args.first_token, verify=args.verify, draft_threshold=args.draft_threshold,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), tree=args.tree,
     )
     cfg.validate()  # before the model loads: bad flags fail fast

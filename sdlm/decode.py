@@ -68,6 +68,12 @@ class GenerationConfig:
     away. A committed token is then either the model's own or a confident block prediction; at
     threshold 1 the output is exactly ``speculative``'s. ``first_token`` does not apply (the first
     token of a step is always the model's own)."""
+    draft_threshold: float = 0.0
+    """Steps with drafts (``speculative``, ``confidence`` with ``verify``; chain, not tree): verify only
+    the longest prefix of the new drafts whose probability is above this. Unlikely drafts are rarely
+    accepted, and dropping them makes the next forward smaller (each draft verified adds itself and a
+    candidate block of D tokens). The output is unchanged (lossless: only fewer drafts are offered);
+    0 offers every draft (the default)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -102,6 +108,15 @@ class GenerationConfig:
                             "drop --verify or use --mode confidence")
         if self.block_size is not None and self.block_size < 1:
             raise SDLMError(f"block size must be >= 1, got {self.block_size}: use --block-size 4 (or any D >= 1)")
+        if not 0.0 <= self.draft_threshold < 1.0:
+            raise SDLMError(f"draft threshold must be in [0, 1), got {self.draft_threshold}: try --draft-threshold 0.1 "
+                            "(0 = verify every draft)")
+        if self.draft_threshold > 0 and not (self.mode == "speculative" or (self.mode == "confidence" and self.verify)):
+            raise SDLMError("a draft threshold is for the modes with drafts (speculative, confidence --verify): "
+                            "drop --draft-threshold or change --mode")
+        if self.draft_threshold > 0 and self.tree not in (None, "", "none", "chain"):
+            raise SDLMError("a draft threshold is for the chain of drafts; a tree has its own shape (--tree): "
+                            "drop one of --draft-threshold and --tree")
         if not 0.0 <= self.threshold <= 1.0:
             raise SDLMError(f"threshold must be in [0, 1], got {self.threshold}: try --threshold 0.9")
         if self.max_new_tokens < 1:
@@ -347,6 +362,10 @@ class Decoder:
                 # slots 1.. assumed the block's own slot 0: they follow only where it is the committed token
                 if c and int(self.sampler.ranked(block(a, 0, 1), 1)[0, 0]) == bonus:
                     sure, next_drafts, next_q = next_drafts[:c], next_drafts[c:], next_q[c:]
+            if self.config.draft_threshold > 0:  # offer only the drafts likely enough to be accepted
+                keep = confident_run(confidence(next_q, torch.as_tensor(next_drafts, dtype=torch.long), "prob"),
+                                     self.config.draft_threshold)
+                next_drafts, next_q = next_drafts[:keep], next_q[:keep]
         proposed = k + (D - 1 if self.config.verify else 0)
         return _Accepted(list(drafts[:a]) + [bonus] + sure, proposed, n + a, next_drafts, next_q)
 

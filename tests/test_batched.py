@@ -51,6 +51,16 @@ def test_batched_equals_one_at_a_time(trained, mode, D, tau, use_cache):
             assert g.tokens == hf_greedy(trained, p, 30)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_batched_draft_threshold(trained, temperature):
+    # rows offer different numbers of drafts per step
+    prompts = _ids(trained, PROMPTS)
+    cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.3, max_new_tokens=30,
+                           temperature=temperature, seed=4)
+    alone = [Decoder(trained, cfg).generate(p) for p in prompts]
+    _same(generate_batch(Decoder(trained, cfg), prompts, batch_size=4), alone)
+
+
 def test_batched_rows_finish_at_eos_stop_and_length(trained):
     prompts = _ids(trained, PROMPTS)
     cfg = GenerationConfig(mode="speculative", block_size=4, max_new_tokens=25, stop=("ab ",))

@@ -31,6 +31,8 @@ MODES = {
     "confidence-causal": dict(mode="confidence", first_token="causal", threshold=0.0),
     "confidence-verify": dict(mode="confidence", verify=True, threshold=0.03),
     "confidence-verify-sampled": dict(mode="confidence", verify=True, threshold=0.02, temperature=0.8, seed=5),
+    "speculative-draft-threshold": dict(mode="speculative", draft_threshold=0.03),
+    "speculative-draft-threshold-sampled": dict(mode="speculative", draft_threshold=0.02, temperature=1.0, seed=9),
 }
 # cold enough that sampling mostly follows the greedy path the oracle drafts are taken from
 COLD = dict(mode="speculative", temperature=0.01, seed=11)
@@ -57,7 +59,8 @@ def test_cached_equals_reference(sdlm_model, mode, D):
 
 
 @pytest.mark.parametrize("D", [2, 4, 8])
-@pytest.mark.parametrize("mode", ["speculative", "speculative-cold", "confidence-prob", "confidence-verify"])
+@pytest.mark.parametrize("mode", ["speculative", "speculative-cold", "confidence-prob", "confidence-verify",
+                                  "speculative-draft-threshold"])
 def test_cached_equals_reference_with_accepted_drafts(arch, monkeypatch, mode, D):
     # block predictions come true at 2 of every 3 positions: steps accept runs of different lengths,
     # so the cache is cropped by every possible amount
@@ -343,6 +346,44 @@ def test_confidence_verify_on_the_trained_model(trained, D):
     specs = [Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30)).generate(p)
              for p in prompts]
     assert sum(g.forwards for g in gens) < sum(g.forwards for g in specs)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, use_cache):
+    # slot 1 of every block is confident, slots 2.. are flat (probability ~1/V): with a draft threshold
+    # only slot 1's draft is verified, so each step is 1 + 1 + 2 * 4 tokens instead of 1 + 3 + 4 * 4
+    y = truth(64)
+    fake = scripted(monkeypatch, llama, y, "confident:2")
+    sizes = []
+    real = fake.step_logits
+    monkeypatch.setattr(llama, "step_logits", lambda step, *a: sizes.append(len(step.input_ids)) or real(step, *a))
+    cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.5, max_new_tokens=12, use_cache=use_cache)
+    steps = list(Decoder(llama, cfg).stream(y[:6]))
+    assert [t for s in steps for t in s.tokens] == y[6:18]
+    assert [s.count for s in steps] == [1, 2, 2, 2, 2, 2, 1]
+    if use_cache:
+        # the prompt and a block; then the bonus token, one draft and two candidate blocks; the last step
+        # has room for no draft
+        assert sizes == [6 + 4, *[1 + 1 + 2 * 4] * 5, 1 + 4]
+    # without the threshold all three drafts are offered (and, being right, accepted)
+    cfg.draft_threshold = 0.0
+    assert [s.count for s in Decoder(llama, cfg).stream(y[:6])] == [1, 4, 4, 3]
+
+
+@pytest.mark.parametrize("D", [4, 8])
+def test_draft_threshold_on_the_trained_model(trained, D):
+    # lossless: the model's own output, with fewer drafts per forward than the full chain
+    prompts = [trained.tokenizer(t)["input_ids"] for t in ("abcd abcd ab", "qwe qwe qwe", "hello hello")]
+    offered = {}
+    for thr in (0.0, 0.3):
+        cfg = GenerationConfig(mode="speculative", block_size=D, draft_threshold=thr, max_new_tokens=30)
+        offered[thr] = 0
+        for p in prompts:
+            steps = list(Decoder(trained, cfg).stream(p))
+            assert [t for s in steps for t in s.tokens] == hf_greedy(trained, p, 30)
+            offered[thr] += sum(s.proposed for s in steps)
+            assert_same_generation(Decoder(trained, cfg).generate(p), reference_decode(trained, p, cfg))
+    assert offered[0.3] < offered[0.0]
 
 
 def test_verify_is_for_mode_confidence():
