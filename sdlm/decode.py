@@ -70,10 +70,12 @@ class GenerationConfig:
     token of a step is always the model's own)."""
     draft_threshold: float = 0.0
     """Steps with drafts (``speculative``, ``confidence`` with ``verify``; chain, not tree): verify only
-    the longest prefix of the new drafts whose probability is above this. Unlikely drafts are rarely
-    accepted, and dropping them makes the next forward smaller (each draft verified adds itself and a
-    candidate block of D tokens). The output is unchanged (lossless: only fewer drafts are offered);
-    0 offers every draft (the default)."""
+    the longest prefix of the new drafts whose slot's top probability is above this (greedy: the
+    draft's own probability). Unlikely drafts are rarely accepted, and dropping them makes the next
+    forward smaller (each draft verified adds itself and a candidate block of D tokens). The output
+    is unchanged: greedy, only fewer drafts are offered; sampled, how many are offered does not
+    depend on the tokens drawn, so speculative sampling keeps AR sampling's distribution. 0 offers
+    every draft (the default)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -363,8 +365,9 @@ class Decoder:
                 if c and int(self.sampler.ranked(block(a, 0, 1), 1)[0, 0]) == bonus:
                     sure, next_drafts, next_q = next_drafts[:c], next_drafts[c:], next_q[c:]
             if self.config.draft_threshold > 0:  # offer only the drafts likely enough to be accepted
-                keep = confident_run(confidence(next_q, torch.as_tensor(next_drafts, dtype=torch.long), "prob"),
-                                     self.config.draft_threshold)
+                # by each slot's top probability (the greedy draft's own), never by which token was drawn: how
+                # many drafts are offered then does not depend on the draws, and speculative sampling stays exact
+                keep = confident_run(next_q.max(-1).values, self.config.draft_threshold)
                 next_drafts, next_q = next_drafts[:keep], next_q[:keep]
         proposed = k + (D - 1 if self.config.verify else 0)
         return _Accepted(list(drafts[:a]) + [bonus] + sure, proposed, n + a, next_drafts, next_q)
