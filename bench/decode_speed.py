@@ -93,7 +93,7 @@ def main() -> int:
             cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
                                    block_size=int(parts[1]) if len(parts) > 1 else None,
                                    threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
-                                   tree=parts[2] if len(parts) > 2 and mode == "speculative" and parts[2] != "chain" else None,
+                                   tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
                                    first_token="causal" if "causal" in parts[3:] else "block", verify="verify" in parts[3:],
                                    draft_threshold=next((float(x[5:]) for x in parts[3:] if x.startswith("draft")), 0.0),
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

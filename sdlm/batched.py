@@ -114,7 +114,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         for r in active:
             first = r.first if cfg.use_cache else 0
             u = r.ids[first:]
-            if decoder._drafting:
+            if cfg.drafting:
                 remaining = r.max_new - (len(r.ids) - r.n_prompt)
                 r.drafts = decoder._trim_drafts(r.drafts, remaining)  # the bonus token needs one slot of the budget
                 if r.draft_q is not None:
@@ -122,7 +122,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
             st = decoder._layout(u, first, r.drafts)
             steps.append(st)
             uncached.append(u)
-            n_causal.append(len(u) + (len(r.drafts) if decoder._drafting else 0))
+            n_causal.append(len(u) + (len(r.drafts) if cfg.drafting else 0))
         B = len(active)
         C = max(n_causal)
         K = max(len(st.input_ids) - c for st, c in zip(steps, n_causal))

@@ -94,6 +94,16 @@ class GenerationConfig:
     walk reaches: with the same seed, the same tokens as ``ar``); more tokens per forward for a
     larger forward."""
 
+    @property
+    def drafting(self) -> bool:
+        """Whether steps carry drafts (SPEC §3.2's layout): ``speculative``, and ``confidence`` with ``verify``."""
+        return self.mode == "speculative" or (self.mode == "confidence" and self.verify)
+
+    @property
+    def wants_tree(self) -> bool:
+        """Whether ``tree`` asks for a draft tree rather than the chain."""
+        return self.tree not in (None, "", "none", "chain")
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise SDLMError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
@@ -113,19 +123,18 @@ class GenerationConfig:
         if not 0.0 <= self.draft_threshold < 1.0:
             raise SDLMError(f"draft threshold must be in [0, 1), got {self.draft_threshold}: try --draft-threshold 0.1 "
                             "(0 = verify every draft)")
-        if self.draft_threshold > 0 and not (self.mode == "speculative" or (self.mode == "confidence" and self.verify)):
+        if self.draft_threshold > 0 and not self.drafting:
             raise SDLMError("a draft threshold is for the modes with drafts (speculative, confidence --verify): "
                             "drop --draft-threshold or change --mode")
-        if self.draft_threshold > 0 and self.tree not in (None, "", "none", "chain"):
+        if self.draft_threshold > 0 and self.wants_tree:
             raise SDLMError("a draft threshold is for the chain of drafts; a tree has its own shape (--tree): "
                             "drop one of --draft-threshold and --tree")
         if not 0.0 <= self.threshold <= 1.0:
             raise SDLMError(f"threshold must be in [0, 1], got {self.threshold}: try --threshold 0.9")
         if self.max_new_tokens < 1:
             raise SDLMError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
-        if self.tree not in (None, "", "none", "chain"):
-            if self.mode != "speculative":
-                raise SDLMError(f"a draft tree is for mode speculative, not {self.mode}: drop --tree or use --mode speculative")
+        if self.wants_tree and self.mode != "speculative":
+            raise SDLMError(f"a draft tree is for mode speculative, not {self.mode}: drop --tree or use --mode speculative")
         if self.temperature < 0:
             raise SDLMError(f"temperature must be >= 0, got {self.temperature} (0 = greedy)")
         if self.top_k < 0:
@@ -213,11 +222,9 @@ class Decoder:
             config.temperature, config.top_k, config.top_p, suppress=(mask_id,) if mask_id is not None else ()
         )
         self.eos_ids = sdlm.eos_token_ids()
-        # steps with drafts: speculative, and confidence with verify (SPEC §3.2's layout)
-        self._drafting = config.mode == "speculative" or (config.mode == "confidence" and config.verify)
-        # such steps read the logits of few of their rows (the causal ones, then one block): the LM
+        # steps with drafts read the logits of few of their rows (the causal ones, then one block): the LM
         # head runs on those only, where the model's logits are its LM head's output
-        self._plain_head = self._drafting and _plain_head(sdlm)
+        self._plain_head = config.drafting and _plain_head(sdlm)
         self.tree = None
         if config.mode == "speculative":
             from .tree import parse_tree
@@ -252,7 +259,7 @@ class Decoder:
             first = cached if cfg.use_cache else 0
             uncached = ids[first:]
 
-            if self._drafting:
+            if cfg.drafting:
                 drafts = self._trim_drafts(drafts, remaining)
                 if draft_q is not None:
                     draft_q = draft_q[: len(drafts)]
@@ -354,23 +361,27 @@ class Decoder:
         # keep x_0..x_{n-1} and the accepted drafts (exact causal KV). B_a starts at position n+a-1;
         # its slot j predicts n+a+j. Slot 0 is replaced by the bonus token, slots 1..D-1 are the
         # drafts for n+a+1 .. n+a+D-1.
-        next_drafts, next_q = [], None
-        sure: list[int] = []
-        if D > 1:
-            toks, probs = self.sampler.choose(block(a, 1, D), generator)
-            next_drafts, next_q = toks.tolist(), probs
-            if self.config.verify:  # commit the confident prefix of the new drafts now; verify the rest next step
-                c = confident_run(confidence(probs, toks, self.config.confidence), self.config.threshold)
-                # slots 1.. assumed the block's own slot 0: they follow only where it is the committed token
-                if c and int(self.sampler.ranked(block(a, 0, 1), 1)[0, 0]) == bonus:
-                    sure, next_drafts, next_q = next_drafts[:c], next_drafts[c:], next_q[c:]
-            if self.config.draft_threshold > 0:  # offer only the drafts likely enough to be accepted
-                # by each slot's top probability (the greedy draft's own), never by which token was drawn: how
-                # many drafts are offered then does not depend on the draws, and speculative sampling stays exact
-                keep = confident_run(next_q.max(-1).values, self.config.draft_threshold)
-                next_drafts, next_q = next_drafts[:keep], next_q[:keep]
+        sure, next_drafts, next_q = self._next_drafts(block, a, bonus, generator) if D > 1 else ([], [], None)
         proposed = k + (D - 1 if self.config.verify else 0)
         return _Accepted(list(drafts[:a]) + [bonus] + sure, proposed, n + a, next_drafts, next_q)
+
+    def _next_drafts(self, block, a: int, bonus: int, generator) -> tuple[list[int], list[int], torch.Tensor]:
+        """From candidate block ``a`` (slots 1..D-1): the tokens ``verify`` commits at once, then the drafts
+        the next step verifies and their distributions."""
+        D = self.block_size
+        toks, probs = self.sampler.choose(block(a, 1, D), generator)
+        sure, drafts, q = [], toks.tolist(), probs
+        if self.config.verify:  # commit the confident prefix of the new drafts now; verify the rest next step
+            c = confident_run(confidence(probs, toks, self.config.confidence), self.config.threshold)
+            # slots 1.. assumed the block's own slot 0: they follow only where it is the committed token
+            if c and int(self.sampler.ranked(block(a, 0, 1), 1)[0, 0]) == bonus:
+                sure, drafts, q = drafts[:c], drafts[c:], q[c:]
+        if self.config.draft_threshold > 0:  # offer only the drafts likely enough to be accepted
+            # by each slot's top probability (the greedy draft's own), never by which token was drawn: how
+            # many drafts are offered then does not depend on the draws, and speculative sampling stays exact
+            keep = confident_run(q.max(-1).values, self.config.draft_threshold)
+            drafts, q = drafts[:keep], q[:keep]
+        return sure, drafts, q
 
     def _accept_tree(self, causal, block, drafts, n, generator=None) -> "_Accepted":
         """Acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the model's own
