@@ -307,8 +307,10 @@ def cmd_train(args) -> int:
     from .train.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig.from_yaml(args.recipe, parse_overrides(args.set))
-    result = Trainer(cfg).run(progress=not args.no_progress)
-    print(json.dumps(result))
+    trainer = Trainer(cfg)
+    result = trainer.run(progress=not args.no_progress)
+    if trainer.dist.rank == 0:  # under a launcher, one summary
+        print(json.dumps(result))
     return 0
 
 

@@ -209,13 +209,14 @@ class SDLM:
         setattr(self.model.config, CONFIG_KEY, self.config.to_dict())
         return self.config
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write model, tokenizer and SDLM settings as an HF folder, atomically."""
+    def save(self, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        """Write model, tokenizer and SDLM settings as an HF folder, atomically. ``state_dict``: the
+        weights to write instead of the model's own (a sharded model's, gathered whole)."""
         path = Path(path)
         if self.config is not None:
             setattr(self.model.config, CONFIG_KEY, self.config.to_dict())
         with atomic_dir(path) as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
         return path
 

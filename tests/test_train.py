@@ -187,6 +187,10 @@ def test_recipe_errors(tmp_path):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(SDLMError, match="retrofit"):
         TrainConfig.from_yaml(RECIPE, {"retrofit": "magic"})
+    with pytest.raises(SDLMError, match="fsdp shards the weights of retrofit: full"):
+        TrainConfig.from_yaml(RECIPE, {"retrofit": "block-adapter", "fsdp": True})
+    with pytest.raises(SDLMError, match="fsdp with compile"):
+        TrainConfig.from_yaml(RECIPE, {"retrofit": "full", "fsdp": True, "compile": True})
 
 
 def test_schedule_over_time_decays_by_whichever_ends_first():

@@ -160,6 +160,12 @@ class TrainConfig:
     attention itself stays eager (its KV-cache update depends on the layer index, which would compile
     one graph per layer). The first steps are slower while it compiles; the same loss as without it
     up to float rounding (tested). Needs a C++ compiler on CPU, Triton on GPU."""
+    fsdp: bool = False
+    """``retrofit: full`` under a launcher (several processes): shard the model's weights, gradients and
+    optimizer state over the processes with PyTorch's FSDP (``fully_shard`` on every decoder layer and
+    on the whole model), so each process holds 1/W of them instead of a full copy. The same steps as
+    plain data parallel (gradients summed over the processes, tested against one process). Checkpoints
+    and the final model are written whole, by process 0. A single process ignores it."""
     device: str = "cpu"
     threads: int | None = None
 
@@ -196,6 +202,11 @@ class TrainConfig:
                 raise SDLMError(f"slot_weights must be a list of block_size={self.block_size} numbers, got {w!r}")
             if any(x < 0 for x in w) or not any(x > 0 for x in w):
                 raise SDLMError(f"slot_weights must be >= 0 with at least one > 0, got {w}")
+        if self.fsdp and self.retrofit != "full":
+            raise SDLMError(f"fsdp shards the weights of retrofit: full; retrofit: {self.retrofit} trains a small "
+                            "adapter and runs data parallel without it: set fsdp: false")
+        if self.fsdp and self.compile:
+            raise SDLMError("fsdp with compile: true is not supported: set one of them to false")
         if not self.data:
             raise SDLMError("the recipe names no data: set `data:` to a JSONL file")
         if isinstance(self.data, list) and not all(isinstance(d, str) and d for d in self.data):
@@ -278,10 +289,18 @@ class Trainer:
         self.sdlm.retrofit(block_size=cfg.block_size, ar_loss_weight=cfg.ar_loss_weight)
         self.sdlm.config.retrofit = cfg.retrofit
         self.adapter = None
+        self.notes: list[str] = []  # shown when the run starts
+        self.fsdp = bool(cfg.fsdp and self.dist.world > 1)
         if cfg.retrofit == "full":
             for p in self.sdlm.model.parameters():
                 p.requires_grad_(True)
+            if self.fsdp:  # replaces each parameter by its shard: collect them after
+                units = fully_shard_model(self.sdlm.model, self.dist, self.sdlm.device)
             params = [p for p in self.sdlm.model.parameters()]
+            if self.fsdp:
+                held = sum(p.to_local().numel() for p in params) / max(1, sum(p.numel() for p in params))
+                self.notes.append(f"fsdp: the model is sharded over {self.dist.world} processes in {units} units; "
+                                  f"process {self.dist.rank} holds {held:.1%} of its weights")
         else:
             acfg = AdapterConfig(kind=cfg.retrofit, r=cfg.lora_r, alpha=cfg.lora_alpha, layers=cfg.lora_layers,
                                  target_modules=cfg.lora_targets, base_model=cfg.model)
@@ -414,6 +433,8 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", dynamic_ncols=True)
         last = {}
+        for note in self.notes if main else ():
+            bar.write(note)
         if cfg.compile and main and self.step < cfg.steps:
             bar.write("compile: true: the first steps compile the decoder layers' repeated parts and run slower")
         while self.step < cfg.steps:
@@ -422,8 +443,9 @@ class Trainer:
                 bar.write(f"time limit of {cfg.time_limit_minutes} min reached at step {self.step}") if main else None
                 cfg.steps = self.step
                 self.save_checkpoint()
-                if cfg.tpf_every and self.heldout and main:
-                    _append_jsonl(metrics_path, self.evaluate_tpf())
+                if cfg.tpf_every and self.heldout and (main or self.fsdp):  # FSDP: every process runs the forwards
+                    ev = self.evaluate_tpf()
+                    _append_jsonl(metrics_path, ev) if main else None
                 dist.barrier()
                 break
             last = self.train_step()
@@ -434,19 +456,22 @@ class Trainer:
             )
             if main and cfg.log_every and self.step % cfg.log_every == 0:
                 _append_jsonl(metrics_path, last)
-            if main and cfg.eval_every and self.heldout and self.step % cfg.eval_every == 0:
+            evaluates = main or self.fsdp  # a sharded model's forwards need every process
+            if evaluates and cfg.eval_every and self.heldout and self.step % cfg.eval_every == 0:
                 ev = self.evaluate()
-                _append_jsonl(metrics_path, ev)
-                logger.info("eval step %d: %s", self.step, ev)
-            if main and cfg.tpf_every and self.heldout and (self.step % cfg.tpf_every == 0 or self.step == cfg.steps):
+                if main:
+                    _append_jsonl(metrics_path, ev)
+                    logger.info("eval step %d: %s", self.step, ev)
+            if evaluates and cfg.tpf_every and self.heldout and (self.step % cfg.tpf_every == 0 or self.step == cfg.steps):
                 ev = self.evaluate_tpf()
-                _append_jsonl(metrics_path, ev)
-                bar.write(f"step {self.step}: held-out tokens/forward " + ", ".join(
-                    f"D={d}: {v:.3f}" for d, v in ev["tpf"].items()))
+                if main:
+                    _append_jsonl(metrics_path, ev)
+                    bar.write(f"step {self.step}: held-out tokens/forward " + ", ".join(
+                        f"D={d}: {v:.3f}" for d, v in ev["tpf"].items()))
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
-        final = self.export() if main else self.out / "final"
+        final = self.export()
         if main:
             _plot(metrics_path, self.out / "metrics.png")
         dist.barrier()
@@ -466,12 +491,17 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.prep_seconds = 0.0
         agg = None
+        # each micro-batch's term is loss / n_micro, summed over every process's micro-batches; FSDP averages
+        # the gradients over the processes instead of summing them, so its terms are W times larger
+        scale = (dist.world if self.fsdp else 1) / n_micro
         for m in range(dist.rank, n_micro, dist.world):
             gen = torch.Generator().manual_seed((cfg.seed * 7919 + self.step) * 1009 + m)
-            agg = _accumulate(agg, self.loss(samples[m::n_micro], gen, backward_scale=1.0 / n_micro))
-        dist.all_reduce_grads(self.params)
+            agg = _accumulate(agg, self.loss(samples[m::n_micro], gen, backward_scale=scale))
+        if not self.fsdp:  # FSDP reduces (and shards) the gradients in the backward pass
+            dist.all_reduce_grads(self.params)
         agg = dist.all_reduce_metrics(agg)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)  # before clipping
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: a DTensor
         self.opt.step()
         if self.sdlm.device.type == "cuda":
             torch.cuda.synchronize(self.sdlm.device)
@@ -479,7 +509,9 @@ class Trainer:
         self.train_seconds += dt
         self.block_tokens += agg["n_block_targets"]
         self.step += 1
-        return self._record(agg, dt, n_micro, sample_tokens=sum(int(ex.ids.shape[0]) for ex in samples))
+        rec = self._record(agg, dt, n_micro, sample_tokens=sum(int(ex.ids.shape[0]) for ex in samples))
+        rec["grad_norm"] = round(norm, 6)
+        return rec
 
     def _record(self, agg: dict, dt: float, n_micro: int = 1, sample_tokens: int = 0) -> dict:
         acc = (agg["slot_correct"] / agg["slot_count"].clamp_min(1)).tolist()
@@ -535,7 +567,9 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        """Trainable state, optimizer and counters, written to a temp folder then renamed (process 0)."""
+        """Trainable state, optimizer and counters, written to a temp folder then renamed (process 0).
+        With ``fsdp`` every process first takes part in gathering the whole model and optimizer state."""
+        whole = self._gather() if self.fsdp else None
         if self.dist.rank != 0:
             self.dist.barrier()
             return
@@ -543,10 +577,10 @@ class Trainer:
             if self.adapter is not None:
                 self.adapter.save(tmp / "adapter")
             else:
-                self.sdlm.save(tmp / "model")
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+                self.sdlm.save(tmp / "model", state_dict=whole[0] if whole else None)
+            torch.save(whole[1] if whole else self.opt.state_dict(), tmp / "optimizer.pt")
             state = {"step": self.step, "block_tokens": self.block_tokens, "train_seconds": self.train_seconds,
-                     "config": asdict(self.cfg)}
+                     "fsdp": self.fsdp, "config": asdict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         self.dist.barrier()
 
@@ -556,6 +590,15 @@ class Trainer:
             return
         try:
             state = json.loads(state_file.read_text())
+        except ValueError as e:
+            raise SDLMError(f"cannot resume from {self.ckpt}: {state_file.name} is not valid JSON ({e}); delete "
+                            "the checkpoint to start over") from None
+        if bool(state.get("fsdp", False)) != self.fsdp:
+            how = "with fsdp: true under a launcher (several processes)" if state.get("fsdp") else \
+                "without fsdp (fsdp: false, or a single process)"
+            raise SDLMError(f"the checkpoint in {self.ckpt} was written by a run {how}, whose optimizer state is "
+                            "stored another way: resume it the same way, or delete it to start over")
+        try:
             if self.adapter is not None:
                 from safetensors.torch import load_file
 
@@ -566,8 +609,19 @@ class Trainer:
                 sd = {}
                 for f in sorted((self.ckpt / "model").glob("*.safetensors")):
                     sd.update(lf(str(f)))
-                self.sdlm.model.load_state_dict(sd, strict=False)
-            self.opt.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
+                if self.fsdp:  # every process reads the whole state and keeps its shard
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                    set_model_state_dict(self.sdlm.model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+                else:
+                    self.sdlm.model.load_state_dict(sd, strict=False)
+            osd = torch.load(self.ckpt / "optimizer.pt", weights_only=True)
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.sdlm.model, self.opt, osd, options=StateDictOptions(full_state_dict=True))
+            else:
+                self.opt.load_state_dict(osd)
         except SDLMError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -586,14 +640,28 @@ class Trainer:
         self.adapter.load_state_dict(load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
         logger.info("adapter weights initialised from %s", folder)
 
+    def _gather(self) -> tuple[dict, dict]:
+        """The whole model and optimizer state of a sharded (FSDP) model, on the host of process 0 (the
+        other processes get empty dicts). Every process must call it: it gathers the shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.sdlm.model, options=opts),
+                get_optimizer_state_dict(self.sdlm.model, self.opt, options=opts))
+
     def export(self) -> Path:
-        """The final artifact: ``out_dir/final`` (adapter folder, or a full HF folder)."""
+        """The final artifact: ``out_dir/final`` (adapter folder, or a full HF folder), written by process 0;
+        every process calls it (with ``fsdp`` they gather the model for it)."""
         final = self.out / "final"
+        whole = self._gather()[0] if self.fsdp else None
+        if self.dist.rank != 0:
+            return final
         if self.adapter is not None:
             if self.cfg.export_dtype not in ("float32", "bfloat16", "float16"):
                 raise SDLMError(f"export_dtype {self.cfg.export_dtype!r}: use float32, bfloat16 or float16")
             return self.adapter.save(final, dtype=getattr(torch, self.cfg.export_dtype))
-        return self.sdlm.save(final)
+        return self.sdlm.save(final, state_dict=whole)
 
 
 class Dist:
@@ -756,6 +824,23 @@ def shadow_bf16_linears(model: torch.nn.Module) -> int:
         mod._sdlm_bf16_weight = w16  # for sdlm.train.fused
         n += 1
     return n
+
+
+def fully_shard_model(model: torch.nn.Module, dist: "Dist", device: torch.device) -> int:
+    """Shard ``model`` over the processes of ``dist`` with FSDP (``fully_shard``): each decoder layer is a
+    unit of its own (gathered for its forward and backward, then freed), the rest (embeddings, final
+    norm, LM head) one more. In place; returns the number of units."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (dist.world,))
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(layers) + 1
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
