@@ -67,12 +67,15 @@ def test_fsdp_shards_matches_one_process_and_resumes(tmp_path):
     from sdlm.train.trainer import Trainer, TrainConfig
 
     one, two = tmp_path / "one", tmp_path / "two"
-    train(one, 1, 2, "full", "schedule=constant")
-    printed = train(two, 2, 1, "full", "schedule=constant", "fsdp=true", steps=3)
+    train(one, 1, 2, "full", "schedule=constant", "tpf_every=3")
+    printed = train(two, 2, 1, "full", "schedule=constant", "tpf_every=3", "fsdp=true", steps=3)
     assert "sharded over 2 processes" in printed and "holds 50.0% of its weights" in printed
     assert json.loads((two / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
-    train(two, 2, 1, "full", "schedule=constant", "fsdp=true")  # resumes at step 3
+    train(two, 2, 1, "full", "schedule=constant", "tpf_every=3", "fsdp=true")  # resumes at step 3
     same_run(one, two)
+    # held-out tokens per forward, run by both processes of the sharded model between steps
+    tpf = [[json.loads(l)["tpf"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"tpf"' in l] for d in (one, two)]
+    assert len(tpf[0]) == 2 and tpf[0] == tpf[1]
     # a sharded run's checkpoint resumed by one process: a clear error, nothing overwritten
     cfg = TrainConfig.from_yaml(RECIPE, {"out_dir": str(two), "retrofit": "full", "steps": 9, "fsdp": True})
     with pytest.raises(SDLMError, match="resume it the same way"):
