@@ -298,7 +298,7 @@ class Trainer:
                 units = fully_shard_model(self.sdlm.model, self.dist, self.sdlm.device)
             params = [p for p in self.sdlm.model.parameters()]
             if self.fsdp:
-                held = sum(p.to_local().numel() for p in params) / max(1, sum(p.numel() for p in params))
+                held = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in params) / max(1, sum(p.numel() for p in params))
                 self.notes.append(f"fsdp: the model is sharded over {self.dist.world} processes in {units} units; "
                                   f"process {self.dist.rank} holds {held:.1%} of its weights")
         else:
@@ -836,18 +836,19 @@ def fully_shard_model(model: torch.nn.Module, dist: "Dist", device: torch.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (dist.world,))
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, "fsdp")
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return len(layers) + 1
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its longest ``nn.ModuleList``."""
+def decoder_layers(model: torch.nn.Module, setting: str = "compile") -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: its longest ``nn.ModuleList`` (``setting``: the recipe key that
+    needs them, for the error)."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise SDLMError(f"{type(model).__name__} has no list of decoder layers to compile: set compile: false")
+        raise SDLMError(f"{type(model).__name__} has no list of decoder layers for {setting}: set {setting}: false")
     return max(lists, key=len)
 
 
