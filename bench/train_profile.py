@@ -14,6 +14,14 @@ it gives the most trained block tokens/s the step could reach with everything el
 ``--no-profiler`` times the same steps without the profiler (whose own overhead slows a GPU step that
 waits on the host), for speed figures to compare.
 
+``--phases`` (with ``--no-profiler``) also times the parts of each step by the clock, without the
+profiler: the forwards without gradients (the clean pass), the forwards with gradients, the LM head with
+the loss (``linear_ce``), the backward pass, and the rest (optimizer, layout). The profiler's own
+per-operator times can be far off for the small operators of a CPU step (it put a block-attention
+softmax at 7.5 ms that takes 0.7 ms), so these are the figures to weigh the parts by.
+
+    python bench/train_profile.py recipes/smollm2-block-adapter.yaml --no-profiler --phases --steps 3
+
 ``--sweep-samples 64 128 256`` (with ``--no-profiler``) times the steps at each of these samples per
 step in turn, in one process: a line each.
 
@@ -47,11 +55,16 @@ def main() -> None:
     ap.add_argument("--out", help="also write the report here")
     ap.add_argument("--no-profiler", action="store_true", help="time the steps only (no profiler overhead, no operator table)")
     ap.add_argument("--flops", action="store_true", help="also count the step's matrix-product FLOPs and the floor they set")
+    ap.add_argument("--phases", action="store_true",
+                    help="with --no-profiler: also time the clean pass, the forward with gradients, the LM head + loss "
+                         "and the backward pass of each step by the clock")
     ap.add_argument("--sweep-samples", type=int, nargs="+", metavar="N",
                     help="with --no-profiler: time the steps at each of these samples per step, a line each")
     args = ap.parse_args()
     if args.sweep_samples and not args.no_profiler:
         ap.error("--sweep-samples needs --no-profiler")
+    if args.phases and not args.no_profiler:
+        ap.error("--phases needs --no-profiler (the profiler's overhead would be in every phase)")
     if args.sweep_samples and min(args.sweep_samples) < 1:
         ap.error("--sweep-samples: samples per step must be >= 1")
 
@@ -72,11 +85,15 @@ def main() -> None:
             print(header(args, tr, cuda) + "\n" + speed_line(recs, profiled=False), flush=True)
         return
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    recs = []
+    recs, phases = [], []
     with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
-            recs.append(tr.train_step())
+            with timed_phases(tr.sdlm.device) if args.phases else contextlib.nullcontext({}) as spent:
+                recs.append(tr.train_step())
+            phases.append(spent)
     lines = [header(args, tr, cuda), speed_line(recs, profiled=not args.no_profiler)]
+    if args.phases:
+        lines += [phase_line(recs, phases)]
     if not args.no_profiler:
         lines += ["", prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows)]
     if args.flops:
@@ -103,6 +120,51 @@ def speed_line(recs: list[dict], profiled: bool) -> str:
         f"{med('prep_seconds'):.3f} s; {med('block_tokens_per_s'):.0f} trained block tokens/s, "
         f"{med('sample_tokens_per_s'):.0f} sample tokens/s" + (" (profiler overhead included)" if profiled else "")
     )
+
+
+PHASES = {"clean": "forward without gradients (clean pass)", "forward": "forward with gradients",
+          "head": "LM head + loss", "backward": "backward"}
+
+
+@contextlib.contextmanager
+def timed_phases(device: torch.device):
+    """Inside, the clock time of :meth:`SDLM.forward` calls (without and with gradients), of
+    :func:`sdlm.train.loss.linear_ce` and of ``Tensor.backward`` is summed into the yielded dict (keys of
+    :data:`PHASES`). On a GPU each timed call is synchronized, so the figures are device time too."""
+    import sdlm.train.loss as loss_mod
+    from sdlm.model import SDLM
+
+    spent = dict.fromkeys(PHASES, 0.0)
+
+    def timing(fn, key):
+        def run(*a, **k):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            name = key if key != "clean" or not torch.is_grad_enabled() else "forward"
+            spent[name] += time.perf_counter() - t
+            return out
+        return run
+
+    saved = SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward
+    SDLM.forward = timing(saved[0], "clean")
+    loss_mod.linear_ce = timing(saved[1], "head")
+    torch.Tensor.backward = timing(saved[2], "backward")
+    try:
+        yield spent
+    finally:
+        SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward = saved
+
+
+def phase_line(recs: list[dict], phases: list[dict]) -> str:
+    """Median seconds per step of each phase, and of the rest of the step."""
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    parts = [f"{PHASES[k]} {med([p[k] for p in phases]):.3f} s" for k in PHASES]
+    rest = med([r["step_seconds"] - sum(p.values()) for r, p in zip(recs, phases)])
+    return "phases, median per step: " + ", ".join(parts) + f", rest (optimizer, layout) {rest:.3f} s"
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, k: int = 576, m: int = 1536) -> float:

@@ -733,6 +733,10 @@ def test_train_profile_script(tmp_path):
     assert timed.returncode == 0, timed.stderr
     assert "1 timed steps" in timed.stdout and "bf16 weight copies False" in timed.stdout
     assert "trained block tokens/s" in timed.stdout and "aten::" not in timed.stdout
+    phased = subprocess.run(base + ["--no-profiler", "--phases"], capture_output=True, text=True, cwd=root)
+    assert phased.returncode == 0, phased.stderr
+    times = dict(re.findall(r"(clean pass\)|with gradients|loss|backward) (\d+\.\d+) s", phased.stdout))
+    assert len(times) == 4 and all(float(v) > 0 for v in times.values()), phased.stdout
     flops = subprocess.run(base + ["--no-profiler", "--flops"], capture_output=True, text=True, cwd=root)
     assert flops.returncode == 0, flops.stderr
     floor = re.search(r"matrix products: .*\(([\d.e+-]+) MFLOP per token, of which ([\d.e+-]+) in batched", flops.stdout)
