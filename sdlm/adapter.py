@@ -18,6 +18,8 @@ embedding row). The artifact is a small folder:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -161,6 +163,7 @@ def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
         p.requires_grad_(True)
     if config.kind == "block-adapter":
         _install_gate(sdlm, adapter)
+        fuse_gated_inference(sdlm)
     sdlm.adapter = adapter
     if sdlm.config is not None:
         sdlm.config.retrofit = config.kind
@@ -191,6 +194,74 @@ def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
     for name, mod in sdlm.model.named_modules():
         if name.endswith("lora_B.default") or (name.endswith("lora_B") and isinstance(mod, torch.nn.Linear)):
             adapter._handles.append(mod.register_forward_hook(gate_hook))
+
+
+_unfused: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_lora_unfused", default=False)
+
+
+@contextlib.contextmanager
+def unfused_lora():
+    """Inside, the gated LoRA layers run ``peft``'s own forward (for comparisons)."""
+    token = _unfused.set(True)
+    try:
+        yield
+    finally:
+        _unfused.reset(token)
+
+
+def fuse_gated_inference(sdlm: SDLM) -> int:
+    """Give each gated LoRA layer of ``sdlm`` a shorter inference path. Through ``peft`` a LoRA layer runs
+    its base layer, two more module calls (``lora_A``, ``lora_B``), the gate hook's multiply, the scaling
+    multiply and an add; a decoding step does that in every linear layer. Here, for calls without
+    gradients: the base layer, ``h = x A^T`` scaled by the gate and the LoRA scaling in one multiply
+    (the gate as a column, made once per forward), and ``h B^T`` accumulated into the base output by the
+    matrix product itself. Tokens with gate 0 get exactly the base layer's output (their ``h`` is 0); with
+    a power-of-two scaling (alpha / r) the block tokens get exactly ``peft``'s numbers too, up to the
+    product's summation order. Calls with gradients, autocast, a dtype other than the LoRA weights',
+    several adapters, dropout or a LoRA variant run ``peft``'s forward. Returns the layers routed."""
+    import torch.nn.functional as F
+
+    cols: dict = {}  # the gate column of the current forward, per (gate, dtype, scaling)
+
+    def gate_column(gate, dtype, scaling):
+        key = (id(gate), dtype, scaling)
+        if cols.get("gate") is not gate:
+            cols.clear()
+            cols["gate"] = gate  # held, so that its id is not reused while cached
+        if key not in cols:
+            cols[key] = gate[..., None].to(dtype) * scaling
+        return cols[key]
+
+    n = 0
+    for mod in sdlm.model.modules():
+        if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer") and isinstance(mod.base_layer, torch.nn.Linear)):
+            continue
+        names = list(mod.active_adapters)
+        if len(names) != 1 or names[0] in getattr(mod, "lora_variant", {}) or \
+                not isinstance(mod.lora_dropout[names[0]], torch.nn.Identity):
+            continue
+        name = names[0]
+
+        def forward(x, *args, mod=mod, own=mod.forward, name=name, **kwargs):
+            gate = sdlm.gate
+            if (args or kwargs or gate is None or torch.is_grad_enabled() or _unfused.get() or mod.disable_adapters
+                    or mod.merged or torch.is_autocast_enabled(x.device.type)):
+                return own(x, *args, **kwargs)
+            a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
+            if x.dtype != a.dtype or (gate is not True and tuple(gate.shape) != tuple(x.shape[:-1])):
+                return own(x, *args, **kwargs)
+            scaling = float(mod.scaling[name])
+            y = mod.base_layer(x)
+            if y.dtype != b.dtype or not y.is_contiguous():
+                return own(x, *args, **kwargs)
+            h = F.linear(x, a)
+            h.mul_(scaling if gate is True else gate_column(gate, h.dtype, scaling))
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())
+            return y
+
+        mod.forward = forward
+        n += 1
+    return n
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:

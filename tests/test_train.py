@@ -17,11 +17,11 @@ from sdlm.zoo import random_model
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
 
-def adapted(arch="llama", kind="block-adapter", seed=0):
+def adapted(arch="llama", kind="block-adapter", seed=0, alpha=32.0):
     model, tok = random_model(arch)
     s = SDLM(model, tok, None)
     s.retrofit(block_size=4)
-    ad = attach(s, AdapterConfig(kind=kind, r=4))
+    ad = attach(s, AdapterConfig(kind=kind, r=4, alpha=alpha))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a non-zero adapter, so that the gate has something to switch off
         for p in ad.lora_parameters().values():
@@ -115,6 +115,37 @@ def test_gated_adapter_keeps_base_output(arch, D):
         for use_cache in (True, False):
             got = Decoder(s, GenerationConfig(mode=mode, block_size=D, max_new_tokens=20, use_cache=use_cache)).generate(prompt)
             assert got.tokens == ref, (mode, use_cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("alpha", [8.0, 6.0])  # LoRA scaling 2 (a power of two) and 1.5
+def test_fused_gated_inference_gives_peft_outputs(arch, alpha):
+    """The gated LoRA layers' short inference path (sdlm.adapter.fuse_gated_inference) runs instead of
+    peft's modules, and gives peft's outputs: exactly the base model's where the gate is 0, the same
+    block outputs within rounding where it is 1, for a per-token gate (batch of 2) and an all-block pass."""
+    from sdlm.adapter import unfused_lora
+
+    s, ad = adapted(arch, alpha=alpha)
+    calls = []
+    for mod in s.model.modules():
+        if type(mod).__name__ == "ModuleDict" and "default" in mod and isinstance(mod["default"], torch.nn.Linear):
+            mod["default"].register_forward_hook(lambda *a: calls.append(1))  # peft's lora_A / lora_B modules
+    ids = torch.tensor([[5, 17, 99, 3, 42, 42, 8, 11, 4, 9], [7, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    pos = torch.arange(10).expand(2, 10)
+    gate = torch.zeros(2, 10, dtype=torch.bool)
+    gate[:, 5:] = True
+    gate[1, 7] = False
+    with torch.no_grad():
+        fused, fused_all = s.forward(ids, pos, None, gate), s.forward(ids, pos, None, True)
+        assert not calls  # the peft modules did not run
+        with unfused_lora():
+            ref, ref_all = s.forward(ids, pos, None, gate), s.forward(ids, pos, None, True)
+        assert calls
+        base = s.forward(ids, pos, None, torch.zeros_like(gate))  # no block token: the adapter is off
+    assert torch.equal(fused[:, :5], ref[:, :5]) and torch.equal(fused[:, :5], base[:, :5])  # before any block token
+    assert torch.allclose(fused, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fused_all, ref_all, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fused[:, 5:], base[:, 5:], atol=1e-3)  # the adapter does act at block tokens
 
 
 def test_ungated_lora_changes_the_model():
