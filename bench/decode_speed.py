@@ -8,6 +8,9 @@ one prompt at a time, on the weights as stored.
 On a CPU the model's linear layers run on oneDNN-packed weights (``sdlm.cpu``) unless ``--no-prepack``;
 ``--also-unpacked`` runs every mode both ways in the same run (rows ``MODE unpacked``).
 
+``--also-unfused`` runs every mode again with the gated LoRA layers on ``peft``'s own forward instead of
+their shorter inference path (``sdlm.adapter.fuse_gated_inference``; rows ``MODE unfused``).
+
     python bench/decode_speed.py --model smollm2-135m-instruct-sdlm --max-new-tokens 128
 
 With ``--batch-size B`` > 1 every mode decodes the prompts B at a time (sdlm.batched) and the speed
@@ -53,11 +56,15 @@ def main() -> int:
                     help="run every mode on the weights as stored (no oneDNN-packed copies on a CPU)")
     ap.add_argument("--also-unpacked", action="store_true",
                     help="run every mode twice, with and without the packed copies (rows 'MODE unpacked'), in one run")
+    ap.add_argument("--also-unfused", action="store_true",
+                    help="run every mode twice, with the gated LoRA layers' inference path and with peft's own "
+                         "forward (rows 'MODE unfused'), in one run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import torch
 
+    from sdlm.adapter import unfused_lora
     from sdlm.cpu import packed_layers, packing_off
     from sdlm.decode import Decoder, GenerationConfig, encode_prompt
     from sdlm.model import SDLM
@@ -77,13 +84,13 @@ def main() -> int:
         hf_generate(sdlm, prompts[0], 8)  # warm-up
 
     results, outputs = {}, {}
-    runs = [(spec, False) for spec in args.modes]
-    if args.also_unpacked:
-        runs = [(spec, off) for spec in args.modes for off in (False, True) if not (spec == "hf" and off)]
-    for spec, off in runs:
+    variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else [])
+    runs = [(spec, v) for spec in args.modes for v in variants if not (spec == "hf" and v)]
+    switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora}
+    for spec, variant in runs:
         parts = spec.split(":")
         mode = parts[0]
-        label = f"{spec} unpacked" if off else spec
+        label = f"{spec} {variant}" if variant else spec
         if mode == "hf":
             if args.temperature > 0 or args.batch_size > 1:
                 raise SystemExit("mode hf is the greedy one-prompt baseline: drop it, or --temperature / --batch-size")
@@ -97,7 +104,7 @@ def main() -> int:
                                    first_token="causal" if "causal" in parts[3:] else "block", verify="verify" in parts[3:],
                                    draft_threshold=next((float(x[5:]) for x in parts[3:] if x.startswith("draft")), 0.0),
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-            with packing_off() if off else contextlib.nullcontext():
+            with switch[variant]():
                 gens, wall = run_mode(sdlm, cfg, prompts, args.batch_size)
         outputs[label] = [g.tokens for g in gens]
         speed = (sum(g.new_tokens for g in gens) / wall if args.batch_size > 1
@@ -114,10 +121,10 @@ def main() -> int:
     base = results.get("ar", {}).get("median_tokens_per_second")
     for r in results.values():
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
-    for k, r in results.items():  # packed against unpacked, same mode
-        if k.endswith(" unpacked") and k[: -len(" unpacked")] in results:
-            r["packed_speedup"] = round(results[k[: -len(" unpacked")]]["median_tokens_per_second"]
-                                        / r["median_tokens_per_second"], 2)
+    for k, r in results.items():  # packed against unpacked, fused against unfused, same mode
+        for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup")):
+            if k.endswith(variant) and k[: -len(variant)] in results:
+                r[key] = round(results[k[: -len(variant)]]["median_tokens_per_second"] / r["median_tokens_per_second"], 2)
     cpu = platform.processor() or platform.machine()
     device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else cpu
     out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
@@ -131,7 +138,8 @@ def main() -> int:
     for k, r in results.items():
         print(f"{k:27s} {r['median_tokens_per_second']:7.2f} tok/s  x{r['speed_vs_ar']}  "
               f"{r['tokens_per_forward']:.2f} tok/forward  same as ar: {r['same_output_as_ar']}"
-              + (f"  packed x{r['packed_speedup']}" if "packed_speedup" in r else ""))
+              + (f"  packed x{r['packed_speedup']}" if "packed_speedup" in r else "")
+              + (f"  fused x{r['fused_speedup']}" if "fused_speedup" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0

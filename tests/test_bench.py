@@ -29,6 +29,17 @@ def test_decode_speed_compares_modes_and_the_hf_baseline(tmp_path):
     assert all(v["median_tokens_per_second"] > 0 for v in r.values())
 
 
+def test_decode_speed_also_unfused(tmp_path):
+    """--also-unfused: every mode again on peft's own LoRA forward, in the same run, with the ratio."""
+    res, data = _run(tmp_path, "--modes", "ar", "speculative:4", "--also-unfused")
+    assert res.returncode == 0, res.stderr
+    r = data["results"]
+    assert list(r) == ["ar", "ar unfused", "speculative:4", "speculative:4 unfused"]
+    assert all(v["same_output_as_ar"] == "2/2" for v in r.values())
+    assert r["speculative:4 unfused"]["fused_speedup"] > 0 and "fused_speedup" not in r["speculative:4"]
+    assert "fused x" in res.stdout
+
+
 def test_decode_speed_sampled(tmp_path):
     res, data = _run(tmp_path, "--modes", "ar", "speculative:4:2,1", "--temperature", "0.9", "--seed", "5")
     assert res.returncode == 0, res.stderr
