@@ -225,9 +225,9 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
 
     def gate_column(gate, dtype, scaling):
         key = (id(gate), dtype, scaling)
-        if cols.get("gate") is not gate:
+        if cols.get("gate") is not gate or cols.get("version") != gate._version:  # a new gate, or changed in place
             cols.clear()
-            cols["gate"] = gate  # held, so that its id is not reused while cached
+            cols["gate"], cols["version"] = gate, gate._version  # held, so that its id is not reused while cached
         if key not in cols:
             cols[key] = gate[..., None].to(dtype) * scaling
         return cols[key]

@@ -146,6 +146,14 @@ def test_fused_gated_inference_gives_peft_outputs(arch, alpha):
     assert torch.allclose(fused, ref, atol=1e-5, rtol=1e-5)
     assert torch.allclose(fused_all, ref_all, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(fused[:, 5:], base[:, 5:], atol=1e-3)  # the adapter does act at block tokens
+    with torch.no_grad():  # a gate tensor changed in place between forwards is read afresh
+        g = gate.clone()
+        s.forward(ids, pos, None, g)
+        g[:, :5], g[:, 5:] = True, False
+        again = s.forward(ids, pos, None, g)
+        with unfused_lora():
+            expect = s.forward(ids, pos, None, g)
+    assert torch.allclose(again, expect, atol=1e-5, rtol=1e-5)
 
 
 def test_ungated_lora_changes_the_model():
