@@ -221,13 +221,13 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
     several adapters, dropout or a LoRA variant run ``peft``'s forward. Returns the layers routed."""
     import torch.nn.functional as F
 
-    cols: dict = {}  # the gate column of the current forward, per (gate, dtype, scaling)
-
     def gate_column(gate, dtype, scaling):
-        key = (id(gate), dtype, scaling)
-        if cols.get("gate") is not gate or cols.get("version") != gate._version:  # a new gate, or changed in place
-            cols.clear()
-            cols["gate"], cols["version"] = gate, gate._version  # held, so that its id is not reused while cached
+        """``gate`` as a (..., 1) column times ``scaling``, made once per forward: :meth:`SDLM.forward` starts
+        every forward with an empty ``gate_columns``."""
+        cols = getattr(sdlm, "gate_columns", None)
+        if cols is None:
+            return gate[..., None].to(dtype) * scaling
+        key = (dtype, scaling)
         if key not in cols:
             cols[key] = gate[..., None].to(dtype) * scaling
         return cols[key]

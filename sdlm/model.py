@@ -109,6 +109,7 @@ class SDLM:
         self.adapter = None  # sdlm.adapter.Adapter when a LoRA adapter is attached
         # (B, T) bool, True on block tokens, or True: every token is one; read by gated adapters
         self.gate: torch.Tensor | bool | None = None
+        self.gate_columns: dict = {}  # values derived from the gate, kept for one forward (sdlm.adapter)
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
         self._cache_kwarg = _cache_kwarg(model)
@@ -307,6 +308,7 @@ class SDLM:
         elif self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         self.gate = True if gate is True else gate.to(dev)
+        self.gate_columns = {}
         adapter = getattr(self, "adapter", None)
         if adapter is not None and adapter.config.kind == "block-adapter":
             adapter.set_active(self.gate is True or bool(self.gate.any()))  # no block token: skip the LoRA work
@@ -325,7 +327,7 @@ class SDLM:
                     **kwargs,
                 )
         finally:
-            self.gate = None
+            self.gate, self.gate_columns = None, {}
         return out.last_hidden_state if hidden else out.logits
 
     def lm_head(self) -> torch.nn.Module:
