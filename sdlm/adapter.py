@@ -196,6 +196,19 @@ def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
             adapter._handles.append(mod.register_forward_hook(gate_hook))
 
 
+def plain_lora_layers(model: torch.nn.Module):
+    """The ``peft`` LoRA layers of ``model`` over an ``nn.Linear`` with one active adapter, no dropout and no
+    LoRA variant (such as DoRA): the layers a shorter forward can stand in for. Yields (layer, adapter name)."""
+    for mod in model.modules():
+        if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer") and isinstance(mod.base_layer, torch.nn.Linear)):
+            continue
+        names = list(mod.active_adapters)
+        if len(names) != 1 or names[0] in getattr(mod, "lora_variant", {}) or \
+                not isinstance(mod.lora_dropout[names[0]], torch.nn.Identity):
+            continue
+        yield mod, names[0]
+
+
 _unfused: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_lora_unfused", default=False)
 
 
@@ -233,14 +246,7 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
         return cols[key]
 
     n = 0
-    for mod in sdlm.model.modules():
-        if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer") and isinstance(mod.base_layer, torch.nn.Linear)):
-            continue
-        names = list(mod.active_adapters)
-        if len(names) != 1 or names[0] in getattr(mod, "lora_variant", {}) or \
-                not isinstance(mod.lora_dropout[names[0]], torch.nn.Identity):
-            continue
-        name = names[0]
+    for mod, name in plain_lora_layers(sdlm.model):
 
         def forward(x, *args, mod=mod, own=mod.forward, name=name, **kwargs):
             gate = sdlm.gate

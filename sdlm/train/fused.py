@@ -65,14 +65,10 @@ def fuse_lora_linears(sdlm) -> int:
     forward is a block token (``sdlm.gate is True``, the training step's block pass) and gradients are
     on; every other call runs ``peft``'s forward. Layers with dropout, several active adapters or a LoRA
     variant (DoRA) are left alone. Returns the number of layers routed."""
+    from ..adapter import plain_lora_layers
+
     n = 0
-    for mod in sdlm.model.modules():
-        if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer") and isinstance(mod.base_layer, torch.nn.Linear)):
-            continue
-        names = list(mod.active_adapters)
-        if len(names) != 1 or names[0] in getattr(mod, "lora_variant", {}) or \
-                not isinstance(mod.lora_dropout[names[0]], torch.nn.Identity):
-            continue
+    for mod, _ in plain_lora_layers(sdlm.model):
 
         def forward(x, *args, mod=mod, peft_forward=mod.forward, **kwargs):
             if (sdlm.gate is True and not args and not kwargs and not mod.disable_adapters and not mod.merged
