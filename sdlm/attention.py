@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,8 @@ class BlockPart:
     b0: int
     b1: int
     clean_bias: torch.Tensor
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    """What the layers of a pass share: the mask in the form :class:`_BlockAttention` uses it."""
 
 
 @dataclass
@@ -198,96 +200,124 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 class _BlockAttention(torch.autograd.Function):
     """:func:`block_attention`, part by part, with its backward pass written out.
 
-    Per part (a sample's T queries, its L clean keys, its own T block keys in blocks of D), with P the
-    softmax over the (T, L + D) scores: ``O = P_clean V_clean + P_own V_own``, and backward
-    ``dS = P * (dP - rowsum(dO * O))`` (the softmax's backward through the output, as flash attention
-    takes it), then the four products for dQ, dK, dV. Gradients are written straight into full-size
-    tensors (no slicing backward nodes), and none are computed for the clean keys and values when the
-    layout says they need none (the two-pass step's clean KV comes from a pass without gradients)."""
+    Per part (a sample's n = K·D queries, its c clean keys, its own n block keys in K blocks of D) and
+    key/value head, the queries of its g query heads are stacked into K·g·D rows, block by block (block k:
+    the D queries of each of the g heads). The keys are the c clean keys followed by D zero rows, so
+    the (K·g·D) × (c + D) scores come from one product with the scale and the clean mask folded in
+    (``baddbmm``); each block's own (g·D) × D scores, a product per block, go into the D last columns. One
+    softmax over that buffer gives P; ``O = P [V_clean; 0] + P_own V_own``. The backward pass is the
+    softmax's own (``dS = P * (dP - rowsum(dP * P))``, one fused kernel) and the products for dQ, dK, dV;
+    with the heads of a block stacked, the products for a block's own keys and values sum over the heads
+    themselves. Scores and probabilities are kept in the inputs' dtype (the products round their outputs
+    to it anyway; the softmax and its backward compute in float32 inside). The output and dQ are written
+    in (B, T, H, d) memory order, the layout the model's output projection reads, and returned as
+    (B, H, T, d) views. No gradient is computed for the clean keys and values when the layout says they
+    need none (the two-pass step's clean KV comes from a pass without gradients)."""
 
     @staticmethod
     def forward(ctx, query, key, value, layout, scaling):
         B, H, T, d = query.shape
         Hkv, L = key.shape[1], key.shape[2] - T
         g, D = H // Hkv, layout.block_size
-        outs, saved = [], []
+        BH = B * Hkv
+        out = torch.empty(B, T, H, d, dtype=query.dtype, device=query.device)
+        saved = []
         for p in layout.parts:
             n, c, K, q, kc, vc, kb, vb = _part(query, key, value, p, L, D)
-            s = torch.empty(B, Hkv, g, n, c + D, dtype=torch.float32, device=query.device)
-            torch.add(p.clean_bias.view(-1, 1, 1, n, c), (q.reshape(B, Hkv, g * n, d) @ kc.transpose(-1, -2))
-                      .view(B, Hkv, g, n, c), alpha=scaling, out=s[..., :c])
-            torch.mul((q.view(B, Hkv, g, K, D, d) @ kb.transpose(-1, -2)).view(B, Hkv, g, n, D), scaling,
-                      out=s[..., c:])
+            pad = kc.new_zeros(B, Hkv, D, d)
+            kx = torch.cat([kc, pad], 2).view(BH, c + D, d)
+            vx = torch.cat([vc, pad], 2).view(BH, c + D, d)
+            s = torch.baddbmm(_extended_bias(p, B, Hkv, g, D, query.dtype), q, kx.transpose(1, 2), alpha=scaling)
+            own = s.view(BH * K, g * D, c + D)[..., c:]
+            own.copy_(torch.bmm(q.view(BH * K, g * D, d), kb.transpose(1, 2)).mul_(scaling))
             if layout.causal_within_block:
-                s[..., c:].masked_fill_(_later_in_block(n, D, query.device), float("-inf"))
+                own.masked_fill_(_later_in_block(g, D, query.device), float("-inf"))
             prob = torch.softmax(s, -1)
-            del s
-            pc, po = prob[..., :c].to(query.dtype), prob[..., c:].to(query.dtype)  # contiguous, for the products
-            o = (pc.view(B, Hkv, g * n, c) @ vc).view(B, Hkv, g, n, d)
-            outs.append(o.add_((po.view(B, Hkv, g, K, D, D) @ vb).view(B, Hkv, g, n, d)))
-            saved.append((prob, pc, po))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, 3)
+            del s, own
+            o = prob @ vx  # (BH, K·g·D, d)
+            o.view(BH * K, g * D, d).baddbmm_(prob.view(BH * K, g * D, c + D)[..., c:], vb)
+            out[:, p.b0 : p.b1] = o.view(B, Hkv, K, g, D, d).permute(0, 2, 4, 1, 3, 5).reshape(B, n, H, d)
+            saved.append((q, kx, vx, prob))
         ctx.layout, ctx.scaling, ctx.saved = layout, scaling, saved
-        ctx.save_for_backward(query, key, value, out)
-        return out.view(B, H, T, d)
+        ctx.save_for_backward(key, value)
+        return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out = ctx.saved_tensors
+        key, value = ctx.saved_tensors
         layout, scaling = ctx.layout, ctx.scaling
-        B, H, T, d = query.shape
+        B, H, T, d = grad_out.shape
         Hkv, L = key.shape[1], key.shape[2] - T
         g, D = H // Hkv, layout.block_size
+        BH = B * Hkv
         clean = layout.clean_needs_grad
-        dq = torch.empty(B, Hkv, g, T, d, dtype=query.dtype, device=query.device)
+        dq = torch.empty(B, T, H, d, dtype=key.dtype, device=key.device)
         dk, dv = torch.empty_like(key), torch.empty_like(value)  # the parts write every block column
         dk[:, :, :L].zero_()  # clean columns: zero, or the parts' sums below
         dv[:, :, :L].zero_()
-        do = grad_out.to(query.dtype).reshape(B, Hkv, g, T, d)
-        # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction, from d columns instead of L + D
-        delta = (do.float() * out.float()).sum(-1, keepdim=True)
-        for p, (prob, pc, po) in zip(layout.parts, ctx.saved):
-            n, c, K, q, kc, vc, kb, vb = _part(query, key, value, p, L, D)
-            dop = do[:, :, :, p.b0 : p.b1]
-            ds = torch.empty_like(prob)
-            torch.sub((dop.reshape(B, Hkv, g * n, d) @ vc.transpose(-1, -2)).view(B, Hkv, g, n, c),
-                      delta[:, :, :, p.b0 : p.b1], out=ds[..., :c])
-            torch.sub((dop.reshape(B, Hkv, g, K, D, d) @ vb.transpose(-1, -2)).view(B, Hkv, g, n, D),
-                      delta[:, :, :, p.b0 : p.b1], out=ds[..., c:])
-            ds.mul_(prob)
-            dsc, dso = ds[..., :c].to(query.dtype), ds[..., c:].to(query.dtype)
-            del ds
-            dqp = (dsc.view(B, Hkv, g * n, c) @ kc).view(B, Hkv, g, n, d)
-            dqp += (dso.view(B, Hkv, g, K, D, D) @ kb).view(B, Hkv, g, n, d)
-            dq[:, :, :, p.b0 : p.b1] = dqp.mul_(scaling)
-            dk[:, :, L + p.b0 : L + p.b1] = (dso.view(B, Hkv, g, K, D, D).transpose(-1, -2)
-                                            @ q.view(B, Hkv, g, K, D, d)).sum(2).view(B, Hkv, n, d).mul_(scaling)
-            dv[:, :, L + p.b0 : L + p.b1] = (po.view(B, Hkv, g, K, D, D).transpose(-1, -2)
-                                            @ dop.reshape(B, Hkv, g, K, D, d)).sum(2).view(B, Hkv, n, d)
+        for p, (q, kx, vx, prob) in zip(layout.parts, ctx.saved):
+            n, c, K = p.b1 - p.b0, p.c1 - p.c0, (p.b1 - p.b0) // D
+            kb = key[:, :, L + p.b0 : L + p.b1].reshape(BH * K, D, d)
+            vb = value[:, :, L + p.b0 : L + p.b1].reshape(BH * K, D, d)
+            do = _stacked(grad_out[:, :, p.b0 : p.b1].to(key.dtype), Hkv, D)  # (BH, K·g·D, d)
+            dp = do @ vx.transpose(1, 2)  # (BH, K·g·D, c + D): the D last columns are zero here
+            dp.view(BH * K, g * D, c + D)[..., c:] = torch.bmm(do.view(BH * K, g * D, d), vb.transpose(1, 2))
+            ds = torch._softmax_backward_data(dp, prob, -1, prob.dtype)
+            del dp
+            ds_own = ds.view(BH * K, g * D, c + D)[..., c:]
+            dqp = ds @ kx
+            dqp.view(BH * K, g * D, d).baddbmm_(ds_own, kb)
+            dq[:, p.b0 : p.b1] = dqp.view(B, Hkv, K, g, D, d).permute(0, 2, 4, 1, 3, 5).reshape(B, n, H, d).mul_(scaling)
+            dk[:, :, L + p.b0 : L + p.b1] = torch.bmm(ds_own.transpose(1, 2), q.view(BH * K, g * D, d)) \
+                .view(B, Hkv, n, d).mul_(scaling)
+            p_own = prob.view(BH * K, g * D, c + D)[..., c:]
+            dv[:, :, L + p.b0 : L + p.b1] = torch.bmm(p_own.transpose(1, 2), do.view(BH * K, g * D, d)).view(B, Hkv, n, d)
             if clean:
-                dk[:, :, p.c0 : p.c1] += (dsc.view(B, Hkv, g * n, c).transpose(-1, -2)
-                                          @ q.reshape(B, Hkv, g * n, d)).mul_(scaling)
-                dv[:, :, p.c0 : p.c1] += pc.view(B, Hkv, g * n, c).transpose(-1, -2) @ dop.reshape(B, Hkv, g * n, d)
+                dk[:, :, p.c0 : p.c1] += (ds[..., :c].transpose(1, 2) @ q).view(B, Hkv, c, d).mul_(scaling)
+                dv[:, :, p.c0 : p.c1] += (prob[..., :c].transpose(1, 2) @ do).view(B, Hkv, c, d)
         ctx.saved = None
-        return dq.view(B, H, T, d), dk, dv, None, None
+        return dq.transpose(1, 2), dk, dv, None, None
+
+
+def _stacked(x: torch.Tensor, Hkv: int, D: int) -> torch.Tensor:
+    """(B, H, n, d) queries (or their gradients) of one part as (B·Hkv, K·g·D, d) rows: per key/value head,
+    block by block, the D rows of each of its g query heads."""
+    B, H, n, d = x.shape
+    K, g = n // D, H // Hkv
+    return x.reshape(B, Hkv, g, K, D, d).transpose(2, 3).reshape(B * Hkv, K * g * D, d)
+
+
+def _extended_bias(p: BlockPart, B: int, Hkv: int, g: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """Part ``p``'s clean mask for the stacked rows of :class:`_BlockAttention`: (1 or B·Hkv, K·g·D, c + D),
+    each query's row repeated for the g query heads, with D zero columns for its own block. Made once
+    per layout (every layer of a pass shares it)."""
+    k = (B, Hkv, g, D, dtype)
+    if k not in p.cache:
+        n, c = p.b1 - p.b0, p.c1 - p.c0
+        K = n // D
+        ext = torch.zeros(B, K, g, D, c + D, dtype=dtype, device=p.clean_bias.device)
+        ext[..., :c] = p.clean_bias.view(B, K, 1, D, c)
+        ext = ext.view(B, 1, n * g, c + D)
+        p.cache[k] = ext.view(1, n * g, c + D) if B == 1 else ext.expand(B, Hkv, n * g, c + D).reshape(B * Hkv, n * g, c + D)
+    return p.cache[k]
 
 
 def _part(query, key, value, p: BlockPart, L: int, D: int):
-    """Part ``p``'s sizes (queries n, clean keys c, blocks K) and views: its queries (B, Hkv, g, n, d),
-    its clean keys and values (B, Hkv, c, d), its own block keys and values (B, Hkv, 1, K, D, d)."""
-    B, H, _, d = query.shape
-    Hkv = key.shape[1]
+    """Part ``p``'s sizes (queries n, clean keys c, blocks K) and tensors: its queries stacked as in
+    :func:`_stacked` (B·Hkv, K·g·D, d), its clean keys and values (B, Hkv, c, d), its own block keys and
+    values (B·Hkv·K, D, d)."""
+    B, Hkv, d = query.shape[0], key.shape[1], query.shape[-1]
     n, c = p.b1 - p.b0, p.c1 - p.c0
     K = n // D
-    q = query[:, :, p.b0 : p.b1].reshape(B, Hkv, H // Hkv, n, d)
-    kb = key[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
-    vb = value[:, :, L + p.b0 : L + p.b1].reshape(B, Hkv, 1, K, D, d)
+    q = _stacked(query[:, :, p.b0 : p.b1], Hkv, D)
+    kb = key[:, :, L + p.b0 : L + p.b1].reshape(B * Hkv * K, D, d)
+    vb = value[:, :, L + p.b0 : L + p.b1].reshape(B * Hkv * K, D, d)
     return n, c, K, q, key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1], kb, vb
 
 
-def _later_in_block(n: int, D: int, device) -> torch.Tensor:
-    """(n, D) True where key j of a query's own block comes after the query (causal within a block)."""
-    return torch.arange(D, device=device)[None, :] > (torch.arange(n, device=device) % D)[:, None]
+def _later_in_block(g: int, D: int, device) -> torch.Tensor:
+    """(g·D, D) True where key j of a block comes after the query (row i of each of the g heads' D rows)."""
+    return torch.ones(D, D, dtype=torch.bool, device=device).triu_(1).repeat(g, 1)
 
 
 def use_block_attention(model) -> None:
