@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlm.attention import BLOCK_ATTENTION, block_attention, block_layout, causal_segments, use_block_attention
+from sdlm.attention import (BLOCK_ATTENTION, CausalSegments, block_attention, block_layout, causal_segments,
+                            causal_segments_attention, use_block_attention)
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.masks import TokenInfo, additive, allowed
@@ -92,6 +93,30 @@ def test_block_attention_under_bf16_autocast_and_without_clean_gradients():
     assert full[1].grad[:, :, :L].abs().max() > 0
     assert torch.allclose(q.grad, full[0].grad) and torch.allclose(k.grad[:, :, L:], full[1].grad[:, :, L:])
     assert torch.allclose(v.grad[:, :, L:], full[2].grad[:, :, L:])
+
+
+def test_causal_segments_attention_equals_sdpa_per_segment():
+    """The clean pass's attention (no gradients): causal within each segment, nothing across them, equal to
+    sdpa's causal attention run segment by segment, with segments longer and shorter than a chunk (one of
+    a single token), grouped-query heads, in float32 and, within bf16 rounding, in bfloat16."""
+    g = torch.Generator().manual_seed(4)
+    H, Hkv, d = 6, 2, 16
+    bounds = [(0, 7), (7, 150), (150, 151), (151, 300)]
+    T = bounds[-1][1]
+    q0 = torch.randn(1, T, H, d, generator=g).transpose(1, 2)  # the model's query layout
+    k0, v0 = torch.randn(1, Hkv, T, d, generator=g), torch.randn(1, Hkv, T, d, generator=g)
+    ref = torch.cat([F.scaled_dot_product_attention(q0[:, :, a:b], k0[:, :, a:b], v0[:, :, a:b], is_causal=True,
+                                                    scale=0.3, enable_gqa=True).transpose(1, 2) for a, b in bounds], 1)
+    got = causal_segments_attention(q0, k0, v0, CausalSegments(bounds), 0.3, chunk=32)
+    assert got.shape == (1, T, H, d) and torch.allclose(got, ref, atol=1e-5)
+    one = causal_segments_attention(q0, k0, v0, CausalSegments([(0, T)]), 0.3, chunk=32)
+    assert not torch.allclose(one[0, 7:150], ref[0, 7:150], atol=1e-3)  # across segments it is another attention
+    q, k, v = (t.bfloat16() for t in (q0, k0, v0))
+    sdpa_bf16 = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                          scale=0.3, enable_gqa=True).transpose(1, 2) for a, b in bounds], 1)
+    got = causal_segments_attention(q, k, v, CausalSegments(bounds), 0.3, chunk=32)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).norm() <= 2 * (sdpa_bf16.float() - ref).norm() + 1e-3 * ref.norm()
 
 
 def test_block_layout_refuses_other_shapes():
