@@ -3,7 +3,9 @@ mask against :func:`sdlm.attention.block_attention`, at one layer's shapes.
 
 The defaults are SmolLM2-135M's heads (9 query heads, 3 key/value heads of 64) and a sample of 370
 clean tokens with 68 blocks of 4 (272 block tokens). Prints the median forward and backward times
-of each, and the largest difference between their outputs.
+of each, and the largest difference between their outputs. Then the clean pass of the same sample
+(causal attention over its clean tokens, no gradients): sdpa's causal kernel against
+:func:`sdlm.attention.causal_segments_attention`, the chunked products the CPU step runs.
 
     python bench/block_attention_cost.py --threads 2 --dtype bfloat16
 """
@@ -35,7 +37,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from sdlm.attention import block_attention, block_layout
+    from sdlm.attention import CausalSegments, block_attention, block_layout, causal_segments_attention
     from sdlm.masks import TokenInfo, additive, allowed
 
     if args.threads:
@@ -76,6 +78,27 @@ def main() -> int:
             bwd.append(time.perf_counter() - t1)
         f, b = statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3
         print(f"{name:17s} forward {f:6.2f} ms  backward {b:6.2f} ms  total {f + b:6.2f} ms")
+
+    # the clean pass: causal attention over the L clean tokens, without gradients
+    segments = CausalSegments([(0, L)])
+    causal = {
+        "sdpa, causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                       enable_gqa=True).transpose(1, 2),
+        "chunked products": lambda q, k, v: causal_segments_attention(q, k, v, segments, scale),
+    }
+    q = torch.randn(1, L, H, d, dtype=dtype, generator=g).transpose(1, 2)  # the model's query layout
+    k, v = (torch.randn(1, Hkv, L, d, dtype=dtype, generator=g) for _ in range(2))
+    with torch.no_grad():
+        outs = [fn(q, k, v).float() for fn in causal.values()]
+        print(f"clean pass: causal attention over {L} clean tokens, no gradients; largest output difference "
+              f"{(outs[0] - outs[1]).abs().max():.2e}")
+        for name, fn in causal.items():
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn(q, k, v)
+                times.append(time.perf_counter() - t0)
+            print(f"{name:17s} forward {statistics.median(times) * 1e3:6.2f} ms")
     return 0
 
 
