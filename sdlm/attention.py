@@ -174,8 +174,9 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scaling: float) -> torch.Tensor:
     """Attention of ``query`` (B, H, T, d) over ``key``/``value`` (B, Hkv, L + T, d), L clean keys then
     the T block tokens, under ``layout``: the same result as sdpa with the dense block-rule mask.
-    Returns (B, H, T, d). Scores and softmax in float32, the products in the inputs' dtype (as sdpa
-    does); the backward pass is written out (:class:`_BlockAttention`)."""
+    Returns (B, H, T, d). The products, scores and probabilities in the inputs' dtype (under autocast,
+    its dtype), the softmax and its backward computing in float32 inside; the backward pass is written
+    out (:class:`_BlockAttention`)."""
     T, S = query.shape[2], key.shape[2]
     L = S - T
     parts = layout.parts
@@ -267,11 +268,13 @@ class _BlockAttention(torch.autograd.Function):
             ds_own = ds.view(BH * K, g * D, c + D)[..., c:]
             dqp = ds @ kx
             dqp.view(BH * K, g * D, d).baddbmm_(ds_own, kb)
-            dq[:, p.b0 : p.b1] = dqp.view(B, Hkv, K, g, D, d).permute(0, 2, 4, 1, 3, 5).reshape(B, n, H, d).mul_(scaling)
+            dq[:, p.b0 : p.b1] = dqp.view(B, Hkv, K, g, D, d).permute(0, 2, 4, 1, 3, 5).reshape(B, n, H, d) \
+                .mul_(scaling)
             dk[:, :, L + p.b0 : L + p.b1] = torch.bmm(ds_own.transpose(1, 2), q.view(BH * K, g * D, d)) \
                 .view(B, Hkv, n, d).mul_(scaling)
             p_own = prob.view(BH * K, g * D, c + D)[..., c:]
-            dv[:, :, L + p.b0 : L + p.b1] = torch.bmm(p_own.transpose(1, 2), do.view(BH * K, g * D, d)).view(B, Hkv, n, d)
+            dv[:, :, L + p.b0 : L + p.b1] = torch.bmm(p_own.transpose(1, 2), do.view(BH * K, g * D, d)) \
+                .view(B, Hkv, n, d)
             if clean:
                 dk[:, :, p.c0 : p.c1] += (ds[..., :c].transpose(1, 2) @ q).view(B, Hkv, c, d).mul_(scaling)
                 dv[:, :, p.c0 : p.c1] += (prob[..., :c].transpose(1, 2) @ do).view(B, Hkv, c, d)
@@ -298,7 +301,8 @@ def _extended_bias(p: BlockPart, B: int, Hkv: int, g: int, D: int, dtype: torch.
         ext = torch.zeros(B, K, g, D, c + D, dtype=dtype, device=p.clean_bias.device)
         ext[..., :c] = p.clean_bias.view(B, K, 1, D, c)
         ext = ext.view(B, 1, n * g, c + D)
-        p.cache[k] = ext.view(1, n * g, c + D) if B == 1 else ext.expand(B, Hkv, n * g, c + D).reshape(B * Hkv, n * g, c + D)
+        p.cache[k] = (ext.view(1, n * g, c + D) if B == 1
+                      else ext.expand(B, Hkv, n * g, c + D).reshape(B * Hkv, n * g, c + D))
     return p.cache[k]
 
 
@@ -347,7 +351,8 @@ def causal_segments_attention(query: torch.Tensor, key: torch.Tensor, value: tor
                 b = min(b0 - a0, a + chunk)
                 m = b - a
                 q = query[0, :, a0 + a : a0 + b].reshape(Hkv, g * m, d)
-                s = torch.baddbmm(query.new_zeros(1, 1, 1), q, k[:, :b].transpose(1, 2), beta=0, alpha=scaling)  # (Hkv, g·m, b)
+                # (Hkv, g·m, b): the scaled scores of the chunk's queries over the keys up to its last one
+                s = torch.baddbmm(query.new_zeros(1, 1, 1), q, k[:, :b].transpose(1, 2), beta=0, alpha=scaling)
                 s.view(Hkv, g, m, b)[..., a:].masked_fill_(_above_diagonal(m, query.device), float("-inf"))
                 o = torch.softmax(s, -1) @ v[:, :b]  # (Hkv, g·m, d)
                 out[0, a0 + a : a0 + b] = o.view(Hkv, g, m, d).permute(2, 0, 1, 3).reshape(m, H, d)
@@ -375,7 +380,8 @@ def use_block_attention(model) -> None:
             raise SDLMError("block attention runs without attention dropout: set the model's attention_dropout to 0")
         if isinstance(layout, CausalSegments):  # packed clean parts: causal within each sample
             kwargs.pop("is_causal", None)
-            if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+            grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            if not grads and key.shape[2] == query.shape[2]:  # a pass over the clean tokens alone, as the step runs
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
                 return causal_segments_attention(query, key, value, layout, scale), None
             outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,

@@ -113,7 +113,8 @@ def test_causal_segments_attention_equals_sdpa_per_segment():
     assert not torch.allclose(one[0, 7:150], ref[0, 7:150], atol=1e-3)  # across segments it is another attention
     q, k, v = (t.bfloat16() for t in (q0, k0, v0))
     sdpa_bf16 = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                          scale=0.3, enable_gqa=True).transpose(1, 2) for a, b in bounds], 1)
+                                                          scale=0.3, enable_gqa=True).transpose(1, 2)
+                           for a, b in bounds], 1)
     got = causal_segments_attention(q, k, v, CausalSegments(bounds), 0.3, chunk=32)
     assert got.dtype == torch.bfloat16
     assert (got.float() - ref).norm() <= 2 * (sdpa_bf16.float() - ref).norm() + 1e-3 * ref.norm()
