@@ -18,7 +18,6 @@ embedding row). The artifact is a small folder:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .context import setting
 from .errors import SDLMError
 from .io import atomic_dir
 from .model import SDLM, SDLMConfig
@@ -212,14 +212,9 @@ def plain_lora_layers(model: torch.nn.Module):
 _unfused: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_lora_unfused", default=False)
 
 
-@contextlib.contextmanager
 def unfused_lora():
     """Inside, the gated LoRA layers run ``peft``'s own forward (for comparisons)."""
-    token = _unfused.set(True)
-    try:
-        yield
-    finally:
-        _unfused.reset(token)
+    return setting(_unfused, True)
 
 
 def fuse_gated_inference(sdlm: SDLM) -> int:
@@ -237,10 +232,7 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
     def gate_column(gate, dtype, scaling):
         """``gate`` as a (..., 1) column times ``scaling``, made once per forward: :meth:`SDLM.forward` starts
         every forward with an empty ``gate_columns``."""
-        cols = getattr(sdlm, "gate_columns", None)
-        if cols is None:
-            return gate[..., None].to(dtype) * scaling
-        key = (dtype, scaling)
+        cols, key = sdlm.gate_columns, (dtype, scaling)
         if key not in cols:
             cols[key] = gate[..., None].to(dtype) * scaling
         return cols[key]

@@ -24,12 +24,12 @@ forward of the same model (decoding, evaluation) runs sdpa as before.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 from dataclasses import dataclass, field
 
 import torch
 
+from .context import setting
 from .errors import SDLMError
 from .masks import TokenInfo, additive, allowed
 
@@ -160,14 +160,9 @@ def block_layout(q: TokenInfo, clean: TokenInfo, block_size: int, causal_within_
     return BlockLayout(parts, block_size, causal_within_block)
 
 
-@contextlib.contextmanager
 def active(layout: "BlockLayout | CausalSegments"):
     """Run the forwards inside with ``layout`` as the attention pattern of every layer."""
-    token = _current.set(layout)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+    return setting(_current, layout)
 
 
 def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout,

@@ -22,12 +22,13 @@ decode the same tokens as ``transformers`` ``generate`` with and without packing
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import os
 
 import torch
+
+from .context import setting
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,9 @@ MIN_FEATURES = 64
 _off: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_prepack_off", default=False)
 
 
-@contextlib.contextmanager
 def packing_off():
     """Inside, routed layers run their own forward (for baselines and comparisons); the packed copies stay."""
-    token = _off.set(True)
-    try:
-        yield
-    finally:
-        _off.reset(token)
+    return setting(_off, True)
 
 
 def can_prepack(dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:

@@ -445,7 +445,8 @@ class Trainer:
                 self.save_checkpoint()
                 if cfg.tpf_every and self.heldout and (main or self.fsdp):  # FSDP: every process runs the forwards
                     ev = self.evaluate_tpf()
-                    _append_jsonl(metrics_path, ev) if main else None
+                    if main:
+                        _append_jsonl(metrics_path, ev)
                 dist.barrier()
                 break
             last = self.train_step()
@@ -598,6 +599,9 @@ class Trainer:
                 "without fsdp (fsdp: false, or a single process)"
             raise SDLMError(f"the checkpoint in {self.ckpt} was written by a run {how}, whose optimizer state is "
                             "stored another way: resume it the same way, or delete it to start over")
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
         try:
             if self.adapter is not None:
                 from safetensors.torch import load_file
@@ -610,15 +614,11 @@ class Trainer:
                 for f in sorted((self.ckpt / "model").glob("*.safetensors")):
                     sd.update(lf(str(f)))
                 if self.fsdp:  # every process reads the whole state and keeps its shard
-                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
                     set_model_state_dict(self.sdlm.model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
                 else:
                     self.sdlm.model.load_state_dict(sd, strict=False)
             osd = torch.load(self.ckpt / "optimizer.pt", weights_only=True)
             if self.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
                 set_optimizer_state_dict(self.sdlm.model, self.opt, osd, options=StateDictOptions(full_state_dict=True))
             else:
                 self.opt.load_state_dict(osd)
