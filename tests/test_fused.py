@@ -181,3 +181,84 @@ def test_fused_rms_norms_leave_other_norms_alone():
         m.weight.requires_grad_(False)
     assert fuse_rms_norms(mods) == 1  # the frozen Llama norm only
     assert "forward" in vars(mods[3]) and all("forward" not in vars(m) for i, m in enumerate(mods) if i != 3)
+
+
+def _can_pack_bf16():
+    from sdlm.cpu import can_prepack
+
+    return can_prepack(torch.bfloat16, "cpu")
+
+
+@pytest.mark.skipif(not _can_pack_bf16(), reason="this CPU or PyTorch build cannot pack bf16 weights for oneDNN")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_frozen_linears_in_a_bf16_base(arch):
+    """Inside ``FrozenBF16``, the frozen linear layers at least ``MIN_FEATURES`` wide get packed copies of
+    their bf16 weights: a call without gradients gives ``F.linear``'s output within rounding through the
+    packed copy, a call whose input needs a gradient and any float32 call outside run the layer's own
+    forward (bit for bit); the fused LoRA layers use the copies forward and backward, and the two-pass loss
+    and gradients barely move (qwen2's projections have biases)."""
+    import torch.nn.functional as F
+
+    import sdlm.train.fused as fused
+    from sdlm.cpu import MIN_FEATURES
+    from sdlm.train.trainer import FrozenBF16
+
+    s, ad = adapted(arch)
+    ad.train_mask_embedding()
+    ad.mask_embedding.requires_grad_(True)
+    b = batch(s)
+    fb = FrozenBF16(s.model)
+    fuse_lora_linears(s)
+    with fb:
+        ref_loss, ref_grads = _run(s, ad, two_pass_loss, b, True)
+    tied = {id(s.model.get_input_embeddings().weight)}
+    want = [m for m in s.model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad
+            and min(m.weight.shape) >= MIN_FEATURES and id(m.weight) not in tied]
+    assert fused.pack_frozen_linears(s.model, fb.low_of) == len(want) > 0
+    assert not any(hasattr(m, "_sdlm_bf16_packed") for m in s.model.modules()
+                   if type(m) is torch.nn.Linear and m not in want)  # narrower ones (k, v here) run as before
+    used = []
+    real = fused._packed_linear
+    fused._packed_linear = lambda x, w, bias: used.append(w) or real(x, w, bias)
+    try:
+        with fb:
+            loss, grads = _run(s, ad, two_pass_loss, b, True)
+    finally:
+        fused._packed_linear = real
+    copies = [m._sdlm_bf16_packed for m in want if m is not s.model.get_output_embeddings()]
+    assert {id(p.weight) for p in copies} <= {id(w) for w in used}  # the clean pass and the fused forwards
+    assert any(id(w) in {id(p.weight_t) for p in copies} for w in used)  # the fused layers' backward
+    assert torch.allclose(loss, ref_loss, rtol=1e-2)
+    for u, v in zip(grads, ref_grads):
+        assert torch.nn.functional.cosine_similarity(u.flatten(), v.flatten(), dim=0) > 0.98
+    lin = want[0]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, lin.weight.shape[1], generator=g)
+    with fb:
+        xb = x.bfloat16()
+        with torch.no_grad():
+            y = lin(xb)
+        ref = F.linear(xb, lin.weight, lin.bias)
+        assert y.shape == ref.shape and y.dtype == torch.bfloat16
+        assert torch.allclose(y.float(), ref.float(), rtol=2**-7, atol=2**-7 * float(ref.abs().max()))
+        xg = xb.clone().requires_grad_(True)
+        yg = lin(xg)
+        assert torch.equal(yg, ref)  # the layer's own forward, with its gradient
+        yg.sum().backward()
+        assert xg.grad is not None
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # float32 outside: its own forward
+
+
+@pytest.mark.skipif(not _can_pack_bf16(), reason="this CPU or PyTorch build cannot pack bf16 weights for oneDNN")
+def test_packed_copies_are_checked():
+    """A packed copy that does not give the layer's products (here, the weight packed where its transpose
+    belongs) is refused, so the layer is left alone."""
+    from sdlm.cpu import _pack
+    from sdlm.train.fused import Packed, _packed_agrees
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((64, 64), (128, 64)):
+        low = torch.randn(shape, generator=g).bfloat16()
+        assert _packed_agrees(low, None, Packed(low, _pack(low), _pack(low.t().contiguous())))
+        assert not _packed_agrees(low, None, Packed(low, _pack(low), _pack(low)))
+        assert not _packed_agrees(low, None, Packed(low, _pack(low.t().contiguous()), _pack(low.t().contiguous())))

@@ -597,6 +597,10 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
         tiny(tmp_path / "lora", retrofit="lora", attention="blocks")
     tr = Trainer(tiny(tmp_path / "bf16", retrofit="block-adapter", bf16=True))
     assert tr.bf16_base and not tr.bf16_weights  # a bf16 base needs no copies
+    from sdlm.cpu import can_prepack
+
+    assert tr.packed_base == can_prepack(torch.bfloat16, "cpu")  # its frozen layers packed where the CPU can
+    assert not Trainer(tiny(tmp_path / "nopack", retrofit="block-adapter", bf16=True, packed_base=False)).packed_base
     tr = Trainer(tiny(tmp_path / "bf16b", retrofit="block-adapter", bf16=True, bf16_base=False))
     assert tr.bf16_weights and not tr.bf16_base
     tr = Trainer(tiny(tmp_path / "bf16off", retrofit="block-adapter", bf16=True, bf16_base=False, bf16_weights=False))

@@ -8,9 +8,15 @@ does the same arithmetic with the input cast once and the low-rank update accumu
 output by the matrix product itself (``addmm``), and takes its backward pass in five matrix products
 with nothing else in between. Every other call (clean tokens, decoding, a per-token gate, dropout)
 runs ``peft``'s own forward.
+
+On a CPU, :func:`pack_frozen_linears` gives the frozen linear layers of a bf16 base oneDNN-packed copies
+of their weights, for the products of the training step that read them: the clean pass's (no gradients)
+and the base products of :class:`_LoRALinear`, forward (``x W^T``) and backward (``g W``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -20,14 +26,18 @@ class _LoRALinear(torch.autograd.Function):
     frozen). ``x`` (..., in); returns (..., out) in ``dtype``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype, packed=None):
         xs = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         h = xs @ a.t()  # (N, r)
-        y = torch.mm(xs, weight.t()) if bias is None else torch.addmm(bias, xs, weight.t())
+        if packed is not None:  # the same product on oneDNN's packed copy of ``weight``
+            y = _packed_linear(xs, packed.weight, bias)
+        else:
+            y = torch.mm(xs, weight.t()) if bias is None else torch.addmm(bias, xs, weight.t())
         y.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(xs, h, weight, a, b)
         ctx.scaling, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.dtype, lora_a.dtype, lora_b.dtype
+        ctx.packed = packed
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -37,12 +47,14 @@ class _LoRALinear(torch.autograd.Function):
         dh = (g @ b).mul_(ctx.scaling)  # (N, r)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(g, weight).addmm_(dh, a).view(*grad.shape[:-1], xs.shape[-1]).to(ctx.x_dtype)
+            gw = torch.mm(g, weight) if ctx.packed is None else _packed_linear(g, ctx.packed.weight_t, None)
+            dx = gw.addmm_(dh, a).view(*grad.shape[:-1], xs.shape[-1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             da = (dh.t() @ xs).to(ctx.a_dtype)
         if ctx.needs_input_grad[4]:
             db = (h.t() @ g).t().mul_(ctx.scaling).to(ctx.b_dtype)  # (h^T g)^T: half the time of g^T h here
-        return dx, None, None, da, db, None, None
+        ctx.packed = None
+        return dx, None, None, da, db, None, None, None
 
 
 def lora_linear(module, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,9 +67,104 @@ def lora_linear(module, x: torch.Tensor, weight: torch.Tensor | None = None) -> 
     w = weight if weight is not None and weight.dtype == dtype else base.weight.to(dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
     name = module.active_adapters[0]
+    packed = _packed_of(base, w)
     with torch.autocast(dev, enabled=False):
         return _LoRALinear.apply(x, w, bias, module.lora_A[name].weight, module.lora_B[name].weight,
-                                 float(module.scaling[name]), dtype)
+                                 float(module.scaling[name]), dtype, packed)
+
+
+class Packed(NamedTuple):
+    """oneDNN-packed copies of a frozen weight ``source`` (out, in): ``weight`` for ``x W^T`` and
+    ``weight_t`` for ``g W`` (the input gradient's product)."""
+
+    source: torch.Tensor
+    weight: torch.Tensor
+    weight_t: torch.Tensor
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from ..cpu import _packed_linear as linear
+
+    return linear(x, packed, bias)
+
+
+def _packed_of(layer: torch.nn.Module, weight: torch.Tensor) -> Packed | None:
+    """``layer``'s packed copies (:func:`pack_frozen_linears`) where they are of ``weight`` as it is now
+    (inside :class:`sdlm.train.trainer.FrozenBF16`, whose bf16 copy they were made from), else None."""
+    p = getattr(layer, "_sdlm_bf16_packed", None)
+    if p is None or weight.data_ptr() != p.source.data_ptr() or weight.dtype != p.source.dtype:
+        return None
+    return p
+
+
+def pack_frozen_linears(model: torch.nn.Module, low_of) -> int:
+    """Give every frozen CPU ``nn.Linear`` of ``model`` whose weight has a bf16 copy (``low_of(param)``:
+    the copy, or None; :meth:`sdlm.train.trainer.FrozenBF16.low_of`) oneDNN-packed copies of that copy
+    (:class:`Packed`), made once, and route through them the calls that read the copy without needing a
+    gradient for it or the input (the training step's clean pass), and :class:`_LoRALinear`'s base
+    products. The products are those of ``F.linear`` up to float rounding (another summation order); a
+    layer where a check on a random input finds more than rounding is left alone, as are layers narrower
+    than :data:`sdlm.cpu.MIN_FEATURES` and weights shared with another module (a tied LM head). Every
+    other call runs the layer's own forward. Returns the number of layers given copies; 0 where this
+    PyTorch build or CPU cannot pack bf16 weights."""
+    from ..cpu import MIN_FEATURES, _pack, can_prepack
+
+    if not can_prepack(torch.bfloat16, "cpu"):
+        return 0
+    uses: dict[int, int] = {}
+    for mod in model.modules():
+        for prm in mod.parameters(recurse=False):
+            uses[id(prm)] = uses.get(id(prm), 0) + 1
+    n = 0
+    for mod in model.modules():
+        if type(mod) is not torch.nn.Linear or hasattr(mod, "_sdlm_bf16_packed"):
+            continue
+        w = mod.weight
+        low = low_of(w)
+        if (w.requires_grad or low is None or low.device.type != "cpu" or min(w.shape) < MIN_FEATURES
+                or uses.get(id(w), 0) > 1):
+            continue
+        bias = None if mod.bias is None else low_of(mod.bias)
+        if mod.bias is not None and bias is None:
+            continue
+        try:
+            packed = Packed(low, _pack(low), _pack(low.t().contiguous()))
+        except RuntimeError:  # an unusual shape or build: this layer runs as before
+            continue
+        if not _packed_agrees(low, bias, packed):
+            continue
+        mod._sdlm_bf16_packed = packed
+        own = mod.forward
+
+        def forward(x, *args, mod=mod, own=own, **kwargs):
+            p = _packed_of(mod, mod.weight)
+            if (p is None or args or kwargs or x.dtype != p.source.dtype or x.device.type != "cpu"
+                    or (torch.is_grad_enabled() and x.requires_grad)):
+                return own(x, *args, **kwargs)
+            return _packed_linear(x, p.weight, mod.bias)
+
+        mod.forward = forward
+        n += 1
+    return n
+
+
+def _packed_agrees(low: torch.Tensor, bias: torch.Tensor | None, packed: Packed) -> bool:
+    """Whether the packed products equal ``F.linear`` and ``g @ W`` up to rounding, on a seeded random input."""
+    gen = torch.Generator().manual_seed(0)
+    out, inp = low.shape
+    x = torch.randn(8, inp, generator=gen).to(low.dtype)
+    g = torch.randn(8, out, generator=gen).to(low.dtype)
+
+    def close(u, v):  # within a few roundings of the largest value
+        u, v = u.float(), v.float()
+        return u.shape == v.shape and float((u - v).abs().max()) <= 2**-6 * float(u.abs().max())
+
+    try:
+        with torch.no_grad():
+            return (close(torch.nn.functional.linear(x, low, bias), _packed_linear(x, packed.weight, bias))
+                    and close(g @ low, _packed_linear(g, packed.weight_t, None)))
+    except RuntimeError:  # a copy of the wrong shape
+        return False
 
 
 def fuse_lora_linears(sdlm) -> int:

@@ -28,7 +28,7 @@ from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
 from ..model import SDLM, use_flex_attention
 from .data import Example, build_examples, read_records
-from .fused import fuse_lora_linears, fuse_rms_norms
+from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears
 from .loss import LossOutput, dense_loss, loss_norm, pack, two_pass_loss
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,13 @@ class TrainConfig:
     the same per step, README). None = on for CPUs, where it removes most casts and halves the
     elementwise traffic (measured faster); off on GPUs, where a bf16 base bought no speed. Supersedes
     ``bf16_weights``. For retrofits that keep the base frozen."""
+    packed_base: bool | None = None
+    """With ``bf16_base`` on a CPU: give the frozen linear layers oneDNN-packed copies of their bf16
+    weights, made once (:func:`sdlm.train.fused.pack_frozen_linears`; 2 x 2 more bytes per weight), and run
+    on them the step's products that read those weights: the clean pass's, and the base products of the
+    fused LoRA layers, forward and backward. The same products up to float rounding (another summation
+    order; tested), without oneDNN laying the weight out again at every call. None = on where the CPU
+    and the PyTorch build support it."""
     loss_chunk: int | None = None
     """block-adapter, hard labels: apply the LM head and the loss to this many block targets at a time
     (they run together, the gradient taken in the same pass: :func:`sdlm.train.loss.linear_ce`), so at
@@ -320,6 +327,9 @@ class Trainer:
         self._base16 = FrozenBF16(self.sdlm.model) if self.bf16_base else None
         if self.bf16_base:
             fuse_rms_norms(self.sdlm.model)  # fewer passes for its bf16 norms
+        want = cfg.packed_base if cfg.packed_base is not None else on_cpu
+        self.packed_base = bool(self.bf16_base and want and self.sdlm.device.type == "cpu"
+                                and pack_frozen_linears(self.sdlm.model, self._base16.low_of))
         want = cfg.bf16_weights if cfg.bf16_weights is not None else on_cpu
         self.bf16_weights = bool(self.bf16 and want and cfg.retrofit != "full" and not self.bf16_base)
         if self.bf16_weights:
@@ -772,10 +782,15 @@ class FrozenBF16:
                 continue
             seen.add(id(prm))
             self._pairs.append((prm, prm.data, prm.data.to(torch.bfloat16)))
+        self._low = {id(prm): low for prm, _, low in self._pairs}
         self._depth = 0
 
     def __len__(self) -> int:
         return len(self._pairs)
+
+    def low_of(self, prm: torch.Tensor) -> torch.Tensor | None:
+        """The bf16 copy held for parameter ``prm``, or None where it has none (it trains, or is not float32)."""
+        return self._low.get(id(prm))
 
     def __enter__(self) -> "FrozenBF16":
         if self._depth == 0:
