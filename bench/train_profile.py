@@ -16,7 +16,9 @@ waits on the host), for speed figures to compare.
 
 ``--phases`` (with ``--no-profiler``) also times the parts of each step by the clock, without the
 profiler: the forwards without gradients (the clean pass), the forwards with gradients, the LM head with
-the loss (``linear_ce``), the backward pass, and the rest (optimizer, layout). The profiler's own
+the loss (``linear_ce``), the backward pass, and the rest (optimizer, layout). With ``attention: blocks``
+it also times the attention inside them: the clean pass's (:func:`sdlm.attention.causal_segments_attention`)
+and the block pass's, forward and backward (:class:`sdlm.attention._BlockAttention`). The profiler's own
 per-operator times can be far off for the small operators of a CPU step (it put a block-attention
 softmax at 7.5 ms that takes 0.7 ms), so these are the figures to weigh the parts by.
 
@@ -124,6 +126,9 @@ def speed_line(recs: list[dict], profiled: bool) -> str:
 
 PHASES = {"clean": "forward without gradients (clean pass)", "forward": "forward with gradients",
           "head": "LM head + loss", "backward": "backward"}
+ATTENTION = {"attention clean": "clean pass", "attention forward": "block pass forward",
+             "attention backward": "block pass backward"}
+"""The attention's share of the phases above (``attention: blocks``), timed inside them."""
 
 
 @contextlib.contextmanager
@@ -134,7 +139,9 @@ def timed_phases(device: torch.device):
     import sdlm.train.loss as loss_mod
     from sdlm.model import SDLM
 
-    spent = dict.fromkeys(PHASES, 0.0)
+    import sdlm.attention as attention_mod
+
+    spent = dict.fromkeys([*PHASES, *ATTENTION], 0.0)
 
     def timing(fn, key):
         def run(*a, **k):
@@ -149,22 +156,32 @@ def timed_phases(device: torch.device):
             return out
         return run
 
-    saved = SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward
+    block = attention_mod._BlockAttention
+    saved = (SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward, attention_mod.causal_segments_attention,
+             block.forward, block.backward)
     SDLM.forward = timing(saved[0], "clean")
     loss_mod.linear_ce = timing(saved[1], "head")
     torch.Tensor.backward = timing(saved[2], "backward")
+    attention_mod.causal_segments_attention = timing(saved[3], "attention clean")
+    block.forward, block.backward = staticmethod(timing(saved[4], "attention forward")), \
+        staticmethod(timing(saved[5], "attention backward"))
     try:
         yield spent
     finally:
-        SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward = saved
+        SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward, attention_mod.causal_segments_attention = saved[:4]
+        block.forward, block.backward = staticmethod(saved[4]), staticmethod(saved[5])
 
 
 def phase_line(recs: list[dict], phases: list[dict]) -> str:
     """Median seconds per step of each phase, and of the rest of the step."""
     med = lambda xs: statistics.median(xs)  # noqa: E731
     parts = [f"{PHASES[k]} {med([p[k] for p in phases]):.3f} s" for k in PHASES]
-    rest = med([r["step_seconds"] - sum(p.values()) for r, p in zip(recs, phases)])
-    return "phases, median per step: " + ", ".join(parts) + f", rest (optimizer, layout) {rest:.3f} s"
+    rest = med([r["step_seconds"] - sum(p[k] for k in PHASES) for r, p in zip(recs, phases)])
+    line = "phases, median per step: " + ", ".join(parts) + f", rest (optimizer, layout) {rest:.3f} s"
+    if any(p[k] for p in phases for k in ATTENTION):
+        line += "; of these, attention: " + ", ".join(f"{ATTENTION[k]} {med([p[k] for p in phases]):.3f} s"
+                                                       for k in ATTENTION)
+    return line
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, k: int = 576, m: int = 1536) -> float:

@@ -778,8 +778,13 @@ def test_train_profile_script(tmp_path):
     assert "trained block tokens/s" in timed.stdout and "aten::" not in timed.stdout
     phased = subprocess.run(base + ["--no-profiler", "--phases"], capture_output=True, text=True, cwd=root)
     assert phased.returncode == 0, phased.stderr
-    times = dict(re.findall(r"(clean pass\)|with gradients|loss|backward) (\d+\.\d+) s", phased.stdout))
+    phases = phased.stdout.split("; of these")[0]
+    times = dict(re.findall(r"(clean pass\)|with gradients|loss|backward) (\d+\.\d+) s", phases))
     assert len(times) == 4 and all(float(v) > 0 for v in times.values()), phased.stdout
+    attn = re.search(r"attention: clean pass (\d+\.\d+) s, block pass forward (\d+\.\d+) s, "
+                     r"block pass backward (\d+\.\d+) s", phased.stdout)  # the CPU default: attention: blocks
+    assert attn and all(float(v) > 0 for v in attn.groups()), phased.stdout
+    assert sum(map(float, attn.groups())) < sum(map(float, times.values()))  # a share of the phases
     flops = subprocess.run(base + ["--no-profiler", "--flops"], capture_output=True, text=True, cwd=root)
     assert flops.returncode == 0, flops.stderr
     floor = re.search(r"matrix products: .*\(([\d.e+-]+) MFLOP per token, of which ([\d.e+-]+) in batched", flops.stdout)
