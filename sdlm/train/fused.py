@@ -16,9 +16,14 @@ and the base products of :class:`_LoRALinear`, forward (``x W^T``) and backward 
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
+
+from ..cpu import MIN_FEATURES, _pack, _packed_linear, available_memory, can_prepack
+
+logger = logging.getLogger(__name__)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -82,12 +87,6 @@ class Packed(NamedTuple):
     weight_t: torch.Tensor
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from ..cpu import _packed_linear as linear
-
-    return linear(x, packed, bias)
-
-
 def _packed_of(layer: torch.nn.Module, weight: torch.Tensor) -> Packed | None:
     """``layer``'s packed copies (:func:`pack_frozen_linears`) where they are of ``weight`` as it is now
     (inside :class:`sdlm.train.trainer.FrozenBF16`, whose bf16 copy they were made from), else None."""
@@ -105,17 +104,16 @@ def pack_frozen_linears(model: torch.nn.Module, low_of) -> int:
     products. The products are those of ``F.linear`` up to float rounding (another summation order); a
     layer where a check on a random input finds more than rounding is left alone, as are layers narrower
     than :data:`sdlm.cpu.MIN_FEATURES` and weights shared with another module (a tied LM head). Every
-    other call runs the layer's own forward. Returns the number of layers given copies; 0 where this
-    PyTorch build or CPU cannot pack bf16 weights."""
-    from ..cpu import MIN_FEATURES, _pack, can_prepack
-
+    other call runs the layer's own forward. The copies take twice the bf16 weights' memory; where that
+    is more than half the memory still available, nothing is packed (with a warning). Returns the number
+    of layers given copies; 0 where this PyTorch build or CPU cannot pack bf16 weights."""
     if not can_prepack(torch.bfloat16, "cpu"):
         return 0
     uses: dict[int, int] = {}
     for mod in model.modules():
         for prm in mod.parameters(recurse=False):
             uses[id(prm)] = uses.get(id(prm), 0) + 1
-    n = 0
+    todo = []
     for mod in model.modules():
         if type(mod) is not torch.nn.Linear or hasattr(mod, "_sdlm_bf16_packed"):
             continue
@@ -125,8 +123,15 @@ def pack_frozen_linears(model: torch.nn.Module, low_of) -> int:
                 or uses.get(id(w), 0) > 1):
             continue
         bias = None if mod.bias is None else low_of(mod.bias)
-        if mod.bias is not None and bias is None:
-            continue
+        if mod.bias is None or bias is not None:
+            todo.append((mod, low, bias))
+    need, free = sum(2 * low.numel() * low.element_size() for _, low, _ in todo), available_memory()
+    if free is not None and need > free // 2:
+        logger.warning("packed_base: not packing the frozen linear layers, the copies would take %.1f GB of the "
+                       "%.1f GB available (the step runs on the bf16 weights as they are)", need / 2**30, free / 2**30)
+        return 0
+    n = 0
+    for mod, low, bias in todo:
         try:
             packed = Packed(low, _pack(low), _pack(low.t().contiguous()))
         except RuntimeError:  # an unusual shape or build: this layer runs as before

@@ -134,7 +134,7 @@ class TrainConfig:
     ``bf16_weights``. For retrofits that keep the base frozen."""
     packed_base: bool | None = None
     """With ``bf16_base`` on a CPU: give the frozen linear layers oneDNN-packed copies of their bf16
-    weights, made once (:func:`sdlm.train.fused.pack_frozen_linears`; 2 x 2 more bytes per weight), and run
+    weights, made once (:func:`sdlm.train.fused.pack_frozen_linears`; 4 more bytes per weight), and run
     on them the step's products that read those weights: the clean pass's, and the base products of the
     fused LoRA layers, forward and backward. The same products up to float rounding (another summation
     order; tested), without oneDNN laying the weight out again at every call. None = on where the CPU
