@@ -91,11 +91,19 @@ def available_memory() -> int | None:
         return None
 
 
+def room_for(need: int) -> tuple[bool, int | None]:
+    """Whether ``need`` bytes of copies fit in half the memory still available (yes where that is unknown),
+    and the bytes available."""
+    free = available_memory()
+    return free is None or need <= free // 2, free
+
+
 def room_to_prepack(model: torch.nn.Module) -> bool:
     """Whether the packed copies fit in half the memory still available (the default of ``SDLM.load``): a
     large model on a small machine keeps its stored weights only, with a warning."""
-    need, free = packed_bytes(model), available_memory()
-    if free is None or need <= free // 2:
+    need = packed_bytes(model)
+    fits, free = room_for(need)
+    if fits:
         return True
     logger.warning("not prepacking the linear layers for oneDNN: the copies would take %.1f GB of the %.1f GB "
                    "available (decoding runs on the stored weights, slower); SDLM.load(..., prepack=True) forces it",

@@ -268,15 +268,16 @@ def test_packed_copies_are_checked():
 def test_packed_copies_need_room(monkeypatch, caplog):
     """Where the packed copies would take more than half the memory still available, no layer is packed
     and a warning says so; the layers run their own forward."""
+    import sdlm.cpu as cpu
     import sdlm.train.fused as fused
     from sdlm.train.trainer import FrozenBF16
 
     s, _ = adapted()
     fb = FrozenBF16(s.model)
-    monkeypatch.setattr(fused, "available_memory", lambda: 1 << 16)
+    monkeypatch.setattr(cpu, "available_memory", lambda: 1 << 16)
     with caplog.at_level("WARNING"):
         assert fused.pack_frozen_linears(s.model, fb.low_of) == 0
     assert "not packing" in caplog.text
     assert not any(hasattr(m, "_sdlm_bf16_packed") for m in s.model.modules())
-    monkeypatch.setattr(fused, "available_memory", lambda: None)  # unknown: packed
+    monkeypatch.setattr(cpu, "available_memory", lambda: None)  # unknown: packed
     assert fused.pack_frozen_linears(s.model, fb.low_of) > 0

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..cpu import MIN_FEATURES, _pack, _packed_linear, available_memory, can_prepack
+from ..cpu import MIN_FEATURES, _pack, _packed_linear, can_prepack, room_for
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,7 @@ def pack_frozen_linears(model: torch.nn.Module, low_of) -> int:
     of layers given copies; 0 where this PyTorch build or CPU cannot pack bf16 weights."""
     if not can_prepack(torch.bfloat16, "cpu"):
         return 0
-    uses: dict[int, int] = {}
-    for mod in model.modules():
-        for prm in mod.parameters(recurse=False):
-            uses[id(prm)] = uses.get(id(prm), 0) + 1
+    shared = shared_weights(model)
     todo = []
     for mod in model.modules():
         if type(mod) is not torch.nn.Linear or hasattr(mod, "_sdlm_bf16_packed"):
@@ -120,13 +117,14 @@ def pack_frozen_linears(model: torch.nn.Module, low_of) -> int:
         w = mod.weight
         low = low_of(w)
         if (w.requires_grad or low is None or low.device.type != "cpu" or min(w.shape) < MIN_FEATURES
-                or uses.get(id(w), 0) > 1):
+                or w.data_ptr() in shared):
             continue
         bias = None if mod.bias is None else low_of(mod.bias)
         if mod.bias is None or bias is not None:
             todo.append((mod, low, bias))
-    need, free = sum(2 * low.numel() * low.element_size() for _, low, _ in todo), available_memory()
-    if free is not None and need > free // 2:
+    need = sum(2 * low.numel() * low.element_size() for _, low, _ in todo)
+    fits, free = room_for(need)
+    if not fits:
         logger.warning("packed_base: not packing the frozen linear layers, the copies would take %.1f GB of the "
                        "%.1f GB available (the step runs on the bf16 weights as they are)", need / 2**30, free / 2**30)
         return 0
@@ -160,14 +158,11 @@ def _packed_agrees(low: torch.Tensor, bias: torch.Tensor | None, packed: Packed)
     x = torch.randn(8, inp, generator=gen).to(low.dtype)
     g = torch.randn(8, out, generator=gen).to(low.dtype)
 
-    def close(u, v):  # within a few roundings of the largest value
-        u, v = u.float(), v.float()
-        return u.shape == v.shape and float((u - v).abs().max()) <= 2**-6 * float(u.abs().max())
-
     try:
         with torch.no_grad():
-            return (close(torch.nn.functional.linear(x, low, bias), _packed_linear(x, packed.weight, bias))
-                    and close(g @ low, _packed_linear(g, packed.weight_t, None)))
+            y = _packed_linear(x, packed.weight, bias)
+            return (_close(torch.nn.functional.linear(x, low, bias), y, 2**-6)
+                    and _close(g @ low, _packed_linear(g, packed.weight_t, None), 2**-6))
     except RuntimeError:  # a copy of the wrong shape
         return False
 
@@ -270,8 +265,21 @@ def _same_norm(mod, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> boo
     if ya.dtype != yb.dtype or ya.shape != yb.shape:
         return False
 
-    def close(u, v, rel):  # within a few roundings of the largest value
-        u, v = u.detach().float(), v.detach().float()
-        return float((u - v).abs().max()) <= rel * float(u.abs().max())
+    return _close(ya, yb, 2**-6) and _close(a.grad, b.grad, 2**-5)
 
-    return close(ya, yb, 2**-6) and close(a.grad, b.grad, 2**-5)
+
+def _close(u: torch.Tensor, v: torch.Tensor, rel: float) -> bool:
+    """Whether ``v`` is ``u`` within ``rel`` of ``u``'s largest value (a few roundings)."""
+    u, v = u.detach().float(), v.detach().float()
+    return u.shape == v.shape and float((u - v).abs().max()) <= rel * float(u.abs().max())
+
+
+def shared_weights(model: torch.nn.Module) -> set[int]:
+    """The storage addresses (``data_ptr``) of parameters that more than one module of ``model`` holds,
+    such as an LM head tied to the input embedding."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for mod in model.modules():
+        for prm in mod.parameters(recurse=False):
+            (shared if prm.data_ptr() in seen else seen).add(prm.data_ptr())
+    return shared

@@ -28,7 +28,7 @@ from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
 from ..model import SDLM, use_flex_attention
 from .data import Example, build_examples, read_records
-from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears
+from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears, shared_weights
 from .loss import LossOutput, dense_loss, loss_norm, pack, two_pass_loss
 
 logger = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ class Trainer:
         if self.bf16_base:
             fuse_rms_norms(self.sdlm.model)  # fewer passes for its bf16 norms
         want = cfg.packed_base if cfg.packed_base is not None else on_cpu
-        self.packed_base = bool(self.bf16_base and want and self.sdlm.device.type == "cpu"
+        self.packed_base = bool(self.bf16_base and want and on_cpu
                                 and pack_frozen_linears(self.sdlm.model, self._base16.low_of))
         want = cfg.bf16_weights if cfg.bf16_weights is not None else on_cpu
         self.bf16_weights = bool(self.bf16 and want and cfg.retrofit != "full" and not self.bf16_base)
@@ -816,15 +816,12 @@ def shadow_bf16_linears(model: torch.nn.Module) -> int:
     """
     import torch.nn.functional as F
 
-    counts: dict[int, int] = {}
-    for mod in model.modules():
-        for prm in mod.parameters(recurse=False):
-            counts[prm.data_ptr()] = counts.get(prm.data_ptr(), 0) + 1
+    shared = shared_weights(model)
     n = 0
     for mod in model.modules():
         if type(mod) is not torch.nn.Linear or any(p.requires_grad for p in mod.parameters()):
             continue
-        if any(counts.get(p.data_ptr(), 0) > 1 for p in mod.parameters()):
+        if any(p.data_ptr() in shared for p in mod.parameters()):
             continue  # tied weights (e.g. the LM head and the input embedding): leave them alone
         w16 = mod.weight.detach().to(torch.bfloat16)
         b16 = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
