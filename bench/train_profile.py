@@ -73,18 +73,17 @@ def main() -> None:
     cfg = TrainConfig.from_yaml(args.recipe, parse_overrides(args.set))
     tr = Trainer(cfg)
     cuda = tr.sdlm.device.type == "cuda"
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        tr.train_step()
-    if args.warmup and tr.cfg.compile:
-        print(f"{args.warmup} warm-up steps (compiling included) took {time.perf_counter() - t0:.1f} s", flush=True)
-    if args.sweep_samples:
-        for n in args.sweep_samples:
-            tr.cfg.samples_per_step = n
-            for _ in range(args.warmup):
-                tr.train_step()
+    for i, n in enumerate(args.sweep_samples or [tr.cfg.samples_per_step]):  # a sweep warms up at each size
+        tr.cfg.samples_per_step = n
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            tr.train_step()
+        if i == 0 and args.warmup and tr.cfg.compile:
+            print(f"{args.warmup} warm-up steps (compiling included) took {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.sweep_samples:
             recs = [tr.train_step() for _ in range(args.steps)]
             print(header(args, tr, cuda) + "\n" + speed_line(recs, profiled=False), flush=True)
+    if args.sweep_samples:
         return
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     recs, phases = [], []
@@ -110,6 +109,7 @@ def header(args, tr: Trainer, cuda: bool) -> str:
     return (
         f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), "
         f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, compiled {tr.cfg.compile}, "
+        f"attention {tr.attention} (sdpa kernel {tr.cfg.sdpa_backend}), fused LoRA {tr.fused_lora}, "
         f"{tr.cfg.samples_per_step} samples per step, {args.steps} {'timed' if args.no_profiler else 'profiled'} "
         f"steps after {args.warmup}"
     )

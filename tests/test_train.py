@@ -481,6 +481,35 @@ def test_flex_attention_gives_the_same_losses(arch, monkeypatch, tmp_path):
         tiny(tmp_path / "b", attention="dense")
 
 
+def test_sdpa_backend_restricts_the_step_kernel(tmp_path):
+    """``sdpa_backend`` runs the step's sdpa calls on the kernel named (seen in the profiler's operators),
+    with the same loss as PyTorch's own choice; CUDA-only kernels are refused on a CPU recipe."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sdlm.errors import SDLMError
+
+    def step_ops(tr):
+        gen = torch.Generator().manual_seed(3)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = tr.loss(tr.train[:4], gen)
+        return out.loss.item(), {e.key for e in prof.key_averages()}
+
+    losses = {}
+    for backend in ("auto", "math"):
+        tr = Trainer(tiny(tmp_path / backend, retrofit="block-adapter", attention="sdpa", sdpa_backend=backend,
+                          bf16=False))
+        losses[backend], ops = step_ops(tr)
+        math_ran = "aten::_scaled_dot_product_attention_math" in ops
+        flash_ran = any(op.startswith("aten::_scaled_dot_product_flash_attention") for op in ops)
+        assert (math_ran, flash_ran) == ((True, False) if backend == "math" else (False, True)), ops
+    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
+    for bad in ("efficient", "cudnn"):
+        with pytest.raises(SDLMError, match=f"sdpa_backend: {bad} runs on CUDA only"):
+            tiny(tmp_path / bad, sdpa_backend=bad)
+    with pytest.raises(SDLMError, match="unknown sdpa_backend"):
+        tiny(tmp_path / "x", sdpa_backend="fast")
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
 def test_fused_head_and_loss_give_the_reference_loss_and_grads(arch, chunk):
@@ -776,6 +805,10 @@ def test_train_profile_script(tmp_path):
     assert timed.returncode == 0, timed.stderr
     assert "1 timed steps" in timed.stdout and "bf16 weight copies False" in timed.stdout
     assert "trained block tokens/s" in timed.stdout and "aten::" not in timed.stdout
+    swept = subprocess.run(base + ["--no-profiler", "--sweep-samples", "2", "3"], capture_output=True, text=True, cwd=root)
+    assert swept.returncode == 0, swept.stderr
+    sizes = re.findall(r"attention blocks \(sdpa kernel auto\), fused LoRA True, (\d+) samples per step", swept.stdout)
+    assert sizes == ["2", "3"] and swept.stdout.count("trained block tokens/s") == 2, swept.stdout
     phased = subprocess.run(base + ["--no-profiler", "--phases"], capture_output=True, text=True, cwd=root)
     assert phased.returncode == 0, phased.stderr
     phases = phased.stdout.split("; of these")[0]

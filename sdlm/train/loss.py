@@ -417,10 +417,14 @@ def two_pass_loss(
 
 def _mask(sdlm: SDLM, q: TokenInfo, k: TokenInfo, causal_within_block: bool = False):
     """The attention mask of queries ``q`` over keys ``k``: a flex-attention block mask when the model
-    runs flex attention (:func:`sdlm.model.use_flex_attention`), else the dense additive (B, 1, Tq, Tk) one."""
+    runs flex attention (:func:`sdlm.model.use_flex_attention`), else the dense additive (B, 1, Tq, Tk) one,
+    in the autocast dtype under autocast."""
     if getattr(sdlm.model.config, "_attn_implementation", None) == FLEX_ATTENTION:
         return block_mask(q, k, causal_within_block)
-    return additive(allowed(q, k, causal_within_block), sdlm.dtype)
+    # under autocast sdpa runs in the autocast dtype: a mask made in it is not cast again in every layer
+    kind = sdlm.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else sdlm.dtype
+    return additive(allowed(q, k, causal_within_block), dtype)
 
 
 def _plain_causal(info: TokenInfo) -> bool:

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 RETROFITS = ("block-adapter", "lora", "full")
 ATTENTIONS = ("auto", "sdpa", "blocks", "flex")
+SDPA_BACKENDS = ("auto", "efficient", "cudnn", "flash", "math")
 
 
 @dataclass
@@ -161,6 +162,13 @@ class TrainConfig:
     and builds no dense mask; CUDA only: PyTorch has no CPU backward for flex attention. ``auto``:
     ``blocks`` for the block-adapter on CPU, else ``sdpa`` (on GPUs large padded rows keep the
     device busy, while per-sample attention would add host calls)."""
+    sdpa_backend: str = "auto"
+    """The kernel the step's sdpa calls run (``attention: sdpa``, and the sdpa calls of the others):
+    ``auto`` lets PyTorch choose; ``efficient`` (memory-efficient attention, CUDA), ``cudnn`` (CUDA),
+    ``flash`` (no attention masks: only for rows of one sample's clean tokens) or ``math`` restrict
+    it to that one kernel, through :func:`torch.nn.attention.sdpa_kernel`, in the training step and the
+    held-out loss. A step that kernel cannot run fails with PyTorch's error. Held-out tokens per forward
+    and decoding are left to PyTorch's choice."""
     compile: bool = False
     """``torch.compile`` the parts of every decoder layer that repeat (the MLP, the norms, the
     attention's projections with their LoRA): fused kernels and fewer host calls per step. The
@@ -188,6 +196,11 @@ class TrainConfig:
                 raise SDLMError("loss_chunk is for retrofit: block-adapter with hard labels (distill: 0)")
         if self.attention not in ATTENTIONS:
             raise SDLMError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise SDLMError(f"unknown sdpa_backend {self.sdpa_backend!r}: use one of {', '.join(SDPA_BACKENDS)}")
+        if self.sdpa_backend in ("efficient", "cudnn") and not self.device.startswith("cuda"):
+            raise SDLMError(f"sdpa_backend: {self.sdpa_backend} runs on CUDA only: use auto, flash or math on "
+                            f"device {self.device}")
         if self.attention == "blocks" and self.retrofit != "block-adapter":
             raise SDLMError("attention: blocks is for retrofit: block-adapter (its block pass runs apart from the "
                             "clean tokens): use attention: sdpa")
@@ -335,7 +348,8 @@ class Trainer:
         if self.bf16_weights:
             shadow_bf16_linears(self.sdlm.model)
         fused = cfg.fused_lora if cfg.fused_lora is not None else on_cpu
-        if fused and cfg.retrofit == "block-adapter":
+        self.fused_lora = bool(fused and cfg.retrofit == "block-adapter")
+        if self.fused_lora:
             fuse_lora_linears(self.sdlm)
         if self.attention == "flex":
             if self.sdlm.device.type != "cuda":
@@ -396,6 +410,16 @@ class Trainer:
             return self.cfg.attention
         return "blocks" if self.cfg.retrofit == "block-adapter" and self.sdlm.device.type == "cpu" else "sdpa"
 
+    def _sdpa(self):
+        """The context that restricts sdpa to ``sdpa_backend`` (nothing for ``auto``)."""
+        if self.cfg.sdpa_backend == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+                 "math": "MATH"}
+        return sdpa_kernel([getattr(SDPBackend, names[self.cfg.sdpa_backend])])
+
     @property
     def split_samples(self) -> bool:
         if self.cfg.retrofit != "block-adapter":
@@ -415,7 +439,7 @@ class Trainer:
                    for p in parts]
         self.prep_seconds += time.perf_counter() - t0
         outs = []
-        with self._base16 or contextlib.nullcontext():  # around the backward pass too: it reads the weights
+        with self._base16 or contextlib.nullcontext(), self._sdpa():  # around the backward: it reads the weights
             for batch in batches:
                 with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     if cfg.retrofit == "block-adapter":
