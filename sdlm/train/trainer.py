@@ -150,7 +150,7 @@ class TrainConfig:
     (:mod:`sdlm.train.fused`): the input cast once, the low-rank update accumulated by the matrix
     product, a backward pass of five matrix products; the same loss and gradients as ``peft``'s layers
     up to rounding (tested). ``false``: ``peft``'s own forward. None = on for CPUs, where it is
-    measured faster; off on GPUs until it is timed there."""
+    measured faster; off on GPUs, where it measured slower (an H200, README)."""
     attention: str = "auto"
     """``sdpa``: dense (T x T) masks from the block rule. ``blocks`` (block-adapter): a micro-batch
     runs as one row, its samples one after another with no padding (so every linear layer runs once
