@@ -108,7 +108,7 @@ def main() -> None:
 def header(args, tr: Trainer, cuda: bool) -> str:
     return (
         f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), "
-        f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, compiled {tr.cfg.compile}, "
+        f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, compiled {tr.cfg.compile}, prep workers {tr.prep_workers}, "
         f"attention {tr.attention} (sdpa kernel {tr.cfg.sdpa_backend}), fused LoRA {tr.fused_lora}, "
         f"{tr.cfg.samples_per_step} samples per step, {args.steps} {'timed' if args.no_profiler else 'profiled'} "
         f"steps after {args.warmup}"

@@ -481,6 +481,37 @@ def test_flex_attention_gives_the_same_losses(arch, monkeypatch, tmp_path):
         tiny(tmp_path / "b", attention="dense")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prep_workers_give_the_same_run(tmp_path, workers):
+    """Batches laid out ahead by prep worker processes are the ones the step lays out itself: the same
+    losses step by step and the same final weights, also when the step size changes mid-run (the
+    workers start again from the current step) and across a resume."""
+    from sdlm.errors import SDLMError
+
+    def losses(tr, steps, sizes=(4,)):
+        out = []
+        for i in range(steps):
+            tr.cfg.samples_per_step = sizes[i % len(sizes)]
+            rec = tr.train_step()
+            out.append((rec["step"], rec["loss"], rec["block_tokens"]))
+        return out
+
+    here = Trainer(tiny(tmp_path / "here", retrofit="block-adapter", save_every=0, eval_every=0, prep_workers=0))
+    ahead = Trainer(tiny(tmp_path / "ahead", retrofit="block-adapter", save_every=0, eval_every=0,
+                         prep_workers=workers))
+    assert ahead.prep_workers == workers
+    a, b = losses(here, 5, sizes=(4, 4, 3)), losses(ahead, 5, sizes=(4, 4, 3))
+    assert [r[0] for r in b] == [1, 2, 3, 4, 5] and [r[2] for r in a] == [r[2] for r in b]
+    assert [r[1] for r in a] == pytest.approx([r[1] for r in b], rel=1e-6, abs=1e-7)
+    for (name, p), (_, q) in zip(here.sdlm.model.named_parameters(), ahead.sdlm.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    # a resumed run's workers start at the resumed step
+    ahead.step = 2
+    assert losses(ahead, 1)[0][0] == 3 and ahead._loader_next == (3, 4)
+    with pytest.raises(SDLMError, match="prep_workers must be"):
+        tiny(tmp_path / "bad", prep_workers=-1)
+
+
 def test_sdpa_backend_restricts_the_step_kernel(tmp_path):
     """``sdpa_backend`` runs the step's sdpa calls on the kernel named (seen in the profiler's operators),
     with the same loss as PyTorch's own choice; CUDA-only kernels are refused on a CPU recipe."""
@@ -626,6 +657,7 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
         tiny(tmp_path / "lora", retrofit="lora", attention="blocks")
     tr = Trainer(tiny(tmp_path / "bf16", retrofit="block-adapter", bf16=True))
     assert tr.bf16_base and not tr.bf16_weights  # a bf16 base needs no copies
+    assert tr.prep_workers == 0  # on CPUs the step lays out its own batches
     from sdlm.cpu import can_prepack
 
     assert tr.packed_base == can_prepack(torch.bfloat16, "cpu")  # its frozen layers packed where the CPU can

@@ -29,7 +29,7 @@ from ..layout import sample_block_starts, training_layout
 from ..model import SDLM, use_flex_attention
 from .data import Example, build_examples, read_records
 from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears, shared_weights
-from .loss import LossOutput, dense_loss, loss_norm, pack, two_pass_loss
+from .loss import LossOutput, Packed, dense_loss, loss_norm, pack, two_pass_loss
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,12 @@ class TrainConfig:
     on the whole model), so each process holds 1/W of them instead of a full copy. The same steps as
     plain data parallel (gradients summed over the processes, tested against one process). Checkpoints
     and the final model are written whole, by process 0. A single process ignores it."""
+    prep_workers: int | None = None
+    """Processes that lay out and pack the next steps' micro-batches while the current one runs (a
+    :class:`torch.utils.data.DataLoader` over steps): the same batches as laid out in the training process
+    (tested), off its critical path. 0: in the training process, in series with the step. None: 1 on
+    GPUs, where the host's layout held up the device (README); 0 on CPUs, where it is under 1% of a step
+    and a worker process would take a core from the step."""
     device: str = "cpu"
     threads: int | None = None
 
@@ -225,6 +231,8 @@ class TrainConfig:
         if self.fsdp and self.retrofit != "full":
             raise SDLMError(f"fsdp shards the weights of retrofit: full; retrofit: {self.retrofit} trains a small "
                             "adapter and runs data parallel without it: set fsdp: false")
+        if self.prep_workers is not None and (not isinstance(self.prep_workers, int) or self.prep_workers < 0):
+            raise SDLMError(f"prep_workers must be a number of processes >= 0 (or null), got {self.prep_workers!r}")
         if self.fsdp and self.compile:
             raise SDLMError("fsdp with compile: true is not supported: set one of them to false")
         if not self.data:
@@ -370,38 +378,34 @@ class Trainer:
             raise SDLMError(f"{cfg.data}: {len(examples)} usable samples, not more than heldout={cfg.heldout}")
         self.heldout: list[Example] = examples[: cfg.heldout]
         self.train: list[Example] = examples[cfg.heldout :]
+        self.prep = StepPrep(cfg, self.train, self.sdlm.config.mask_token_id, one_row=self.attention == "blocks",
+                             split=self.split_samples, rank=self.dist.rank, world=self.dist.world)
+        on_gpu = self.sdlm.device.type == "cuda"
+        self.prep_workers = cfg.prep_workers if cfg.prep_workers is not None else int(on_gpu)
+        self._loader, self._loader_next = None, None
         self.step = 0
         self.block_tokens = 0  # trained block targets so far
         self.train_seconds = 0.0
-        self.prep_seconds = 0.0  # host time spent laying out and packing the current step
-        self._order: tuple[int | None, torch.Tensor | None] = (None, None)  # (epoch, its sample order)
+        self.prep_seconds = 0.0  # host time spent laying out and packing the current step (or waiting for it)
 
     # ------------------------------------------------------------ data for one step
 
-    def _samples(self, step: int) -> list[Example]:
-        """The samples of ``step``: a seeded permutation per epoch, consumed in order."""
-        n, k = len(self.train), self.cfg.samples_per_step
-        out = []
-        for i in range(step * k, step * k + k):
-            epoch, j = divmod(i, n)
-            out.append(self.train[int(self._epoch_order(epoch)[j])])
-        return out
-
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        """The seeded order of the training samples in ``epoch`` (kept for the current epoch)."""
-        if self._order[0] != epoch:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.train), generator=gen))
-        return self._order[1]
-
-    def _layouts(self, examples: list[Example], generator: torch.Generator):
-        D = self.cfg.block_size
-        lays = []
-        for ex in examples:
-            n_blocks = max(1, math.ceil(self.cfg.block_density * ex.n_targets / D))
-            starts = sample_block_starts(ex.loss_mask, n_blocks, generator)  # drawn afresh every epoch
-            lays.append(training_layout(ex.ids, ex.loss_mask, starts, D, self.sdlm.config.mask_token_id))
-        return lays
+    def _step_work(self) -> "StepWork":
+        """The host work of the current step: from a prep worker where there is one, else done here."""
+        cfg = self.cfg
+        if not self.prep_workers:
+            return self.prep.step_work(self.step, cfg.samples_per_step)
+        key = (self.step, cfg.samples_per_step)
+        if self._loader is None or self._loader_next != key:  # first step, resumed, or the step size changed
+            self._loader = None  # shuts the old workers down
+            stream = _StepStream(self.prep, self.step, cfg.samples_per_step)
+            self._loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.prep_workers,
+                                                            prefetch_factor=2))
+        step, work = next(self._loader)
+        if step != self.step:  # the stream runs step by step from where it started
+            raise SDLMError(f"internal error: prep worker sent step {step} for step {self.step}")
+        self._loader_next = (self.step + 1, cfg.samples_per_step)
+        return work
 
     @property
     def attention(self) -> str:
@@ -429,15 +433,14 @@ class Trainer:
     def loss(self, examples: list[Example], generator: torch.Generator, backward_scale: float | None = None) -> LossOutput:
         """The loss of one micro-batch; with ``backward_scale``, also the backward pass of
         ``backward_scale`` x loss (then the returned loss is detached)."""
-        cfg = self.cfg
         t0 = time.perf_counter()
-        layouts = self._layouts(examples, generator)
-        parts = [[lay] for lay in layouts] if self.split_samples else [layouts]
-        norm = loss_norm(layouts, cfg.slot_weights) if len(parts) > 1 else None
-        one_row = self.attention == "blocks"  # one row per part: each sample's attention runs apart anyway
-        batches = [pack(p, row_tokens=sum(lay.input_ids.shape[0] for lay in p) if one_row else cfg.row_tokens)
-                   for p in parts]
+        batches, norm = self.prep.prepare(examples, generator)
         self.prep_seconds += time.perf_counter() - t0
+        return self._micro_loss(batches, norm, backward_scale)
+
+    def _micro_loss(self, batches: list[Packed], norm: float | None, backward_scale: float | None) -> LossOutput:
+        """The loss (and with ``backward_scale`` the backward pass) of one micro-batch's packed batches."""
+        cfg = self.cfg
         outs = []
         with self._base16 or contextlib.nullcontext(), self._sdpa():  # around the backward: it reads the weights
             for batch in batches:
@@ -506,6 +509,7 @@ class Trainer:
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        self._loader = None  # stops the prep workers
         final = self.export()
         if main:
             _plot(metrics_path, self.out / "metrics.png")
@@ -520,18 +524,17 @@ class Trainer:
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(cfg, self.step, self.train_seconds)
-        samples = self._samples(self.step)
-        if len(samples) < n_micro:
+        if cfg.samples_per_step < n_micro:
             raise SDLMError(f"samples_per_step={cfg.samples_per_step} is less than grad_accum x processes = {n_micro}")
+        work = self._step_work()
+        self.prep_seconds = time.perf_counter() - t0  # laying out here, or waiting for a prep worker
         self.opt.zero_grad(set_to_none=True)
-        self.prep_seconds = 0.0
         agg = None
         # each micro-batch's term is loss / n_micro, summed over every process's micro-batches; FSDP averages
         # the gradients over the processes instead of summing them, so its terms are W times larger
         scale = (dist.world if self.fsdp else 1) / n_micro
-        for m in range(dist.rank, n_micro, dist.world):
-            gen = torch.Generator().manual_seed((cfg.seed * 7919 + self.step) * 1009 + m)
-            agg = _accumulate(agg, self.loss(samples[m::n_micro], gen, backward_scale=scale))
+        for batches, norm_m in work.micro:
+            agg = _accumulate(agg, self._micro_loss(batches, norm_m, backward_scale=scale))
         if not self.fsdp:  # FSDP reduces (and shards) the gradients in the backward pass
             dist.all_reduce_grads(self.params)
         agg = dist.all_reduce_metrics(agg)
@@ -544,7 +547,7 @@ class Trainer:
         self.train_seconds += dt
         self.block_tokens += agg["n_block_targets"]
         self.step += 1
-        rec = self._record(agg, dt, n_micro, sample_tokens=sum(int(ex.ids.shape[0]) for ex in samples))
+        rec = self._record(agg, dt, n_micro, sample_tokens=work.sample_tokens)
         rec["grad_norm"] = round(norm, 6)
         return rec
 
@@ -696,6 +699,83 @@ class Trainer:
                 raise SDLMError(f"export_dtype {self.cfg.export_dtype!r}: use float32, bfloat16 or float16")
             return self.adapter.save(final, dtype=getattr(torch, self.cfg.export_dtype))
         return self.sdlm.save(final, state_dict=whole)
+
+
+@dataclass
+class StepWork:
+    """A step's host work for this process: per micro-batch, its packed batches and loss norm."""
+
+    micro: list[tuple[list[Packed], float | None]]
+    sample_tokens: int
+    """Tokens of the step's samples over every process (the trainer's sample tokens/s)."""
+
+
+class StepPrep:
+    """Which samples a step trains on, their block layouts and packed batches: the host work of a step,
+    with no model and no device, so that a prep worker process can do it ahead of the step."""
+
+    def __init__(self, cfg: TrainConfig, train: list[Example], mask_token_id: int, one_row: bool, split: bool,
+                 rank: int = 0, world: int = 1):
+        self.cfg, self.train, self.mask_token_id = cfg, train, mask_token_id
+        self.one_row, self.split, self.rank, self.world = one_row, split, rank, world
+        self._order: tuple[int | None, torch.Tensor | None] = (None, None)  # (epoch, its sample order)
+
+    def samples(self, step: int, samples_per_step: int) -> list[Example]:
+        """The samples of ``step``: a seeded permutation per epoch, consumed in order."""
+        n, k = len(self.train), samples_per_step
+        out = []
+        for i in range(step * k, step * k + k):
+            epoch, j = divmod(i, n)
+            out.append(self.train[int(self._epoch_order(epoch)[j])])
+        return out
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The seeded order of the training samples in ``epoch`` (kept for the current epoch)."""
+        if self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train), generator=gen))
+        return self._order[1]
+
+    def prepare(self, examples: list[Example], generator: torch.Generator) -> tuple[list[Packed], float | None]:
+        """One micro-batch's packed batches (one, or one per sample with ``split_samples``) and its loss norm."""
+        cfg, D = self.cfg, self.cfg.block_size
+        layouts = []
+        for ex in examples:
+            n_blocks = max(1, math.ceil(cfg.block_density * ex.n_targets / D))
+            starts = sample_block_starts(ex.loss_mask, n_blocks, generator)  # drawn afresh every epoch
+            layouts.append(training_layout(ex.ids, ex.loss_mask, starts, D, self.mask_token_id))
+        parts = [[lay] for lay in layouts] if self.split else [layouts]
+        norm = loss_norm(layouts, cfg.slot_weights) if len(parts) > 1 else None
+        # attention: blocks: one row per part, since each sample's attention runs apart anyway
+        batches = [pack(p, row_tokens=sum(lay.input_ids.shape[0] for lay in p) if self.one_row else cfg.row_tokens)
+                   for p in parts]
+        return batches, norm
+
+    def step_work(self, step: int, samples_per_step: int) -> StepWork:
+        """This process's micro-batches of ``step`` (r, r+W, ... of grad_accum x W), seeded by step and index."""
+        n_micro = self.cfg.grad_accum * self.world
+        samples = self.samples(step, samples_per_step)
+        micro = []
+        for m in range(self.rank, n_micro, self.world):
+            gen = torch.Generator().manual_seed((self.cfg.seed * 7919 + step) * 1009 + m)
+            micro.append(self.prepare(samples[m::n_micro], gen))
+        return StepWork(micro, sum(int(ex.ids.shape[0]) for ex in samples))
+
+
+class _StepStream(torch.utils.data.IterableDataset):
+    """``(step, StepWork)`` for every step from ``start`` on; with several workers, worker w of W lays out
+    steps start + w, start + w + W, ..., and the loader hands them back in step order."""
+
+    def __init__(self, prep: StepPrep, start: int, samples_per_step: int):
+        self.prep, self.start, self.samples_per_step = prep, start, samples_per_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start + w
+        while True:
+            yield step, self.prep.step_work(step, self.samples_per_step)
+            step += W
 
 
 class Dist:
