@@ -526,14 +526,24 @@ def test_sdpa_backend_restricts_the_step_kernel(tmp_path):
         return out.loss.item(), {e.key for e in prof.key_averages()}
 
     losses = {}
-    for backend in ("auto", "math"):
+    for backend in ("auto", "pytorch", "math"):
         tr = Trainer(tiny(tmp_path / backend, retrofit="block-adapter", attention="sdpa", sdpa_backend=backend,
                           bf16=False))
         losses[backend], ops = step_ops(tr)
         math_ran = "aten::_scaled_dot_product_attention_math" in ops
         flash_ran = any(op.startswith("aten::_scaled_dot_product_flash_attention") for op in ops)
         assert (math_ran, flash_ran) == ((True, False) if backend == "math" else (False, True)), ops
-    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
+    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5) and losses["pytorch"] == losses["auto"]
+    # auto on CUDA: flash, then memory-efficient attention before cuDNN; the order is restored after
+    from torch.nn.attention import SDPBackend
+
+    from sdlm.train.trainer import sdpa_context
+
+    before = torch._C._get_sdp_priority_order()
+    with sdpa_context("auto", "cuda"):
+        order = torch._C._get_sdp_priority_order()
+    want = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    assert order[:4] == [b.value for b in want] and torch._C._get_sdp_priority_order() == before
     for bad in ("efficient", "cudnn"):
         with pytest.raises(SDLMError, match=f"sdpa_backend: {bad} runs on CUDA only"):
             tiny(tmp_path / bad, sdpa_backend=bad)
