@@ -118,7 +118,7 @@ def header(args, tr: Trainer, cuda: bool) -> str:
 def speed_line(recs: list[dict], profiled: bool) -> str:
     med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
     return (
-        f"median step {med('step_seconds'):.3f} s, of which laying out + packing on the host "
+        f"median step {med('step_seconds'):.3f} s, of which laying out + packing on the host (or waiting for a prep worker) "
         f"{med('prep_seconds'):.3f} s; {med('block_tokens_per_s'):.0f} trained block tokens/s, "
         f"{med('sample_tokens_per_s'):.0f} sample tokens/s" + (" (profiler overhead included)" if profiled else "")
     )
