@@ -512,6 +512,22 @@ def test_prep_workers_give_the_same_run(tmp_path, workers):
         tiny(tmp_path / "bad", prep_workers=-1)
 
 
+def test_out_of_memory_in_a_step_names_the_fix(tmp_path, monkeypatch):
+    """A step that runs out of device memory fails with an error naming the settings that shrink it."""
+    from sdlm.errors import SDLMError
+
+    tr = Trainer(tiny(tmp_path / "oom", retrofit="block-adapter", attention="sdpa", save_every=0, eval_every=0))
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB.\nmore text")
+
+    monkeypatch.setattr(tr, "_micro_loss", oom)
+    with pytest.raises(SDLMError, match=r"step of 4 samples in 1 micro-batch.*Tried to allocate 16.00 GiB.*raise "
+                                        r"grad_accum.*attention: flex"):
+        tr.train_step()
+    assert tr.step == 0
+
+
 def test_sdpa_backend_restricts_the_step_kernel(tmp_path):
     """``sdpa_backend`` runs the step's sdpa calls on the kernel named (seen in the profiler's operators),
     with the same loss as PyTorch's own choice; CUDA-only kernels are refused on a CPU recipe."""

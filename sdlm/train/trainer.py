@@ -533,8 +533,15 @@ class Trainer:
         # each micro-batch's term is loss / n_micro, summed over every process's micro-batches; FSDP averages
         # the gradients over the processes instead of summing them, so its terms are W times larger
         scale = (dist.world if self.fsdp else 1) / n_micro
-        for batches, norm_m in work.micro:
-            agg = _accumulate(agg, self._micro_loss(batches, norm_m, backward_scale=scale))
+        try:
+            for batches, norm_m in work.micro:
+                agg = _accumulate(agg, self._micro_loss(batches, norm_m, backward_scale=scale))
+        except torch.OutOfMemoryError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            raise SDLMError(
+                f"out of device memory in a step of {cfg.samples_per_step} samples in {cfg.grad_accum} micro-batch(es) "
+                f"({first}): raise grad_accum (the same step in smaller parts) or lower samples_per_step"
+                + ("; attention: flex keeps no dense masks" if self.attention == "sdpa" else "")) from None
         if not self.fsdp:  # FSDP reduces (and shards) the gradients in the backward pass
             dist.all_reduce_grads(self.params)
         agg = dist.all_reduce_metrics(agg)
