@@ -710,10 +710,14 @@ class Trainer:
 
 def sdpa_context(choice: str, device_type: str):
     """The context that sets sdpa's kernels for ``sdpa_backend: choice`` on a device of ``device_type``
-    (see :attr:`TrainConfig.sdpa_backend`)."""
+    (see :attr:`TrainConfig.sdpa_backend`). ``auto`` on CUDA needs ``sdpa_kernel``'s ``set_priority``;
+    with a PyTorch that lacks it, it leaves the choice to PyTorch."""
+    import inspect
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if choice == "auto" and device_type == "cuda":
+    ordered = "set_priority" in inspect.signature(sdpa_kernel).parameters  # a PyTorch without it: its own order
+    if choice == "auto" and device_type == "cuda" and ordered:
         return sdpa_kernel([getattr(SDPBackend, _SDPA_NAMES[k]) for k in CUDA_SDPA_ORDER], set_priority=True)
     if choice in ("auto", "pytorch"):
         return contextlib.nullcontext()
