@@ -10,6 +10,8 @@ uninterrupted run ends.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import math
@@ -708,16 +710,21 @@ class Trainer:
         return self.sdlm.save(final, state_dict=whole)
 
 
+@functools.cache
+def _sdpa_orders() -> bool:
+    """Whether this PyTorch's ``sdpa_kernel`` takes an order of preference (``set_priority``)."""
+    from torch.nn.attention import sdpa_kernel
+
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
 def sdpa_context(choice: str, device_type: str):
     """The context that sets sdpa's kernels for ``sdpa_backend: choice`` on a device of ``device_type``
     (see :attr:`TrainConfig.sdpa_backend`). ``auto`` on CUDA needs ``sdpa_kernel``'s ``set_priority``;
     with a PyTorch that lacks it, it leaves the choice to PyTorch."""
-    import inspect
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ordered = "set_priority" in inspect.signature(sdpa_kernel).parameters  # a PyTorch without it: its own order
-    if choice == "auto" and device_type == "cuda" and ordered:
+    if choice == "auto" and device_type == "cuda" and _sdpa_orders():
         return sdpa_kernel([getattr(SDPBackend, _SDPA_NAMES[k]) for k in CUDA_SDPA_ORDER], set_priority=True)
     if choice in ("auto", "pytorch"):
         return contextlib.nullcontext()
