@@ -108,7 +108,8 @@ def main() -> None:
 def header(args, tr: Trainer, cuda: bool) -> str:
     return (
         f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), "
-        f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, compiled {tr.cfg.compile}, prep workers {tr.prep_workers}, "
+        f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, "
+        f"compiled {tr.cfg.compile}, prep workers {tr.prep_workers}, "
         f"attention {tr.attention} (sdpa kernel {tr.cfg.sdpa_backend}), fused LoRA {tr.fused_lora}, "
         f"{tr.cfg.samples_per_step} samples per step, {args.steps} {'timed' if args.no_profiler else 'profiled'} "
         f"steps after {args.warmup}"
@@ -118,8 +119,8 @@ def header(args, tr: Trainer, cuda: bool) -> str:
 def speed_line(recs: list[dict], profiled: bool) -> str:
     med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
     return (
-        f"median step {med('step_seconds'):.3f} s, of which laying out + packing on the host (or waiting for a prep worker) "
-        f"{med('prep_seconds'):.3f} s; {med('block_tokens_per_s'):.0f} trained block tokens/s, "
+        f"median step {med('step_seconds'):.3f} s, of which laying out + packing on the host (or waiting for "
+        f"a prep worker) {med('prep_seconds'):.3f} s; {med('block_tokens_per_s'):.0f} trained block tokens/s, "
         f"{med('sample_tokens_per_s'):.0f} sample tokens/s" + (" (profiler overhead included)" if profiled else "")
     )
 

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 RETROFITS = ("block-adapter", "lora", "full")
 ATTENTIONS = ("auto", "sdpa", "blocks", "flex")
 SDPA_BACKENDS = ("auto", "pytorch", "efficient", "cudnn", "flash", "math")
-_SDPA_NAMES = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
+_SDPA_NAMES = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+               "math": "MATH"}
 CUDA_SDPA_ORDER = ("flash", "efficient", "cudnn", "math")
 """``sdpa_backend: auto`` on CUDA: the kernels in this order of preference. Flash runs the calls without a
 mask; the step's masked calls run memory-efficient attention, which PyTorch's own order puts after cuDNN
