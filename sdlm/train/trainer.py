@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..adapter import AdapterConfig, attach
 from ..attention import use_block_attention
@@ -38,8 +39,8 @@ logger = logging.getLogger(__name__)
 RETROFITS = ("block-adapter", "lora", "full")
 ATTENTIONS = ("auto", "sdpa", "blocks", "flex")
 SDPA_BACKENDS = ("auto", "pytorch", "efficient", "cudnn", "flash", "math")
-_SDPA_NAMES = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
-               "math": "MATH"}
+_SDPA_KERNELS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 CUDA_SDPA_ORDER = ("flash", "efficient", "cudnn", "math")
 """``sdpa_backend: auto`` on CUDA: the kernels in this order of preference. Flash runs the calls without a
 mask; the step's masked calls run memory-efficient attention, which PyTorch's own order puts after cuDNN
@@ -423,10 +424,6 @@ class Trainer:
             return self.cfg.attention
         return "blocks" if self.cfg.retrofit == "block-adapter" and self.sdlm.device.type == "cpu" else "sdpa"
 
-    def _sdpa(self):
-        """The context that sets the step's sdpa kernels from ``sdpa_backend``."""
-        return sdpa_context(self.cfg.sdpa_backend, self.sdlm.device.type)
-
     @property
     def split_samples(self) -> bool:
         if self.cfg.retrofit != "block-adapter":
@@ -445,7 +442,8 @@ class Trainer:
         """The loss (and with ``backward_scale`` the backward pass) of one micro-batch's packed batches."""
         cfg = self.cfg
         outs = []
-        with self._base16 or contextlib.nullcontext(), self._sdpa():  # around the backward: it reads the weights
+        kernels = sdpa_context(cfg.sdpa_backend, self.sdlm.device.type)
+        with self._base16 or contextlib.nullcontext(), kernels:  # around the backward too: it reads the weights
             for batch in batches:
                 with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     if cfg.retrofit == "block-adapter":
@@ -714,8 +712,6 @@ class Trainer:
 @functools.cache
 def _sdpa_orders() -> bool:
     """Whether this PyTorch's ``sdpa_kernel`` takes an order of preference (``set_priority``)."""
-    from torch.nn.attention import sdpa_kernel
-
     return "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
@@ -723,13 +719,11 @@ def sdpa_context(choice: str, device_type: str):
     """The context that sets sdpa's kernels for ``sdpa_backend: choice`` on a device of ``device_type``
     (see :attr:`TrainConfig.sdpa_backend`). ``auto`` on CUDA needs ``sdpa_kernel``'s ``set_priority``;
     with a PyTorch that lacks it, it leaves the choice to PyTorch."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     if choice == "auto" and device_type == "cuda" and _sdpa_orders():
-        return sdpa_kernel([getattr(SDPBackend, _SDPA_NAMES[k]) for k in CUDA_SDPA_ORDER], set_priority=True)
+        return sdpa_kernel([_SDPA_KERNELS[k] for k in CUDA_SDPA_ORDER], set_priority=True)
     if choice in ("auto", "pytorch"):
         return contextlib.nullcontext()
-    return sdpa_kernel([getattr(SDPBackend, _SDPA_NAMES[choice])])
+    return sdpa_kernel(_SDPA_KERNELS[choice])
 
 
 @dataclass
