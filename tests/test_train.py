@@ -595,14 +595,20 @@ def test_fused_head_and_loss_give_the_reference_loss_and_grads(arch, chunk):
         two_pass_loss(s, b, 4, distill=0.5, chunk=chunk or 8)
 
 
+@pytest.mark.parametrize("rows", [None, 2, 3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_ce_is_cross_entropy_of_the_head(bias):
+def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, monkeypatch):
     """``linear_ce`` against ``F.cross_entropy(head(h))``: per-target losses, top-1 hits and the gradient of
-    any weighting of the losses, at every chunk size; without a gradient it computes none; under bf16
-    autocast it matches the autocast reference."""
+    any weighting of the losses, at every chunk size, and with the softmax taken a few rows of a chunk at a
+    time (``rows``); without a gradient it computes none; under bf16 autocast it matches the autocast
+    reference."""
     import torch.nn.functional as F
 
+    from sdlm.train import loss as loss_mod
     from sdlm.train.loss import linear_ce
+
+    if rows is not None:
+        monkeypatch.setattr(loss_mod, "_softmax_rows", lambda device: rows)
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=bias).requires_grad_(False)

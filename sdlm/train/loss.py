@@ -183,23 +183,30 @@ class _LinearCE(torch.autograd.Function):
         hits = torch.empty(N, dtype=torch.float32, device=hidden.device)
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
         low, full = _workspace(weight, chunk if N > chunk // 2 else N)
+        rows = _softmax_rows(hidden.device)
         for i in range(0, N, chunk):
             y = labels[i : i + chunk]
             n = len(y)
             h = hidden[i : i + chunk]
             z = torch.mm(h, weight.t(), out=low[:n]) if bias is None else torch.addmm(bias, h, weight.t(), out=low[:n])
-            if z.dtype != torch.float32:
-                z = full[:n].copy_(z)
-            top, arg = z.max(-1)  # the first maximum, as argmax
-            hits[i : i + chunk] = (arg == y).float()
-            picked = z.gather(1, y[:, None])[:, 0]
-            z.sub_(top[:, None]).exp_()  # in place: exp(z - max)
-            total = z.sum(-1)
-            ce[i : i + chunk] = top + total.log() - picked  # log-sum-exp - z[y]
+            for j in range(0, n, rows):  # a few rows at a time: they stay in the cache through every pass
+                yj = y[j : j + rows]
+                m, at = len(yj), i + j
+                zj = z[j : j + m]
+                f = zj if zj.dtype == torch.float32 else full[:m].copy_(zj)
+                top, arg = f.max(-1)  # the first maximum, as argmax
+                hits[at : at + m] = (arg == yj).float()
+                picked = f.gather(1, yj[:, None])[:, 0]
+                f.sub_(top[:, None]).exp_()  # in place: exp(z - max)
+                total = f.sum(-1)
+                ce[at : at + m] = top + total.log() - picked  # log-sum-exp - z[y]
+                if grad is not None:
+                    f.div_(total[:, None])  # softmax
+                    f[torch.arange(m, device=f.device), yj] -= 1.0
+                    if f is not zj:
+                        zj.copy_(f)
             if grad is not None:
-                z.div_(total[:, None])  # softmax
-                z[torch.arange(n, device=z.device), y] -= 1.0
-                grad[i : i + chunk] = (z if z.dtype == weight.dtype else low[:n].copy_(z)) @ weight
+                grad[i : i + chunk] = z @ weight
         ctx.mark_non_differentiable(hits)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
@@ -212,20 +219,29 @@ class _LinearCE(torch.autograd.Function):
 
 
 def _workspace(weight: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Two (rows, V) buffers for :class:`_LinearCE`, kept between calls: the logits in ``weight``'s dtype
-    and, for a low-precision weight, their float32 copy. Fresh tensors this large come from the
-    operating system zeroed page by page at every step, which cost more than the arithmetic on them
-    (measured on a CPU); reused ones do not. Grown when a call needs more rows, dropped when the
-    weight's device or dtype changes."""
-    V = weight.shape[0]
-    key = (weight.device, weight.dtype, V)
+    """The buffers of :class:`_LinearCE`, kept between calls: (rows, V) for the logits in ``weight``'s dtype
+    and, for a low-precision weight, (:func:`_softmax_rows`, V) for a few rows of them in float32. Fresh
+    tensors this large come from the operating system zeroed page by page at every step, which cost more
+    than the arithmetic on them (measured on a CPU); reused ones do not. Grown when a call needs more rows,
+    dropped when the weight's device or dtype changes."""
+    V, few = weight.shape[0], _softmax_rows(weight.device)
+    key = (weight.device, weight.dtype, V, few)
     kept = _WORKSPACE.get(key)
     if kept is None or kept[0].shape[0] < rows:
         _WORKSPACE.clear()  # one set at a time: the last shape's
         low = torch.empty(rows, V, dtype=weight.dtype, device=weight.device)
-        full = None if weight.dtype == torch.float32 else torch.empty(rows, V, device=weight.device)
+        full = (None if weight.dtype == torch.float32
+                else torch.empty(min(rows, few), V, device=weight.device))
         kept = _WORKSPACE[key] = (low, full)
     return kept
+
+
+def _softmax_rows(device: torch.device) -> int:
+    """Rows of logits :class:`_LinearCE` takes through its softmax passes at a time. On a CPU, 32 rows of a
+    49k vocabulary in float32 (6 MB) stay in the cache through the six passes, where a whole chunk went
+    to memory and back at each: the LM head with the loss took 348 ms instead of 419 for 1024 targets in
+    bf16 (a product of 299 ms), with the same numbers. A GPU runs a whole chunk per kernel."""
+    return 32 if device.type == "cpu" else 1 << 30
 
 
 _WORKSPACE: dict = {}
