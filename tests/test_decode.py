@@ -270,6 +270,42 @@ def test_scripted_confidence_causal_first_token(llama, monkeypatch, use_cache):
     assert Decoder(llama, cfg).generate(y[:6]).tokens == y[6:11]
 
 
+class _UnsureSlot0:
+    """Wraps ScriptedModel: every block's slot 0 still ranks the truth first, but with a probability far
+    below any threshold (a nearly flat row); its slots 1.. stay as scripted."""
+
+    def __init__(self, fake):
+        self.fake = fake
+
+    def step_logits(self, step, cache=None, cached_len=0):
+        out = self.fake.step_logits(step, cache, cached_len)
+        n = step.n_logits
+        for r in range(len(step.input_ids) - n, len(step.input_ids)):
+            if bool(step.info.is_block[r]) and int(step.info.pos[r]) == int(step.info.start[r]):
+                row = out[r - (len(step.input_ids) - n)]
+                row.zero_()
+                row[self.fake.y[int(step.info.pos[r]) + 1]] = 0.5
+        return out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_scripted_confidence_causal_keeps_slot0_in_the_prefix(llama, monkeypatch, use_cache):
+    # first_token="causal" commits the model's own token at x_n, then the block's slots up to the first one
+    # below the threshold, slot 0 included: an unsure slot 0 holds back the confident slots 1.. (dropping it
+    # from the prefix measured the same trade-off as a lower threshold, README), as with first_token="block"
+    y = truth(64)
+    fake = scripted(monkeypatch, llama, y, "confident:4")
+    monkeypatch.setattr(llama, "step_logits", _UnsureSlot0(fake).step_logits)
+    for first in ("causal", "block"):
+        cfg = GenerationConfig(mode="confidence", first_token=first, block_size=4, threshold=0.5, max_new_tokens=12,
+                               use_cache=use_cache)
+        g = Decoder(llama, cfg).generate(y[:6])
+        assert g.tokens == y[6:18] and g.accept_histogram == {1: 12}
+    monkeypatch.setattr(llama, "step_logits", fake.step_logits)  # a sure slot 0: the whole block follows
+    cfg.first_token = "causal"
+    assert Decoder(llama, cfg).generate(y[:6]).accept_histogram == {4: 3}
+
+
 class _WrongSlot0:
     """Wraps ScriptedModel: every block's slot 0 predicts another token than the truth (the model's own
     next token), its slots 1.. stay as scripted."""
