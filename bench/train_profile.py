@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import time
@@ -201,14 +202,27 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, k: int 
     return 2 * n * k * m / best
 
 
+def _packed_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``mkldnn._linear_pointwise``: ``x`` (..., in) times a packed weight of logical shape (out, in)."""
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+
+def packed_flop_mapping() -> dict:
+    """What :class:`torch.utils.flop_counter.FlopCounterMode` does not count by itself: the products on
+    oneDNN-packed weights (``packed_base``; :mod:`sdlm.cpu`), which carry most of a CPU step's matrix work."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    return {} if op is None else {op: _packed_linear_flops}  # FlopCounterMode looks ops up by packet
+
+
 def flop_floor(tr: Trainer) -> str:
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=packed_flop_mapping())
     with counter:
         rec = tr.train_step()
     counts = counter.get_flop_counts().get("Global", {})
-    mm = sum(v for k, v in counts.items() if "mm" in str(k))  # mm, addmm, bmm: linear layers, LM head, LoRA
+    # mm, addmm, bmm, linear_pointwise: linear layers (packed or not), LM head, LoRA, block attention
+    mm = sum(v for k, v in counts.items() if "mm" in str(k) or "linear_pointwise" in str(k))
     bmm = sum(v for k, v in counts.items() if "bmm" in str(k))  # batched: the block attention's products
     dtype = torch.bfloat16 if tr.bf16 else torch.float32
     rate = matmul_rate(tr.sdlm.device, dtype)

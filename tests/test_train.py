@@ -889,6 +889,32 @@ def test_train_profile_script(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_profile_counts_packed_products():
+    """--flops counts the products on oneDNN-packed weights (``packed_base``), which the flop counter does not
+    know by itself: 2 x tokens x in x out, as for the same product on the plain weight."""
+    import sys
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdlm.cpu import _pack, _packed_linear, can_prepack
+
+    if not can_prepack(torch.bfloat16, "cpu"):
+        pytest.skip("this PyTorch build or CPU cannot pack bf16 weights")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from train_profile import packed_flop_mapping
+
+    w = torch.randn(96, 64).to(torch.bfloat16)
+    x = torch.randn(10, 64).to(torch.bfloat16)
+    counter = FlopCounterMode(display=False, custom_mapping=packed_flop_mapping())
+    with counter:
+        _packed_linear(x, _pack(w), None)
+    plain = FlopCounterMode(display=False)
+    with plain:
+        x @ w.t()
+    counted = sum(counter.get_flop_counts().get("Global", {}).values())
+    assert counted == 2 * 10 * 64 * 96 == sum(plain.get_flop_counts()["Global"].values())
+
+
 def test_train_fixed_steps_script(tmp_path):
     """bench/train_fixed_steps.py: one line with a rate per repetition and their median, the settings the
     trainer resolved, nothing written; bad counts are refused."""
