@@ -270,12 +270,14 @@ def test_scripted_confidence_causal_first_token(llama, monkeypatch, use_cache):
     assert Decoder(llama, cfg).generate(y[:6]).tokens == y[6:11]
 
 
-class _UnsureSlot0:
-    """Wraps ScriptedModel: every block's slot 0 still ranks the truth first, but with a probability far
-    below any threshold (a nearly flat row); its slots 1.. stay as scripted."""
+class _Slot0:
+    """Wraps ScriptedModel: every block's slot 0 row becomes one logit ``value`` on the token ``shift`` after the
+    truth (the model's own next token) in the byte vocabulary, zero elsewhere; its slots 1.. stay as scripted.
+    ``_Slot0(fake, 0, 0.5)``: slot 0 still ranks the truth first, at a probability far below any threshold.
+    ``_Slot0(fake, 1, 20.0)``: slot 0 confidently predicts another token than the truth."""
 
-    def __init__(self, fake):
-        self.fake = fake
+    def __init__(self, fake, shift: int, value: float):
+        self.fake, self.shift, self.value = fake, shift, value
 
     def step_logits(self, step, cache=None, cached_len=0):
         out = self.fake.step_logits(step, cache, cached_len)
@@ -284,7 +286,7 @@ class _UnsureSlot0:
             if bool(step.info.is_block[r]) and int(step.info.pos[r]) == int(step.info.start[r]):
                 row = out[r - (len(step.input_ids) - n)]
                 row.zero_()
-                row[self.fake.y[int(step.info.pos[r]) + 1]] = 0.5
+                row[(self.fake.y[int(step.info.pos[r]) + 1] + self.shift) % V_BYTES] = self.value
         return out
 
 
@@ -295,7 +297,7 @@ def test_scripted_confidence_causal_keeps_slot0_in_the_prefix(llama, monkeypatch
     # from the prefix measured the same trade-off as a lower threshold, README), as with first_token="block"
     y = truth(64)
     fake = scripted(monkeypatch, llama, y, "confident:4")
-    monkeypatch.setattr(llama, "step_logits", _UnsureSlot0(fake).step_logits)
+    monkeypatch.setattr(llama, "step_logits", _Slot0(fake, 0, 0.5).step_logits)
     for first in ("causal", "block"):
         cfg = GenerationConfig(mode="confidence", first_token=first, block_size=4, threshold=0.5, max_new_tokens=12,
                                use_cache=use_cache)
@@ -304,24 +306,6 @@ def test_scripted_confidence_causal_keeps_slot0_in_the_prefix(llama, monkeypatch
     monkeypatch.setattr(llama, "step_logits", fake.step_logits)  # a sure slot 0: the whole block follows
     cfg.first_token = "causal"
     assert Decoder(llama, cfg).generate(y[:6]).accept_histogram == {4: 3}
-
-
-class _WrongSlot0:
-    """Wraps ScriptedModel: every block's slot 0 predicts another token than the truth (the model's own
-    next token), its slots 1.. stay as scripted."""
-
-    def __init__(self, fake):
-        self.fake = fake
-
-    def step_logits(self, step, cache=None, cached_len=0):
-        out = self.fake.step_logits(step, cache, cached_len)
-        n = step.n_logits
-        for r in range(len(step.input_ids) - n, len(step.input_ids)):
-            if bool(step.info.is_block[r]) and int(step.info.pos[r]) == int(step.info.start[r]):
-                row = out[r - (len(step.input_ids) - n)]
-                row.zero_()
-                row[(self.fake.y[int(step.info.pos[r]) + 1] + 1) % V_BYTES] = 20.0
-        return out
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -357,7 +341,7 @@ def test_scripted_confidence_verify_needs_slot0_to_agree(llama, monkeypatch, use
     # verifies them (here they are right: speculative decoding's counts, 1 then 4 per forward)
     y = truth(64)
     fake = scripted(monkeypatch, llama, y, "confident:4")
-    monkeypatch.setattr(llama, "step_logits", _WrongSlot0(fake).step_logits)
+    monkeypatch.setattr(llama, "step_logits", _Slot0(fake, 1, 20.0).step_logits)
     cfg = GenerationConfig(mode="confidence", verify=True, block_size=4, threshold=0.5, max_new_tokens=9,
                            use_cache=use_cache)
     g = Decoder(llama, cfg).generate(y[:6])
