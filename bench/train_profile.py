@@ -150,12 +150,13 @@ def timed_phases(device: torch.device):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
-            out = fn(*a, **k)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            name = key if key != "clean" or not torch.is_grad_enabled() else "forward"
-            spent[name] += time.perf_counter() - t
-            return out
+            try:  # a KV-only clean pass ends in an exception (sdlm.attention.KVFilled): its time counts too
+                return fn(*a, **k)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                name = key if key != "clean" or not torch.is_grad_enabled() else "forward"
+                spent[name] += time.perf_counter() - t
         return run
 
     block = attention_mod._BlockAttention

@@ -76,9 +76,38 @@ class CausalSegments:
     within each ``(start, end)`` column range, nothing across them (:func:`causal_segments`)."""
 
     bounds: list[tuple[int, int]]
+    kv_only_layer: int | None = None
+    """A pass that is run for its KV cache only (the two-pass step's clean pass with hard labels): the
+    attention of the layer with this ``layer_idx`` (the model's last) raises :class:`KVFilled` once
+    that layer's keys and values are in the cache, so its attention, output projection and MLP, which
+    nothing reads, are skipped. The caller catches it (:func:`fill_cache`)."""
 
     def to(self, device) -> "CausalSegments":
         return self
+
+
+class KVFilled(Exception):
+    """Raised out of a KV-only pass (:attr:`CausalSegments.kv_only_layer`) once the cache holds every
+    layer's keys and values."""
+
+
+def last_layer_idx(model) -> int | None:
+    """The largest ``layer_idx`` among ``model``'s attention modules (the last layer to fill the KV
+    cache), or None if it has none."""
+    idx = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    return max(idx) if idx else None
+
+
+def fill_cache(run, layout: "CausalSegments", last: int | None) -> None:
+    """Run ``run()`` (a forward over the clean tokens that fills a KV cache, under ``layout``), stopping
+    after the keys and values of layer ``last`` are cached (None: the whole forward runs)."""
+    layout.kv_only_layer = last
+    try:
+        run()
+    except KVFilled:
+        pass
+    finally:
+        layout.kv_only_layer = None
 
 
 def _runs(seq: torch.Tensor) -> list[tuple[int, int]] | None:
@@ -376,6 +405,8 @@ def use_block_attention(model) -> None:
         if isinstance(layout, CausalSegments):  # packed clean parts: causal within each sample
             kwargs.pop("is_causal", None)
             grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            if layout.kv_only_layer is not None and getattr(module, "layer_idx", None) == layout.kv_only_layer:
+                raise KVFilled  # the cache already holds this layer's keys and values (updated before the call)
             if not grads and key.shape[2] == query.shape[2]:  # a pass over the clean tokens alone, as the step runs
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
                 return causal_segments_attention(query, key, value, layout, scale), None

@@ -201,3 +201,35 @@ def test_two_pass_with_block_attention_equals_dense(arch):
             assert (x - y).abs().max() <= 1e-4 * x.abs().max()  # 2e-5 of the largest gradient here
     with torch.no_grad():
         assert dec.generate([5, 17, 33, 8]).tokens == out_ref
+
+
+def test_clean_pass_stops_after_the_last_layers_keys_and_values(monkeypatch):
+    """With hard labels the clean pass of the one-row step is run for its KV cache only: it stops once the
+    last layer's keys and values are cached, so that layer's MLP runs in the block pass alone (every
+    other layer's in both passes), and the loss is that of the whole clean pass."""
+    import sdlm.train.loss as loss_mod
+    from sdlm.train.trainer import decoder_layers
+
+    s, ad = adapted("llama")
+    g = torch.Generator().manual_seed(5)
+    lays = []
+    for n, k in ((19, 4), (26, 6)):
+        lm = torch.zeros(n, dtype=torch.bool)
+        lm[5:] = True
+        lays.append(training_layout(torch.randint(0, 250, (n,), generator=g), lm, sample_block_starts(lm, k, g), 4,
+                                    s.config.mask_token_id))
+    batch = pack(lays, row_tokens=10_000)
+    use_block_attention(s.model)
+    layers = decoder_layers(s.model)
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    stopped = two_pass_loss(s, batch, 4)
+    assert calls == [2] * (len(layers) - 1) + [1]
+    calls[:] = [0] * len(layers)
+    whole = loss_mod.fill_cache
+    monkeypatch.setattr(loss_mod, "fill_cache", lambda run, layout, last: whole(run, layout, None))
+    full = two_pass_loss(s, batch, 4)  # the same step with the whole clean pass run
+    assert calls == [2] * len(layers)
+    assert torch.equal(stopped.loss, full.loss)
+    assert torch.equal(stopped.slot_correct, full.slot_correct)

@@ -672,8 +672,9 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
         assert tr.attention == ("sdpa" if name == "sdpa" else "blocks") and tr.split_samples == (name == "split")
         assert (tr.sdlm.model.config._attn_implementation == BLOCK_ATTENTION) == (name != "sdpa")
         calls = []
-        hook = tr.sdlm.model.get_decoder().register_forward_hook(lambda m, a, k, o: calls.append(k["input_ids"].shape),
-                                                                 with_kwargs=True)
+        # a pre-hook: the clean pass of the one-row step ends inside the decoder, once its KV cache is full
+        hook = tr.sdlm.model.get_decoder().register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape),
+                                                                     with_kwargs=True)
         runs[name] = ([tr.train_step()["loss"] for _ in range(2)], {k: v.clone() for k, v in tr.adapter.state_dict().items()})
         hook.remove()
         forwards[name] = calls

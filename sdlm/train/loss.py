@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import BLOCK_ATTENTION, block_layout, causal_segments
+from ..attention import BLOCK_ATTENTION, CausalSegments, block_layout, causal_segments, fill_cache, last_layer_idx
 from ..errors import SDLMError
 from ..layout import IGNORE, TrainingLayout
 from ..masks import TokenInfo, additive, allowed, block_mask
@@ -396,8 +396,13 @@ def two_pass_loss(
             where = torch.searchsorted(need, tcol)
             teacher = torch.softmax(t_logits[rows, where].float(), -1)  # (N, V)
             del t_logits
-        else:  # KV only: no LM head
-            sdlm.forward(clean.input_ids, clean.info.pos, mask, clean.info.is_block, cache, hidden=True)
+        else:  # KV only: no LM head, and with the block pattern no work past the last layer's keys and values
+            run = lambda: sdlm.forward(clean.input_ids, clean.info.pos, mask, clean.info.is_block, cache,  # noqa: E731
+                                       hidden=True)
+            if isinstance(mask, CausalSegments):
+                fill_cache(run, mask, _last_layer(sdlm))
+            else:
+                run()
     mask = None
     if blocks_attn:
         mask = block_layout(blocks.info, clean.info, block_size, cfg.causal_within_block, sdlm.dtype)
@@ -429,6 +434,13 @@ def two_pass_loss(
         soft = _slot_mean(F.cross_entropy(logits.float(), teacher, reduction="none"), slots, slot_weights, norm)
         loss = (1 - distill) * loss + distill * soft
     return LossOutput(loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
+
+
+def _last_layer(sdlm: SDLM) -> int | None:
+    """:func:`sdlm.attention.last_layer_idx` of the model, looked up once."""
+    if not hasattr(sdlm, "_last_layer_idx"):
+        sdlm._last_layer_idx = last_layer_idx(sdlm.model)
+    return sdlm._last_layer_idx
 
 
 def _mask(sdlm: SDLM, q: TokenInfo, k: TokenInfo, causal_within_block: bool = False):
