@@ -31,7 +31,7 @@ import torch
 
 from .context import setting
 from .errors import SDLMError
-from .masks import TokenInfo, additive, allowed
+from .masks import SHARED, TokenInfo, additive, allowed
 
 BLOCK_ATTENTION = "sdlm_blocks"
 _current: contextvars.ContextVar["BlockLayout | None"] = contextvars.ContextVar("sdlm_block_layout", default=None)
@@ -48,8 +48,17 @@ class BlockPart:
     b0: int
     b1: int
     clean_bias: torch.Tensor
+    prefix: int = 0
+    """The clean part's first ``prefix`` columns, a prefix shared by the row's samples
+    (:data:`sdlm.masks.SHARED`), come before columns ``c0:c1`` among this part's clean keys (and
+    ``clean_bias`` covers both: (B, 1, b1-b0, prefix + c1-c0))."""
     cache: dict = field(default_factory=dict, repr=False, compare=False)
     """What the layers of a pass share: the mask in the form :class:`_BlockAttention` uses it."""
+
+    @property
+    def n_clean(self) -> int:
+        """Clean keys of this part: the shared prefix and its own."""
+        return self.prefix + self.c1 - self.c0
 
 
 @dataclass
@@ -66,16 +75,21 @@ class BlockLayout:
     backward pass skips their two products."""
 
     def to(self, device) -> "BlockLayout":
-        parts = [BlockPart(p.c0, p.c1, p.b0, p.b1, p.clean_bias.to(device)) for p in self.parts]
+        parts = [BlockPart(p.c0, p.c1, p.b0, p.b1, p.clean_bias.to(device), p.prefix) for p in self.parts]
         return BlockLayout(parts, self.block_size, self.causal_within_block, self.clean_needs_grad)
 
 
 @dataclass
 class CausalSegments:
     """The clean pass of samples packed one after another in a single row: plain causal attention
-    within each ``(start, end)`` column range, nothing across them (:func:`causal_segments`)."""
+    within each ``(start, end)`` column range, nothing across them but a shared prefix
+    (:func:`causal_segments`)."""
 
     bounds: list[tuple[int, int]]
+    prefix: int = 0
+    """Columns ``0:prefix`` hold a prefix shared by the samples (:data:`sdlm.masks.SHARED`, at positions 0,
+    1, ...): causal within itself, and seen by every segment of ``bounds``, whose positions then start at
+    ``prefix``."""
     kv_only_layer: int | None = None
     """A pass that is run for its KV cache only (the two-pass step's clean pass with hard labels): the
     attention of the layer with this ``layer_idx`` (the model's last) raises :class:`KVFilled` once
@@ -84,6 +98,11 @@ class CausalSegments:
 
     def to(self, device) -> "CausalSegments":
         return self
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """``(start, end, shared)`` for the shared prefix (if any: ``shared`` 0) and then every segment
+        (``shared``: the prefix's length, the keys it sees before its own)."""
+        return [(0, self.prefix, 0)] * bool(self.prefix) + [(a, b, self.prefix) for a, b in self.bounds]
 
 
 class KVFilled(Exception):
@@ -123,18 +142,28 @@ def _runs(seq: torch.Tensor) -> list[tuple[int, int]] | None:
     return runs
 
 
+def _shared_prefix_len(seq: torch.Tensor) -> int:
+    """How many leading entries of ``seq`` (T,) are :data:`sdlm.masks.SHARED`."""
+    other = torch.nonzero(seq != SHARED).flatten()
+    return int(other[0]) if len(other) else seq.numel()
+
+
 def causal_segments(clean: TokenInfo) -> CausalSegments | None:
     """The :class:`CausalSegments` of a clean part (fields (1, L)) that holds whole samples one after
-    another, each at positions 0, 1, ..., with no padding; None for any other shape."""
+    another, each at positions 0, 1, ..., with no padding; or a shared prefix at positions 0, 1, ...,
+    P-1 and then the samples' own tokens, each at positions P, P+1, ...; None for any other shape."""
     if clean.pos.shape[0] != 1 or clean.seq is None or bool((clean.block >= 0).any()):
         return None
-    runs = _runs(clean.seq[0])
+    P = _shared_prefix_len(clean.seq[0])
+    runs = _runs(clean.seq[0, P:])
     if runs is None:
         return None
-    for a, b in runs:
-        if not torch.equal(clean.pos[0, a:b], torch.arange(b - a, device=clean.pos.device)):
+    runs = [(a + P, b + P) for a, b in runs]
+    for a, b in [(0, P)] * bool(P) + runs:
+        first = P if a >= P else 0
+        if not torch.equal(clean.pos[0, a:b], torch.arange(first, first + b - a, device=clean.pos.device)):
             return None
-    return CausalSegments(runs)
+    return CausalSegments(runs, P)
 
 
 def _whole_blocks(block: torch.Tensor, block_size: int) -> bool:
@@ -173,10 +202,11 @@ def block_layout(q: TokenInfo, clean: TokenInfo, block_size: int, causal_within_
             return None
         return BlockLayout([BlockPart(0, clean.pos.shape[1], 0, T, additive(allowed(q, clean), dtype))],
                            block_size, causal_within_block)
-    q_runs, c_runs = _runs(q.seq[0]), _runs(clean.seq[0])
+    P = _shared_prefix_len(clean.seq[0])
+    q_runs, c_runs = _runs(q.seq[0]), _runs(clean.seq[0, P:])
     if q_runs is None or c_runs is None:
         return None
-    clean_of = {int(clean.seq[0, a]): (a, b) for a, b in c_runs}
+    clean_of = {int(clean.seq[0, a + P]): (a + P, b + P) for a, b in c_runs}
     parts = []
     for b0, b1 in q_runs:
         s = int(q.seq[0, b0])
@@ -184,8 +214,9 @@ def block_layout(q: TokenInfo, clean: TokenInfo, block_size: int, causal_within_
             return None
         c0, c1 = clean_of[s]
         qs = TokenInfo(q.pos[:, b0:b1], q.block[:, b0:b1], q.start[:, b0:b1])
-        cs = TokenInfo(clean.pos[:, c0:c1], clean.block[:, c0:c1], clean.start[:, c0:c1])
-        parts.append(BlockPart(c0, c1, b0, b1, additive(allowed(qs, cs), dtype)))
+        cols = torch.cat([torch.arange(P), torch.arange(c0, c1)]).to(clean.pos.device)
+        cs = TokenInfo(clean.pos[:, cols], clean.block[:, cols], clean.start[:, cols])
+        parts.append(BlockPart(c0, c1, b0, b1, additive(allowed(qs, cs), dtype), P))
     return BlockLayout(parts, block_size, causal_within_block)
 
 
@@ -211,8 +242,8 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if H % Hkv:
         raise SDLMError(f"block attention got {H} query heads for {Hkv} key/value heads: not a multiple")
     for p in parts:
-        if (p.b1 - p.b0) % D or p.clean_bias.shape[-2:] != (p.b1 - p.b0, p.c1 - p.c0):
-            raise SDLMError(f"block attention got {p.b1 - p.b0} queries and {p.c1 - p.c0} clean keys for blocks "
+        if (p.b1 - p.b0) % D or p.clean_bias.shape[-2:] != (p.b1 - p.b0, p.n_clean):
+            raise SDLMError(f"block attention got {p.b1 - p.b0} queries and {p.n_clean} clean keys for blocks "
                             f"of {D} and a clean mask of {tuple(p.clean_bias.shape[-2:])}")
     dev = query.device.type
     if torch.is_autocast_enabled(dev):  # the products in autocast's dtype, as autocast would run them
@@ -249,9 +280,9 @@ class _BlockAttention(torch.autograd.Function):
         saved = []
         for p in layout.parts:
             n, c, K, q, kc, vc, kb, vb = _part(query, key, value, p, L, D)
-            pad = kc.new_zeros(B, Hkv, D, d)
-            kx = torch.cat([kc, pad], 2).view(BH, c + D, d)
-            vx = torch.cat([vc, pad], 2).view(BH, c + D, d)
+            pad = kb.new_zeros(B, Hkv, D, d)
+            kx = torch.cat([*kc, pad], 2).view(BH, c + D, d)
+            vx = torch.cat([*vc, pad], 2).view(BH, c + D, d)
             s = torch.baddbmm(_extended_bias(p, B, Hkv, g, D, query.dtype), q, kx.transpose(1, 2), alpha=scaling)
             own = s.view(BH * K, g * D, c + D)[..., c:]
             own.copy_(torch.bmm(q.view(BH * K, g * D, d), kb.transpose(1, 2)).mul_(scaling))
@@ -281,7 +312,7 @@ class _BlockAttention(torch.autograd.Function):
         dk[:, :, :L].zero_()  # clean columns: zero, or the parts' sums below
         dv[:, :, :L].zero_()
         for p, (q, kx, vx, prob) in zip(layout.parts, ctx.saved):
-            n, c, K = p.b1 - p.b0, p.c1 - p.c0, (p.b1 - p.b0) // D
+            n, c, K = p.b1 - p.b0, p.n_clean, (p.b1 - p.b0) // D
             kb = key[:, :, L + p.b0 : L + p.b1].reshape(BH * K, D, d)
             vb = value[:, :, L + p.b0 : L + p.b1].reshape(BH * K, D, d)
             do = _stacked(grad_out[:, :, p.b0 : p.b1].to(key.dtype), Hkv, D)  # (BH, K·g·D, d)
@@ -299,9 +330,14 @@ class _BlockAttention(torch.autograd.Function):
             p_own = prob.view(BH * K, g * D, c + D)[..., c:]
             dv[:, :, L + p.b0 : L + p.b1] = torch.bmm(p_own.transpose(1, 2), do.view(BH * K, g * D, d)) \
                 .view(B, Hkv, n, d)
-            if clean:
-                dk[:, :, p.c0 : p.c1] += (ds[..., :c].transpose(1, 2) @ q).view(B, Hkv, c, d).mul_(scaling)
-                dv[:, :, p.c0 : p.c1] += (prob[..., :c].transpose(1, 2) @ do).view(B, Hkv, c, d)
+            if clean:  # the part's clean columns: the shared prefix's (if any), then its own
+                gk = (ds[..., :c].transpose(1, 2) @ q).view(B, Hkv, c, d).mul_(scaling)
+                gv = (prob[..., :c].transpose(1, 2) @ do).view(B, Hkv, c, d)
+                P = p.prefix
+                dk[:, :, :P] += gk[:, :, :P]
+                dv[:, :, :P] += gv[:, :, :P]
+                dk[:, :, p.c0 : p.c1] += gk[:, :, P:]
+                dv[:, :, p.c0 : p.c1] += gv[:, :, P:]
         ctx.saved = None
         return dq.transpose(1, 2), dk, dv, None, None
 
@@ -320,7 +356,7 @@ def _extended_bias(p: BlockPart, B: int, Hkv: int, g: int, D: int, dtype: torch.
     per layout (every layer of a pass shares it)."""
     k = (B, Hkv, g, D, dtype)
     if k not in p.cache:
-        n, c = p.b1 - p.b0, p.c1 - p.c0
+        n, c = p.b1 - p.b0, p.n_clean
         K = n // D
         ext = torch.zeros(B, K, g, D, c + D, dtype=dtype, device=p.clean_bias.device)
         ext[..., :c] = p.clean_bias.view(B, K, 1, D, c)
@@ -332,15 +368,17 @@ def _extended_bias(p: BlockPart, B: int, Hkv: int, g: int, D: int, dtype: torch.
 
 def _part(query, key, value, p: BlockPart, L: int, D: int):
     """Part ``p``'s sizes (queries n, clean keys c, blocks K) and tensors: its queries stacked as in
-    :func:`_stacked` (B·Hkv, K·g·D, d), its clean keys and values (B, Hkv, c, d), its own block keys and
-    values (B·Hkv·K, D, d)."""
+    :func:`_stacked` (B·Hkv, K·g·D, d), its clean keys and values as lists of the (B, Hkv, ·, d) pieces
+    that make them up (the shared prefix's, if any, then its own), its own block keys and values
+    (B·Hkv·K, D, d)."""
     B, Hkv, d = query.shape[0], key.shape[1], query.shape[-1]
-    n, c = p.b1 - p.b0, p.c1 - p.c0
+    n, c = p.b1 - p.b0, p.n_clean
     K = n // D
     q = _stacked(query[:, :, p.b0 : p.b1], Hkv, D)
     kb = key[:, :, L + p.b0 : L + p.b1].reshape(B * Hkv * K, D, d)
     vb = value[:, :, L + p.b0 : L + p.b1].reshape(B * Hkv * K, D, d)
-    return n, c, K, q, key[:, :, p.c0 : p.c1], value[:, :, p.c0 : p.c1], kb, vb
+    cols = [slice(0, p.prefix)] * bool(p.prefix) + [slice(p.c0, p.c1)]
+    return n, c, K, q, [key[:, :, i] for i in cols], [value[:, :, i] for i in cols], kb, vb
 
 
 def _later_in_block(g: int, D: int, device) -> torch.Tensor:
@@ -354,8 +392,9 @@ CAUSAL_CHUNK = 128
 
 def causal_segments_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CausalSegments,
                               scaling: float, chunk: int = CAUSAL_CHUNK) -> torch.Tensor:
-    """Causal attention within each segment of ``layout``, without gradients: ``query`` (1, H, T, d),
-    ``key``/``value`` (1, Hkv, T, d); returns (1, T, H, d), the layout the model's output projection reads.
+    """Causal attention within each segment of ``layout`` (after its shared prefix, if it has one), without
+    gradients: ``query`` (1, H, T, d), ``key``/``value`` (1, Hkv, T, d); returns (1, T, H, d), the layout
+    the model's output projection reads.
 
     The clean pass of the CPU training step runs a sample's attention as plain products instead of sdpa's
     CPU flash kernel, which is slower at these lengths (a few hundred tokens, heads of 64): per segment,
@@ -369,16 +408,18 @@ def causal_segments_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     g = H // Hkv
     out = torch.empty(1, T, H, d, dtype=query.dtype, device=query.device)
     with torch.no_grad():
-        for a0, b0 in layout.bounds:
+        for a0, b0, P in layout.segments():
             k, v = key[0, :, a0:b0], value[0, :, a0:b0]  # (Hkv, n, d)
+            if P:  # the shared prefix's keys first
+                k, v = torch.cat([key[0, :, :P], k], 1), torch.cat([value[0, :, :P], v], 1)
             for a in range(0, b0 - a0, chunk):
                 b = min(b0 - a0, a + chunk)
                 m = b - a
                 q = query[0, :, a0 + a : a0 + b].reshape(Hkv, g * m, d)
-                # (Hkv, g·m, b): the scaled scores of the chunk's queries over the keys up to its last one
-                s = torch.baddbmm(query.new_zeros(1, 1, 1), q, k[:, :b].transpose(1, 2), beta=0, alpha=scaling)
-                s.view(Hkv, g, m, b)[..., a:].masked_fill_(_above_diagonal(m, query.device), float("-inf"))
-                o = torch.softmax(s, -1) @ v[:, :b]  # (Hkv, g·m, d)
+                # (Hkv, g·m, P + b): the scaled scores of the chunk's queries over the keys up to its last one
+                s = torch.baddbmm(query.new_zeros(1, 1, 1), q, k[:, : P + b].transpose(1, 2), beta=0, alpha=scaling)
+                s.view(Hkv, g, m, P + b)[..., P + a :].masked_fill_(_above_diagonal(m, query.device), float("-inf"))
+                o = torch.softmax(s, -1) @ v[:, : P + b]  # (Hkv, g·m, d)
                 out[0, a0 + a : a0 + b] = o.view(Hkv, g, m, d).permute(2, 0, 1, 3).reshape(m, H, d)
     return out
 
@@ -410,8 +451,18 @@ def use_block_attention(model) -> None:
             if not grads and key.shape[2] == query.shape[2]:  # a pass over the clean tokens alone, as the step runs
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
                 return causal_segments_attention(query, key, value, layout, scale), None
-            outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                           scaling=scaling, is_causal=True, **kwargs)[0] for a, b in layout.bounds]
+            outs = []
+            for a, b, P in layout.segments():
+                if not P:
+                    outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                                       scaling=scaling, is_causal=True, **kwargs)[0])
+                    continue
+                m = b - a  # after the shared prefix: all of it, then causal within the segment
+                seen = torch.ones(m, P + m, dtype=torch.bool, device=query.device)
+                seen[:, P:] = ~_above_diagonal(m, query.device)
+                k2, v2 = (torch.cat([t[:, :, :P], t[:, :, a:b]], 2) for t in (key, value))
+                outs.append(sdpa_attention_forward(module, query[:, :, a:b], k2, v2, seen[None, None],
+                                                   scaling=scaling, is_causal=False, **kwargs)[0])
             return torch.cat(outs, 1), None
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return block_attention(query, key, value, layout, scale).transpose(1, 2).contiguous(), None

@@ -9,7 +9,9 @@ Every token in a forward pass is described by three integers:
   copy of the last committed token); ignored for clean tokens.
 
 Optionally ``seq`` separates packed samples: tokens of different samples never
-see each other.
+see each other. A row of samples that begin with the same tokens (a chat template's
+system prompt) may hold those tokens once, with ``seq = SHARED``: every sample's
+tokens see them (under the rules below), and they see only each other.
 
 The rule, for query ``q`` and key ``k``:
 
@@ -29,6 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+SHARED = -2
+"""``seq`` of a shared prefix: tokens that every sample of the row (``seq`` >= 0) sees."""
 
 
 @dataclass
@@ -114,7 +120,7 @@ def _rule(q_pos, q_block, q_start, k_pos, k_block, causal_within_block, q_seq=No
         same_block = same_block & (k_pos <= q_pos)
     ok = clean_to_clean | block_to_clean | same_block
     if q_seq is not None:
-        ok = ok & (q_seq == k_seq)
+        ok = ok & ((q_seq == k_seq) | ((k_seq == SHARED) & (q_seq >= 0)))
     return ok
 
 

@@ -233,3 +233,121 @@ def test_clean_pass_stops_after_the_last_layers_keys_and_values(monkeypatch):
     assert calls == [2] * len(layers)
     assert torch.equal(stopped.loss, full.loss)
     assert torch.equal(stopped.slot_correct, full.slot_correct)
+
+
+def test_causal_segments_attention_with_a_shared_prefix_equals_the_dense_rule():
+    """A row whose samples share a prefix held once (seq SHARED): the prefix is causal within itself and
+    every segment sees all of it, then itself causally; the same as sdpa under the dense rule of
+    sdlm.masks, and as each sample run whole with its own copy of the prefix. The fallback used with
+    gradients (sdpa segment by segment) gives the same."""
+    from sdlm.masks import SHARED
+
+    g = torch.Generator().manual_seed(6)
+    H, Hkv, d, P = 6, 2, 16, 9
+    own = [40, 1, 150]
+    seq = torch.cat([torch.full((P,), SHARED)] + [torch.full((n,), i) for i, n in enumerate(own)])
+    pos = torch.cat([torch.arange(P)] + [torch.arange(P, P + n) for n in own])
+    info = TokenInfo(pos[None], torch.full_like(pos, -1)[None], torch.full_like(pos, -1)[None], seq[None])
+    layout = causal_segments(info)
+    assert layout.prefix == P and layout.bounds == [(9, 49), (49, 50), (50, 200)]
+    T = pos.numel()
+    q0 = torch.randn(1, T, H, d, generator=g).transpose(1, 2)
+    k0, v0 = torch.randn(1, Hkv, T, d, generator=g), torch.randn(1, Hkv, T, d, generator=g)
+    dense = additive(allowed(info, info), torch.float32)
+    ref = F.scaled_dot_product_attention(q0, k0, v0, attn_mask=dense, scale=0.3, enable_gqa=True).transpose(1, 2)
+    got = causal_segments_attention(q0, k0, v0, layout, 0.3, chunk=32)
+    assert torch.allclose(got, ref, atol=1e-5)
+    for a, b in layout.bounds:  # each sample whole, with its own copy of the prefix
+        cols = torch.cat([torch.arange(P), torch.arange(a, b)])
+        whole = F.scaled_dot_product_attention(q0[:, :, cols], k0[:, :, cols], v0[:, :, cols], is_causal=True,
+                                               scale=0.3, enable_gqa=True).transpose(1, 2)
+        assert torch.allclose(got[:, a:b], whole[:, P:], atol=1e-5)
+    assert torch.allclose(got[:, :P], whole[:, :P], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_two_pass_with_a_shared_prefix_equals_unshared(arch):
+    """Samples that begin with the same tokens (a chat template's system prompt) packed in one row with
+    that prefix held once: the dense reference, the two-pass step with block attention, and the soft-target
+    step give the losses, metrics and gradients of the same samples packed without sharing."""
+    s, ad = adapted(arch)
+    g = torch.Generator().manual_seed(7)
+    head = torch.randint(0, 250, (11,), generator=g)
+    lays = []
+    for n, k, prompt in ((30, 6, 14), (24, 4, 13), (37, 8, 16)):
+        ids = torch.cat([head, torch.randint(0, 250, (n - 11,), generator=g)])
+        lm = torch.zeros(n, dtype=torch.bool)
+        lm[prompt:] = True
+        lays.append(training_layout(ids, lm, sample_block_starts(lm, k, g), 4, s.config.mask_token_id))
+
+    def run(fn, b, **kw):
+        for p in ad.lora_parameters().values():
+            p.grad = None
+        o = fn(s, b, 4, **kw)
+        o.loss.backward()
+        return o, [p.grad.clone() for p in ad.lora_parameters().values()]
+
+    plain, shared = pack(lays, row_tokens=10_000), pack(lays, row_tokens=10_000, share_prefix=True)
+    assert shared.n_clean == plain.n_clean - 2 * 11  # the prefix once instead of three times
+    ref = run(dense_loss, plain)
+    checks = [(run(dense_loss, shared), ref)]
+    soft_ref = run(two_pass_loss, plain, distill=0.5)
+    use_block_attention(s.model)
+    checks += [(run(two_pass_loss, shared), ref), (run(two_pass_loss, shared, distill=0.5), soft_ref)]
+    for (o, go), (r, gr) in checks:
+        assert torch.allclose(r.loss, o.loss, atol=1e-5)
+        assert torch.equal(r.slot_correct, o.slot_correct) and torch.equal(r.slot_count, o.slot_count)
+        for x, y in zip(gr, go):
+            assert (x - y).abs().max() <= 1e-4 * x.abs().max()
+
+
+def test_shared_prefix_stops_before_labels_and_own_tokens():
+    """The shared prefix is the clean tokens every sample begins with, stopping before the first token
+    that carries an AR label (its label is the sample's own next token) and leaving each sample a clean
+    token of its own; one sample shares nothing."""
+    from sdlm.train.loss import shared_prefix
+
+    def lay(ids, first_target):
+        lm = torch.zeros(len(ids), dtype=torch.bool)
+        lm[first_target:] = True
+        return training_layout(torch.tensor(ids), lm, [first_target - 1], 2, 999)
+
+    a, b = lay([1, 2, 3, 4, 5, 6, 7, 8], 6), lay([1, 2, 3, 4, 9, 9, 9, 9], 6)
+    assert shared_prefix([a, b]) == 4 and shared_prefix([a]) == 0
+    assert shared_prefix([a, lay([1, 2, 3, 4, 5, 6, 7, 9], 3)]) == 2  # x_2 carries the label x_3
+    assert shared_prefix([a, lay([1, 2, 3, 4, 5, 6, 7, 8], 6)]) == 5  # identical: up to the first label
+    assert shared_prefix([lay([1, 2, 3], 2), lay([1, 2, 3, 4], 3)]) == 1
+    assert shared_prefix([a, lay([7, 2, 3, 4, 5, 6, 7, 8], 6)]) == 0
+
+
+def test_block_attention_over_a_shared_prefix_equals_dense_sdpa():
+    """One row of samples with a shared prefix: each sample's blocks see the prefix and their own clean
+    keys; outputs and all gradients, the shared prefix's keys and values included (summed over the
+    samples), equal sdpa with the dense rule's mask."""
+    g = torch.Generator().manual_seed(8)
+    head = torch.randint(0, 250, (7,), generator=g)
+    lays = []
+    for n, k, prompt in ((26, 5, 10), (19, 3, 9)):
+        lm = torch.zeros(n, dtype=torch.bool)
+        lm[prompt:] = True
+        ids = torch.cat([head, torch.randint(0, 250, (n - 7,), generator=g)])
+        lays.append(training_layout(ids, lm, sample_block_starts(lm, k, g), 4, 999))
+    b = pack(lays, row_tokens=10_000, share_prefix=True)
+    L, T = b.n_clean, b.input_ids.shape[1]
+    clean, q_info = b.columns(torch.arange(L)).info, b.columns(torch.arange(L, T)).info
+    layout = block_layout(q_info, clean, 4, False, torch.float32)
+    assert [p.prefix for p in layout.parts] == [7, 7]
+    dense = additive(allowed(q_info, TokenInfo.cat([clean, q_info])), torch.float32)
+    H, Hkv, d = 6, 2, 16
+    q0, k0, v0 = (torch.randn(1, h, n, d, generator=g) for h, n in ((H, T - L), (Hkv, T), (Hkv, T)))
+    w = torch.randn(1, H, T - L, d, generator=g)
+    outs = []
+    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.25, enable_gqa=True),
+               lambda q, k, v: block_attention(q, k, v, layout, 0.25)):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        o = fn(q, k, v)
+        (o * w).sum().backward()
+        outs.append((o, q.grad, k.grad, v.grad))
+    assert outs[0][2][:, :, :7].abs().max() > 0  # the prefix's keys get gradients from both samples
+    for a, c in zip(*outs):
+        assert torch.allclose(a, c, atol=1e-5)

@@ -159,3 +159,24 @@ def test_flex_block_mask_is_the_same_rule(causal_within_block, with_seq):
     assert sparse.sparsity() > 0
     assert torch.equal(create_mask(sparse.mask_mod, 1, 1, len(lay.info), len(lay.info), device="cpu")[:, 0],
                        allowed(info, info))
+
+
+def test_shared_prefix_is_seen_by_every_sample_and_sees_only_itself():
+    """``seq`` SHARED marks a prefix held once for a row's samples: every sample's clean and block tokens
+    see it under the usual rules (causal; blocks only before their start), it sees only itself, and
+    padding (seq -1) neither sees it nor is seen."""
+    from sdlm.masks import SHARED
+
+    # shared prefix at positions 0, 1; sample 0: clean 2, 3; sample 1: clean 2; a block of sample 1 at 2; a pad
+    pos = torch.tensor([0, 1, 2, 3, 2, 2, 3, 0])
+    block = torch.tensor([-1, -1, -1, -1, -1, 0, 0, -1])
+    start = torch.tensor([-1, -1, -1, -1, -1, 2, 2, -1])
+    seq = torch.tensor([SHARED, SHARED, 0, 0, 1, 1, 1, -1])
+    info = TokenInfo(pos, block, start, seq)
+    ok = allowed(info, info)
+    assert ok[0].tolist() == [True, False, False, False, False, False, False, False]
+    assert ok[1, :2].all() and not ok[1, 2:].any()
+    assert ok[3].tolist() == [True, True, True, True, False, False, False, False]
+    assert ok[4].tolist() == [True, True, False, False, True, False, False, False]
+    assert ok[6].tolist() == [True, True, False, False, False, True, True, False]  # a block sees clean pos < 2
+    assert ok[7].tolist() == [False] * 7 + [True] and not ok[:7, 7].any()

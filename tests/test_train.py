@@ -936,3 +936,43 @@ def test_train_fixed_steps_script(tmp_path):
     assert not (tmp_path / "run").exists()
     bad = subprocess.run(cmd[:3] + ["--reps", "0"], capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "--reps" in bad.stderr
+
+
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_trainer_shares_a_common_prefix_with_the_same_results(tmp_path, attention, monkeypatch):
+    """Chat samples that begin with the same system prompt: with ``share_prefix`` (the default) a
+    micro-batch's row holds that prompt once, and training gives the losses and weights of rows that
+    hold it in every sample (block attention's one row, and sdpa's packed rows)."""
+    import sdlm.zoo as zoo
+    from sdlm.masks import SHARED
+
+    plain = zoo.byte_tokenizer
+
+    def with_template():  # the random model's byte tokenizer has no chat template: give it one
+        tok = plain()
+        tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}<|eos|>{% endfor %}"
+                             "{% if add_generation_prompt %}<assistant>{% endif %}")
+        return tok
+
+    monkeypatch.setattr(zoo, "byte_tokenizer", with_template)
+
+    data = tmp_path / "chat.jsonl"
+    g = torch.Generator().manual_seed(0)
+    with open(data, "w") as f:
+        for i in range(24):
+            word = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (4,), generator=g))
+            f.write(json.dumps({"messages": [
+                {"role": "system", "content": "You answer with repeated words."},
+                {"role": "user", "content": f"repeat {word}"},
+                {"role": "assistant", "content": " ".join([word] * (3 + i % 4))}]}) + "\n")
+    runs = {}
+    for share in (True, False):
+        tr = Trainer(tiny(tmp_path / str(share), retrofit="block-adapter", data=str(data), steps=2, save_every=0,
+                          eval_every=0, heldout=0, attention=attention, share_prefix=share))
+        batches, _ = tr.prep.prepare(tr.prep.samples(0, 4), torch.Generator().manual_seed(0))
+        assert bool((batches[0].info.seq == SHARED).any()) == share
+        runs[share] = ([tr.train_step()["loss"] for _ in range(2)],
+                       {k: v.clone() for k, v in tr.adapter.state_dict().items()})
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-5)
+    for k, w in runs[True][1].items():
+        assert torch.allclose(w, runs[False][1][k], atol=1e-5), k

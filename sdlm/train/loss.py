@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..attention import BLOCK_ATTENTION, CausalSegments, block_layout, causal_segments, fill_cache, last_layer_idx
 from ..errors import SDLMError
 from ..layout import IGNORE, TrainingLayout
-from ..masks import TokenInfo, additive, allowed, block_mask
+from ..masks import SHARED, TokenInfo, additive, allowed, block_mask
 from ..model import FLEX_ATTENTION, SDLM
 
 
@@ -36,7 +36,8 @@ class Packed:
     another, padded to the longest block part. The clean part is therefore one
     prefix for the whole batch (the two-pass step runs it alone). Samples in a
     row are kept apart by ``seq`` (0, 1, ... within the row); padding has
-    ``seq = -1``: it sees only itself, and nothing sees it.
+    ``seq = -1``: it sees only itself, and nothing sees it. A prefix shared by the samples of a row
+    (``pack(share_prefix=True)``) comes first in its clean part, with ``seq`` :data:`sdlm.masks.SHARED`.
     """
 
     input_ids: torch.Tensor
@@ -55,8 +56,8 @@ class Packed:
 
     @property
     def n_real(self) -> int:
-        """Tokens that are not padding."""
-        return int((self.info.seq >= 0).sum())
+        """Tokens that are not padding (a shared prefix counts once)."""
+        return int((self.info.seq != -1).sum())
 
     def to(self, device: torch.device | str) -> "Packed":
         """The same batch on ``device``: the masks are then built there (a (T x T) mask per row
@@ -105,10 +106,34 @@ def assign_rows(layouts: list[TrainingLayout], row_tokens: int | None) -> list[l
     return [sorted(r) for r in rows]
 
 
-def pack(layouts: list[TrainingLayout], pad_id: int = 0, row_tokens: int | None = None) -> Packed:
-    """Pack layouts into rows (see :func:`assign_rows`): (B, L_max + K_max)."""
+def shared_prefix(layouts: list[TrainingLayout]) -> int:
+    """How many leading clean tokens ``layouts`` can share in a row: the tokens they all begin with (such
+    as a chat template's system prompt), short of the first that carries an AR label (the label is the
+    next token, which is each sample's own) and leaving each sample at least one clean token of its own.
+    0 for fewer than two layouts."""
+    if len(layouts) < 2:
+        return 0
+    first = layouts[0].input_ids
+    n = min(lay.n_clean for lay in layouts) - 1
+    for lay in layouts:
+        labelled = torch.nonzero(lay.ar_labels[: lay.n_clean] != IGNORE).flatten()
+        n = min(n, int(labelled[0]) if len(labelled) else n)
+        differ = torch.nonzero(lay.input_ids[:n] != first[:n]).flatten()
+        n = min(n, int(differ[0]) if len(differ) else n)
+    return max(n, 0)
+
+
+def pack(layouts: list[TrainingLayout], pad_id: int = 0, row_tokens: int | None = None,
+         share_prefix: bool = False) -> Packed:
+    """Pack layouts into rows (see :func:`assign_rows`): (B, L_max + K_max).
+
+    ``share_prefix``: a row of several samples holds the clean tokens they all begin with once
+    (:func:`shared_prefix`), first in its clean part with ``seq`` :data:`sdlm.masks.SHARED`, which every
+    sample of the row sees; each sample's clean tokens then start after them. The same attention for
+    every real token, computed over fewer clean tokens."""
     rows = assign_rows(layouts, row_tokens)
-    clean_len = [sum(layouts[i].n_clean for i in r) for r in rows]
+    shared = [shared_prefix([layouts[i] for i in r]) if share_prefix else 0 for r in rows]
+    clean_len = [P + sum(layouts[i].n_clean - P for i in r) for r, P in zip(rows, shared)]
     block_len = [sum(layouts[i].input_ids.shape[0] - layouts[i].n_clean for i in r) for r in rows]
     L, K = max(clean_len), max(block_len)
     B, T = len(rows), L + K
@@ -121,12 +146,16 @@ def pack(layouts: list[TrainingLayout], pad_id: int = 0, row_tokens: int | None 
     slot = torch.full((B, T), -1, dtype=torch.long)
     ar_labels = torch.full((B, T), IGNORE, dtype=torch.long)
     teacher_col = torch.full((B, T), -1, dtype=torch.long)
-    for b, row in enumerate(rows):
-        c, k = 0, L  # write heads of the clean and block parts
+    for b, (row, P) in enumerate(zip(rows, shared)):
+        if P:  # the shared prefix, once (no labels: shared_prefix stops before the first)
+            ids[b, :P] = layouts[row[0]].input_ids[:P]
+            pos[b, :P] = torch.arange(P)
+            seq[b, :P] = SHARED
+        c, k = P, L  # write heads of the clean and block parts
         for s_idx, i in enumerate(row):
             lay = layouts[i]
-            n, m = lay.n_clean, lay.input_ids.shape[0] - lay.n_clean
-            for dst, src in ((slice(c, c + n), slice(0, n)), (slice(k, k + m), slice(n, n + m))):
+            n, m = lay.n_clean - P, lay.input_ids.shape[0] - lay.n_clean
+            for dst, src in ((slice(c, c + n), slice(P, P + n)), (slice(k, k + m), slice(P + n, P + n + m))):
                 ids[b, dst] = lay.input_ids[src]
                 pos[b, dst] = lay.info.pos[src]
                 block[b, dst] = lay.info.block[src]
@@ -136,10 +165,11 @@ def pack(layouts: list[TrainingLayout], pad_id: int = 0, row_tokens: int | None 
                 slot[b, dst] = lay.slot[src]
                 ar_labels[b, dst] = lay.ar_labels[src]
             # slot j of a block at p predicts x_{p+j+1}, as the clean token at position p+j does
-            teacher_col[b, k : k + m] = c + lay.info.pos[n : n + m]
+            at = lay.info.pos[P + n : P + n + m]
+            teacher_col[b, k : k + m] = torch.where(at < P, at, c + at - P)
             c, k = c + n, k + m
     # padding: a block id of its own per pad column keeps pads out of every real block
-    pad = seq < 0
+    pad = seq == -1
     block = torch.where(pad & (torch.arange(T) >= L), -2 - torch.arange(T).expand(B, T), block)
     block = torch.where(pad & (torch.arange(T) < L), torch.full_like(block, -1), block)
     return Packed(ids, TokenInfo(pos, block, start, seq), block_labels, slot, ar_labels, L, teacher_col)

@@ -101,6 +101,11 @@ class TrainConfig:
     """With ``attention: sdpa``/``flex``: pack several samples (clean + blocks) into rows of up to this many
     tokens (None: one per row). With ``attention: blocks`` a micro-batch is one row whatever its length
     (its attention runs per sample, so a row's length costs nothing)."""
+    share_prefix: bool = True
+    """A row of several samples that begin with the same clean tokens (a chat template's default system
+    prompt: 24 tokens of every sample of the default corpus) holds them once, and every sample's tokens
+    attend to that one copy (:func:`sdlm.train.loss.shared_prefix`): the same attention and losses (tested),
+    over fewer clean tokens. Tokens that carry an AR label are never shared."""
     split_samples: bool = False
     """block-adapter only: run each sample of a micro-batch as a forward and backward of its own. The
     loss and gradients are the same (the step's mean over its targets). Off by default: the CPU
@@ -772,8 +777,8 @@ class StepPrep:
         parts = [[lay] for lay in layouts] if self.split else [layouts]
         norm = loss_norm(layouts, cfg.slot_weights) if len(parts) > 1 else None
         # attention: blocks: one row per part, since each sample's attention runs apart anyway
-        batches = [pack(p, row_tokens=sum(lay.input_ids.shape[0] for lay in p) if self.one_row else cfg.row_tokens)
-                   for p in parts]
+        batches = [pack(p, row_tokens=sum(lay.input_ids.shape[0] for lay in p) if self.one_row else cfg.row_tokens,
+                        share_prefix=cfg.share_prefix) for p in parts]
         return batches, norm
 
     def step_work(self, step: int, samples_per_step: int) -> StepWork:
