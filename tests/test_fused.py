@@ -183,6 +183,70 @@ def test_fused_rms_norms_leave_other_norms_alone():
     assert "forward" in vars(mods[3]) and all("forward" not in vars(m) for i, m in enumerate(mods) if i != 3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rope_fusion_in_the_step_only(arch):
+    """Inside ``rope_fusion``'s context the model's rotary embeddings run through the fused function: the
+    same two-pass loss and gradients as the model's own in float32, and in a bf16 base at least as close to
+    the float32 ones as the model's own; outside it (decoding, every other forward) the model's own
+    function is back in place."""
+    import sys
+
+    from sdlm.train.fused import _Rope, rope_fusion
+    from sdlm.train.trainer import FrozenBF16
+
+    s, ad = adapted(arch)
+    ad.train_mask_embedding()
+    ad.mask_embedding.requires_grad_(True)
+    mod = sys.modules[type(next(m for m in s.model.modules() if hasattr(m, "layer_idx"))).__module__]
+    own = mod.apply_rotary_pos_emb
+    ctx = rope_fusion(s.model)
+    assert ctx is not None
+    b = batch(s)
+    calls = []
+    real = _Rope.apply
+    _Rope.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        ref_loss, ref_grads = _run(s, ad, two_pass_loss, b, False)
+        assert not calls
+        with ctx():
+            assert mod.apply_rotary_pos_emb is not own
+            loss, grads = _run(s, ad, two_pass_loss, b, False)
+        assert calls and mod.apply_rotary_pos_emb is own
+        assert torch.allclose(loss, ref_loss, atol=1e-5)
+        for u, v in zip(grads, ref_grads):  # float32 rounding (one rounding where the composed form has two)
+            assert (u - v).abs().max() <= 1e-4 * v.abs().max()
+        fb = FrozenBF16(s.model)
+        with fb:
+            ref16, g16 = _run(s, ad, two_pass_loss, b, True)
+            with ctx():
+                loss16, grads16 = _run(s, ad, two_pass_loss, b, True)
+    finally:
+        _Rope.apply = real
+    # in a bf16 base, the fused rotation (one rounding per element where the composed form has three) is
+    # at least as close to the float32 step as the model's own: this small random model amplifies rounding
+    cos = lambda u, v: float(torch.nn.functional.cosine_similarity(u.flatten(), v.flatten(), dim=0))  # noqa: E731
+    assert abs(float(loss16 - ref_loss)) <= abs(float(ref16 - ref_loss)) + 1e-3
+    for u, v, w in zip(grads16, g16, ref_grads):
+        assert cos(u, w) >= cos(v, w) - 0.02
+
+
+def test_rope_fusion_leaves_other_forms_alone():
+    """A rotary embedding of another form (here the interleaved pairs of GPT-J style models) fails the
+    check, so a model whose layers use it gets no fusion."""
+    from sdlm.train.fused import _same_rope
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        def rot(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    import transformers.models.llama.modeling_llama as llama
+
+    assert _same_rope(llama.apply_rotary_pos_emb) and not _same_rope(interleaved)
+    assert not _same_rope(lambda q, k, cos, sin: (q, k))
+
+
 def _can_pack_bf16():
     from sdlm.cpu import can_prepack
 

@@ -641,6 +641,17 @@ def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, monkeypatch):
         (ce * w).sum().backward()
     assert h.grad.dtype == torch.float32
     assert torch.allclose(ce, ref, atol=1e-4) and torch.allclose(h.grad, g_ref, atol=2e-2, rtol=2e-2)
+    from sdlm.cpu import can_prepack
+
+    if can_prepack(torch.bfloat16):  # the gradient product ran on a packed copy of the bf16 weight's transpose
+        assert head._sdlm_packed_t[1] is not None
+        packed_grad = h.grad.clone()
+        monkeypatch.setattr(loss_mod, "_packed_transpose", lambda head, weight: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = h0.clone().requires_grad_(True)
+            ce, _ = linear_ce(h, head, y, 5)
+            (ce * w).sum().backward()
+        assert torch.allclose(h.grad, packed_grad, atol=1e-3, rtol=1e-2)
 
 
 def test_trainer_loss_chunk(tmp_path):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import BLOCK_ATTENTION, CausalSegments, block_layout, causal_segments, fill_cache, last_layer_idx
+from ..cpu import _pack, _packed_linear, can_prepack
 from ..errors import SDLMError
 from ..layout import IGNORE, TrainingLayout
 from ..masks import SHARED, TokenInfo, additive, allowed, block_mask
@@ -207,7 +208,7 @@ class _LinearCE(torch.autograd.Function):
     the base frozen)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk):
+    def forward(ctx, hidden, weight, bias, labels, chunk, packed_t=None):
         N = hidden.shape[0]
         ce = torch.empty(N, dtype=torch.float32, device=hidden.device)
         hits = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -235,8 +236,8 @@ class _LinearCE(torch.autograd.Function):
                     f[torch.arange(m, device=f.device), yj] -= 1.0
                     if f is not zj:
                         zj.copy_(f)
-            if grad is not None:
-                grad[i : i + chunk] = z @ weight
+            if grad is not None:  # (softmax - onehot) @ weight, on the packed transpose where there is one
+                grad[i : i + chunk] = z @ weight if packed_t is None else _packed_linear(z, packed_t, None)
         ctx.mark_non_differentiable(hits)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
@@ -245,7 +246,7 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ce, g_hits):
         (grad,) = ctx.saved_tensors
-        return (g_ce[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None
+        return (g_ce[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def _workspace(weight: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -297,8 +298,33 @@ def linear_ce(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     weight, bias = _cast_weight(head, dtype)
+    packed_t = _packed_transpose(head, weight) if hidden.requires_grad else None
     with torch.autocast(dev, enabled=False):
-        return _LinearCE.apply(hidden.to(dtype), weight, bias, labels.to(hidden.device), chunk)
+        return _LinearCE.apply(hidden.to(dtype), weight, bias, labels.to(hidden.device), chunk, packed_t)
+
+
+def _packed_transpose(head: torch.nn.Linear, weight: torch.Tensor) -> torch.Tensor | None:
+    """A oneDNN-packed copy of ``weight``'s transpose (H, V) for the gradient product ``(softmax - onehot) @
+    weight`` of :class:`_LinearCE`, made once and kept on ``head`` while ``weight`` is unchanged; None
+    where it does not apply (not a bf16 weight on a CPU that packs bf16, or a copy that fails a check).
+    On a 2-core AVX-512 CPU that product took 135 ms instead of 152 for 1024 targets of a 49k vocabulary
+    (medians of 12 interleaved calls); the logits' product is not packed: it was slower there (166
+    against 155 ms), as it writes a fresh (N, V) tensor instead of the kept buffer."""
+    if weight.dtype != torch.bfloat16 or not can_prepack(weight.dtype, weight.device):
+        return None
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    kept = getattr(head, "_sdlm_packed_t", None)
+    if kept is None or kept[0] != key:
+        try:
+            packed = _pack(weight.t().contiguous())
+            probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+            ok = torch.allclose(_packed_linear(probe, packed, None).float(), (probe @ weight).float(), rtol=2e-2,
+                                atol=1e-2)
+        except RuntimeError:
+            ok = False
+        kept = (key, packed if ok else None)
+        head._sdlm_packed_t = kept
+    return kept[1]
 
 
 def _cast_weight(head: torch.nn.Linear, dtype: torch.dtype):

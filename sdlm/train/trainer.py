@@ -31,7 +31,7 @@ from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
 from ..model import SDLM, use_flex_attention
 from .data import Example, build_examples, read_records
-from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears, shared_weights
+from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears, rope_fusion, shared_weights
 from .loss import LossOutput, Packed, dense_loss, loss_norm, pack, two_pass_loss
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ class TrainConfig:
     bf16_base: bool | None = None
     """With bf16 autocast: run the frozen base model wholly in bf16 inside the training step (its
     weights, so also the residual stream, norms and rotary embeddings), instead of float32 activations
-    around bf16 matrix products, with its RMS norms fused (:func:`sdlm.train.fused.fuse_rms_norms`).
-    The trainable weights (LoRA, the mask embedding), the optimizer and the loss stay float32; the
+    around bf16 matrix products, with its RMS norms and, inside the step, its rotary embeddings fused
+    (:func:`sdlm.train.fused.fuse_rms_norms`, :func:`sdlm.train.fused.rope_fusion`). The trainable weights (LoRA, the mask embedding), the optimizer and the loss stay float32; the
     held-out loss is computed as the step computes it, and everything else (held-out tokens per
     forward, the exported adapter) sees the float32 base, kept unchanged beside a bf16 copy of the
     frozen weights (2 more bytes per parameter). Not the same numbers as
@@ -361,8 +361,10 @@ class Trainer:
         want = cfg.bf16_base if cfg.bf16_base is not None else on_cpu
         self.bf16_base = bool(self.bf16 and want and cfg.retrofit != "full")
         self._base16 = FrozenBF16(self.sdlm.model) if self.bf16_base else None
+        self._rope = None
         if self.bf16_base:
             fuse_rms_norms(self.sdlm.model)  # fewer passes for its bf16 norms
+            self._rope = rope_fusion(self.sdlm.model)  # and for its rotary embeddings, inside the step
         want = cfg.packed_base if cfg.packed_base is not None else on_cpu
         self.packed_base = bool(self.bf16_base and want and on_cpu
                                 and pack_frozen_linears(self.sdlm.model, self._base16.low_of))
@@ -448,7 +450,8 @@ class Trainer:
         cfg = self.cfg
         outs = []
         kernels = sdpa_context(cfg.sdpa_backend, self.sdlm.device.type)
-        with self._base16 or contextlib.nullcontext(), kernels:  # around the backward too: it reads the weights
+        rope = self._rope() if self._rope else contextlib.nullcontext()
+        with self._base16 or contextlib.nullcontext(), kernels, rope:  # around the backward too: it reads the weights
             for batch in batches:
                 with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     if cfg.retrofit == "block-adapter":
