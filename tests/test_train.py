@@ -706,6 +706,10 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
 
     assert tr.packed_base == can_prepack(torch.bfloat16, "cpu")  # its frozen layers packed where the CPU can
     assert not Trainer(tiny(tmp_path / "nopack", retrofit="block-adapter", bf16=True, packed_base=False)).packed_base
+    # torch.compile cannot lower the packed products: with compile on they are off, and asking for both is an error
+    assert not Trainer(tiny(tmp_path / "compiled", retrofit="block-adapter", bf16=True, compile=True)).packed_base
+    with pytest.raises(SDLMError, match="packed_base with compile"):
+        tiny(tmp_path / "both", retrofit="block-adapter", bf16=True, compile=True, packed_base=True)
     tr = Trainer(tiny(tmp_path / "bf16b", retrofit="block-adapter", bf16=True, bf16_base=False))
     assert tr.bf16_weights and not tr.bf16_base
     tr = Trainer(tiny(tmp_path / "bf16off", retrofit="block-adapter", bf16=True, bf16_base=False, bf16_weights=False))

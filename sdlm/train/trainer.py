@@ -153,7 +153,8 @@ class TrainConfig:
     on them the step's products that read those weights: the clean pass's, and the base products of the
     fused LoRA layers, forward and backward. The same products up to float rounding (another summation
     order; tested), without oneDNN laying the weight out again at every call. None = on where the CPU
-    and the PyTorch build support it."""
+    and the PyTorch build support it, except with ``compile: true`` (the compiler cannot lower oneDNN's
+    packed products; setting both is an error)."""
     loss_chunk: int | None = None
     """block-adapter, hard labels: apply the LM head and the loss to this many block targets at a time
     (they run together, the gradient taken in the same pass: :func:`sdlm.train.loss.linear_ce`), so at
@@ -250,6 +251,9 @@ class TrainConfig:
             raise SDLMError(f"prep_workers must be a number of processes >= 0 (or null), got {self.prep_workers!r}")
         if self.fsdp and self.compile:
             raise SDLMError("fsdp with compile: true is not supported: set one of them to false")
+        if self.packed_base and self.compile:
+            raise SDLMError("packed_base with compile: true is not supported (torch.compile cannot lower oneDNN's "
+                            "packed products): set packed_base: false, or leave it unset with compile: true")
         if not self.data:
             raise SDLMError("the recipe names no data: set `data:` to a JSONL file")
         if isinstance(self.data, list) and not all(isinstance(d, str) and d for d in self.data):
@@ -365,7 +369,7 @@ class Trainer:
         if self.bf16_base:
             fuse_rms_norms(self.sdlm.model)  # fewer passes for its bf16 norms
             self._rope = rope_fusion(self.sdlm.model)  # and for its rotary embeddings, inside the step
-        want = cfg.packed_base if cfg.packed_base is not None else on_cpu
+        want = cfg.packed_base if cfg.packed_base is not None else on_cpu and not cfg.compile
         self.packed_base = bool(self.bf16_base and want and on_cpu
                                 and pack_frozen_linears(self.sdlm.model, self._base16.low_of))
         want = cfg.bf16_weights if cfg.bf16_weights is not None else on_cpu
