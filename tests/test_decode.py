@@ -392,10 +392,11 @@ def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, 
 
 @pytest.mark.parametrize("D", [4, 8])
 def test_draft_threshold_on_the_trained_model(trained, D):
-    # lossless: the model's own output, with fewer drafts per forward than the full chain
+    # lossless: the model's own output, with fewer drafts per forward than the full chain (the tiny model
+    # is confident on these patterns: 0.7 cuts about a third of its drafts, where 0.3 may cut none)
     prompts = [trained.tokenizer(t)["input_ids"] for t in ("abcd abcd ab", "qwe qwe qwe", "hello hello")]
     offered = {}
-    for thr in (0.0, 0.3):
+    for thr in (0.0, 0.7):
         cfg = GenerationConfig(mode="speculative", block_size=D, draft_threshold=thr, max_new_tokens=30)
         offered[thr] = 0
         for p in prompts:
@@ -403,7 +404,7 @@ def test_draft_threshold_on_the_trained_model(trained, D):
             assert [t for s in steps for t in s.tokens] == hf_greedy(trained, p, 30)
             offered[thr] += sum(s.proposed for s in steps)
             assert_same_generation(Decoder(trained, cfg).generate(p), reference_decode(trained, p, cfg))
-    assert offered[0.3] < offered[0.0]
+    assert offered[0.7] < offered[0.0]
 
 
 def test_verify_is_for_mode_confidence():

@@ -296,46 +296,45 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         ctx.save_for_backward(c, s)
-        return _rotate(q, c, s, 1.0), _rotate(k, c, s, 1.0)
+        return _rotate(q, c, s), _rotate(k, c, s)
 
     @staticmethod
     def backward(ctx, gq, gk):
         c, s = ctx.saved_tensors
-        return _rotate(gq, c, s, -1.0), _rotate(gk, c, s, -1.0), None, None
+        return _rotate(gq, c, s, transpose=True), _rotate(gk, c, s, transpose=True), None, None
 
 
-def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: float) -> torch.Tensor:
-    """``x c + sign * rotate_half(x) s`` with the sine taken on the other half when ``sign`` is -1 (the
-    transpose of the rotation, for the backward pass): halves ``x1``, ``x2`` give
-    ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, or with -1 ``(x1 c1 + x2 s2, x2 c2 - x1 s1)``."""
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``x c + rotate_half(x) s``: halves ``x1``, ``x2`` give ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``; with
+    ``transpose`` the transposed rotation (the backward pass), ``(x1 c1 + x2 s2, x2 c2 - x1 s1)``."""
     h = x.shape[-1] // 2
     out = x * c
-    if sign > 0:
-        out[..., :h].addcmul_(x[..., h:], s[..., :h], value=-1)
-        out[..., h:].addcmul_(x[..., :h], s[..., h:])
-    else:
-        out[..., :h].addcmul_(x[..., h:], s[..., h:])
-        out[..., h:].addcmul_(x[..., :h], s[..., :h], value=-1)
+    lo, hi = (s[..., h:], s[..., :h]) if transpose else (s[..., :h], s[..., h:])
+    out[..., :h].addcmul_(x[..., h:], lo, value=1 if transpose else -1)
+    out[..., h:].addcmul_(x[..., :h], hi, value=-1 if transpose else 1)
     return out
 
 
+def _fusable(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether :class:`_Rope` covers these arguments: (B, T, d) cos and sin without gradients, an even d."""
+    return (cos.dim() == sin.dim() == 3 and not (cos.requires_grad or sin.requires_grad)
+            and q.shape[-1] % 2 == 0 and cos.shape[-1] == sin.shape[-1] == q.shape[-1])
+
+
 def fused_rope(q, k, cos, sin, unsqueeze_dim=1):
-    """:class:`_Rope` with the signature of transformers' ``apply_rotary_pos_emb``."""
-    if unsqueeze_dim != 1 or cos.requires_grad or sin.requires_grad or q.shape[-1] % 2 or cos.dim() != 3:
-        raise _NotFusable
+    """:class:`_Rope` with the signature of transformers' ``apply_rotary_pos_emb`` (cos and sin (B, T, d),
+    unsqueezed at dimension 1)."""
+    if unsqueeze_dim != 1 or not _fusable(q, cos, sin):
+        raise ValueError("fused_rope covers (B, T, d) cos and sin without gradients, unsqueezed at dimension 1")
     return _Rope.apply(q, k, cos, sin)
-
-
-class _NotFusable(Exception):
-    pass
 
 
 def rope_fusion(model: torch.nn.Module):
     """A context manager that, while it is active, routes the rotary embedding of ``model``'s attention
     layers through :class:`_Rope`: the ``apply_rotary_pos_emb`` function of the module that defines
-    their class is swapped for one that calls :class:`_Rope` (any call it does not cover, by arguments,
-    falls back to the model's own). Only where, on a seeded random input, the model's own function and
-    :class:`_Rope` agree (outputs and input gradients): another form of rotary embedding is left alone.
+    their class is swapped for one that calls :class:`_Rope` for ``(q, k, cos, sin)`` calls it covers and
+    the model's own function for any other. Only where, on a seeded random input, the model's own function
+    and :class:`_Rope` agree (outputs and input gradients): another form of rotary embedding is left alone.
     None where no layer qualifies. The trainer holds it around its steps only, so decoding and every
     other forward run the model's own code."""
     import contextlib
@@ -347,18 +346,17 @@ def rope_fusion(model: torch.nn.Module):
     if not targets:
         return None
 
+    def route(own):
+        def apply(q, k, cos, sin, *args, **kwargs):
+            if not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1 \
+                    and _fusable(q, cos, sin):
+                return _Rope.apply(q, k, cos, sin)
+            return own(q, k, cos, sin, *args, **kwargs)
+        return apply
+
     @contextlib.contextmanager
     def active():
         saved = [(mod, mod.apply_rotary_pos_emb) for mod in targets]
-
-        def route(own):
-            def apply(q, k, cos, sin, *args, **kwargs):
-                try:
-                    return fused_rope(q, k, cos, sin, *args, **kwargs)
-                except (_NotFusable, TypeError):
-                    return own(q, k, cos, sin, *args, **kwargs)
-            return apply
-
         for mod, own in saved:
             mod.apply_rotary_pos_emb = route(own)
         try:
