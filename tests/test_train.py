@@ -181,14 +181,14 @@ def final_state(path: Path) -> dict:
 @pytest.mark.parametrize("retrofit", ["full", "block-adapter"])
 def test_killed_run_resumes_to_the_same_end(tmp_path, retrofit):
     straight = Trainer(tiny(tmp_path / "a", retrofit=retrofit))
-    straight.run(progress=False)
+    summary = straight.run(progress=False)
     # "killed" after step 8: a run that stopped at its step-8 checkpoint, then the full run again
     first = Trainer(tiny(tmp_path / "b", retrofit=retrofit, steps=12))
     first.cfg.steps = 8
     first.run(progress=False)
     resumed = Trainer(tiny(tmp_path / "b", retrofit=retrofit, steps=12))
-    resumed.run(progress=False)
-    assert resumed.step == 12
+    out = resumed.run(progress=False)
+    assert resumed.step == 12 and out["steps_run"] == 4  # the summary's speed covers the steps this call ran
     a, b = final_state(tmp_path / "a" / "run" / "final"), final_state(tmp_path / "b" / "run" / "final")
     assert a.keys() == b.keys()
     for k in a:
@@ -198,6 +198,11 @@ def test_killed_run_resumes_to_the_same_end(tmp_path, retrofit):
     steps = [r for r in rows if "loss" in r]
     assert all(r["sample_tokens_per_s"] > 0 and r["block_tokens_per_s"] > 0 for r in steps)
     assert (tmp_path / "a" / "run" / "metrics.png").is_file()
+    import statistics
+
+    assert summary["steps_run"] == 12 and summary["step"] == 12
+    assert summary["median_block_tokens_per_s"] == pytest.approx(statistics.median(r["block_tokens_per_s"] for r in steps), abs=0.06)
+    assert summary["median_sample_tokens_per_s"] == pytest.approx(statistics.median(r["sample_tokens_per_s"] for r in steps), abs=0.06)
 
 
 def test_tiny_recipe_learns_and_decodes(tmp_path):

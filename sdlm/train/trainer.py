@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -472,6 +473,10 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def run(self, progress: bool = True) -> dict:
+        """Train up to ``steps`` (from the checkpoint in ``out_dir`` if there is one), evaluating and
+        checkpointing as the recipe says, then export. Returns the last step's record with ``final`` (the
+        exported folder) and, over the steps this call ran, ``steps_run`` and the medians
+        ``median_block_tokens_per_s`` and ``median_sample_tokens_per_s``."""
         from tqdm import tqdm
 
         cfg, dist = self.cfg, self.dist
@@ -487,6 +492,7 @@ class Trainer:
             bar.write(note)
         if cfg.compile and main and self.step < cfg.steps:
             bar.write("compile: true: the first steps compile the decoder layers' repeated parts and run slower")
+        rates: list[tuple[float, float]] = []  # (trained block tokens/s, sample tokens/s) of the steps run here
         while self.step < cfg.steps:
             over_time = cfg.time_limit_minutes is not None and self.train_seconds >= 60 * cfg.time_limit_minutes
             if dist.any(over_time):
@@ -500,10 +506,11 @@ class Trainer:
                 dist.barrier()
                 break
             last = self.train_step()
+            rates.append((last["block_tokens_per_s"], last["sample_tokens_per_s"]))
             bar.update(1)
             bar.set_postfix_str(
                 f"loss {last['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in last['slot_acc'][:4])} "
-                f"{last['block_tokens_per_s']:.0f} blk tok/s"
+                f"{last['block_tokens_per_s']:.0f} blk tok/s (median {statistics.median(r for r, _ in rates):.0f})"
             )
             if main and cfg.log_every and self.step % cfg.log_every == 0:
                 _append_jsonl(metrics_path, last)
@@ -527,7 +534,12 @@ class Trainer:
         if main:
             _plot(metrics_path, self.out / "metrics.png")
         dist.barrier()
-        return {"final": str(final), **last}
+        speed = {}
+        if rates:  # the run's speed: the median over the steps it ran (one step's figure wanders by +-10%)
+            speed = {"steps_run": len(rates),
+                     "median_block_tokens_per_s": round(statistics.median(r for r, _ in rates), 1),
+                     "median_sample_tokens_per_s": round(statistics.median(r for _, r in rates), 1)}
+        return {"final": str(final), **last, **speed}
 
     def train_step(self) -> dict:
         """One optimiser step (all micro-batches of every process); returns its metrics record."""
