@@ -198,7 +198,8 @@ class _RMSNorm(torch.autograd.Function):
         r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
         r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1) float32
         ctx.save_for_backward(x, r, weight)
-        return torch.mul(x, r).to(x.dtype).mul_(weight)
+        # x * r computed in float32 and rounded once into x's dtype (as .to() would), without a float32 copy
+        return torch.mul(x, r, out=torch.empty_like(x)).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -206,7 +207,7 @@ class _RMSNorm(torch.autograd.Function):
         gw = torch.mul(grad, weight).float()  # the gradient at the normalised x
         xr = torch.mul(x, r)  # the normalised x, float32
         m = torch.linalg.vecdot(gw, xr, dim=-1).unsqueeze(-1).div_(x.shape[-1])
-        return gw.sub_(xr.mul_(m)).mul_(r).to(x.dtype), None, None
+        return torch.mul(gw.sub_(xr.mul_(m)), r, out=torch.empty_like(x)), None, None
 
 
 def _norm_eps(mod) -> float | None:
