@@ -32,6 +32,19 @@ def _rows(D, specs, seed=0):
     return q, clean
 
 
+def _dense_and_blocks(q0, k0, v0, dense, layout, scale, w):
+    """Output and q, k, v gradients (of the loss ``(o * w).sum()``) of sdpa with the dense mask ``dense``,
+    then of block attention under ``layout``."""
+    outs = []
+    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=True),
+               lambda q, k, v: block_attention(q, k, v, layout, scale)):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        o = fn(q, k, v)
+        (o * w).sum().backward()
+        outs.append((o, q.grad, k.grad, v.grad))
+    return outs
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_attention_equals_dense_sdpa(causal):
     """Outputs and gradients of the real queries equal sdpa's under the dense mask of the block rule, with
@@ -46,13 +59,7 @@ def test_block_attention_equals_dense_sdpa(causal):
     q0, k0, v0 = (torch.randn(B, h, n, d, generator=g) for h, n in ((H, T), (Hkv, L + T), (Hkv, L + T)))
     real = (q_info.seq >= 0)[:, None, :, None].float()
     w = torch.randn(B, H, T, d, generator=g) * real  # a loss that reads the real queries only
-    outs = []
-    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3, enable_gqa=True),
-               lambda q, k, v: block_attention(q, k, v, layout, 0.3)):
-        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
-        o = fn(q, k, v)
-        (o * w).sum().backward()
-        outs.append((o * real, q.grad, k.grad, v.grad))
+    outs = [(o * real, *grads) for o, *grads in _dense_and_blocks(q0, k0, v0, dense, layout, 0.3, w)]
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -341,13 +348,7 @@ def test_block_attention_over_a_shared_prefix_equals_dense_sdpa():
     H, Hkv, d = 6, 2, 16
     q0, k0, v0 = (torch.randn(1, h, n, d, generator=g) for h, n in ((H, T - L), (Hkv, T), (Hkv, T)))
     w = torch.randn(1, H, T - L, d, generator=g)
-    outs = []
-    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.25, enable_gqa=True),
-               lambda q, k, v: block_attention(q, k, v, layout, 0.25)):
-        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
-        o = fn(q, k, v)
-        (o * w).sum().backward()
-        outs.append((o, q.grad, k.grad, v.grad))
+    outs = _dense_and_blocks(q0, k0, v0, dense, layout, 0.25, w)
     assert outs[0][2][:, :, :7].abs().max() > 0  # the prefix's keys get gradients from both samples
     for a, c in zip(*outs):
         assert torch.allclose(a, c, atol=1e-5)
