@@ -137,8 +137,9 @@ def test_additive_mask(dtype):
 @pytest.mark.parametrize("causal_within_block", [False, True])
 @pytest.mark.parametrize("with_seq", [False, True])
 def test_flex_block_mask_is_the_same_rule(causal_within_block, with_seq):
-    """The flex-attention BlockMask evaluates the same rule as :func:`allowed`, over lengths that are
-    not multiples of its tiles, with queries against a longer key list; hidden tiles are dropped."""
+    """The flex-attention BlockMask evaluates the same rule as :func:`allowed` (shared prefixes included),
+    over lengths that are not multiples of its tiles, with queries against a longer key list; hidden
+    tiles are dropped."""
     from torch.nn.attention.flex_attention import create_mask
 
     from sdlm.masks import block_mask
@@ -146,7 +147,8 @@ def test_flex_block_mask_is_the_same_rule(causal_within_block, with_seq):
     g = torch.Generator().manual_seed(3)
     B, Tq, Tk = 2, 150, 290
     rand = lambda lo, hi, T: torch.randint(lo, hi, (B, T), generator=g)  # noqa: E731
-    k = TokenInfo(rand(0, 90, Tk), rand(-1, 4, Tk), rand(0, 90, Tk), rand(-1, 2, Tk) if with_seq else None)
+    # seq: samples 0 and 1, padding (-1) and a shared prefix (SHARED, -2)
+    k = TokenInfo(rand(0, 90, Tk), rand(-1, 4, Tk), rand(0, 90, Tk), rand(-2, 2, Tk) if with_seq else None)
     q = TokenInfo(k.pos[:, -Tq:], k.block[:, -Tq:], k.start[:, -Tq:], None if k.seq is None else k.seq[:, -Tq:])
     bm = block_mask(q, k, causal_within_block, block_size=64)
     assert bm.shape == (B, 1, Tq, Tk)
