@@ -310,7 +310,8 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg)
     result = trainer.run(progress=not args.no_progress)
     if trainer.dist.rank == 0:  # under a launcher, one summary
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
+    trainer.dist.close()
     return 0
 
 
