@@ -117,9 +117,13 @@ def last_layer_idx(model) -> int | None:
     return max(idx) if idx else None
 
 
-def fill_cache(run, layout: "CausalSegments", last: int | None) -> None:
-    """Run ``run()`` (a forward over the clean tokens that fills a KV cache, under ``layout``), stopping
-    after the keys and values of layer ``last`` are cached (None: the whole forward runs)."""
+def fill_cache(run, layout, last: int | None) -> None:
+    """Run ``run()``, a forward over the clean tokens that fills a KV cache under ``layout``. With a
+    :class:`CausalSegments` layout it stops once the keys and values of layer ``last`` are cached (None:
+    the whole forward runs); any other layout (a dense mask, None) runs the whole forward."""
+    if not isinstance(layout, CausalSegments):
+        run()
+        return
     layout.kv_only_layer = last
     try:
         run()
@@ -333,11 +337,12 @@ class _BlockAttention(torch.autograd.Function):
             if clean:  # the part's clean columns: the shared prefix's (if any), then its own
                 gk = (ds[..., :c].transpose(1, 2) @ q).view(B, Hkv, c, d).mul_(scaling)
                 gv = (prob[..., :c].transpose(1, 2) @ do).view(B, Hkv, c, d)
-                P = p.prefix
-                dk[:, :, :P] += gk[:, :, :P]
-                dv[:, :, :P] += gv[:, :, :P]
-                dk[:, :, p.c0 : p.c1] += gk[:, :, P:]
-                dv[:, :, p.c0 : p.c1] += gv[:, :, P:]
+                at = 0
+                for cols in _clean_columns(p):
+                    n_cols = cols.stop - cols.start
+                    dk[:, :, cols] += gk[:, :, at : at + n_cols]
+                    dv[:, :, cols] += gv[:, :, at : at + n_cols]
+                    at += n_cols
         ctx.saved = None
         return dq.transpose(1, 2), dk, dv, None, None
 
@@ -377,8 +382,13 @@ def _part(query, key, value, p: BlockPart, L: int, D: int):
     q = _stacked(query[:, :, p.b0 : p.b1], Hkv, D)
     kb = key[:, :, L + p.b0 : L + p.b1].reshape(B * Hkv * K, D, d)
     vb = value[:, :, L + p.b0 : L + p.b1].reshape(B * Hkv * K, D, d)
-    cols = [slice(0, p.prefix)] * bool(p.prefix) + [slice(p.c0, p.c1)]
+    cols = _clean_columns(p)
     return n, c, K, q, [key[:, :, i] for i in cols], [value[:, :, i] for i in cols], kb, vb
+
+
+def _clean_columns(p: BlockPart) -> list[slice]:
+    """The clean-part columns of part ``p``'s clean keys, in order: the shared prefix's (if any), its own."""
+    return [slice(0, p.prefix)] * bool(p.prefix) + [slice(p.c0, p.c1)]
 
 
 def _later_in_block(g: int, D: int, device) -> torch.Tensor:

@@ -16,7 +16,9 @@ and the base products of :class:`_LoRALinear`, forward (``x W^T``) and backward 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from typing import NamedTuple
 
 import torch
@@ -153,16 +155,23 @@ def pack_frozen_linears(model: torch.nn.Module, low_of) -> int:
 
 def _packed_agrees(low: torch.Tensor, bias: torch.Tensor | None, packed: Packed) -> bool:
     """Whether the packed products equal ``F.linear`` and ``g @ W`` up to rounding, on a seeded random input."""
-    gen = torch.Generator().manual_seed(0)
-    out, inp = low.shape
-    x = torch.randn(8, inp, generator=gen).to(low.dtype)
-    g = torch.randn(8, out, generator=gen).to(low.dtype)
-
+    x = torch.randn(8, low.shape[1], generator=torch.Generator().manual_seed(0)).to(low.dtype)
     try:
         with torch.no_grad():
             y = _packed_linear(x, packed.weight, bias)
-            return (_close(torch.nn.functional.linear(x, low, bias), y, 2**-6)
-                    and _close(g @ low, _packed_linear(g, packed.weight_t, None), 2**-6))
+            same = _close(torch.nn.functional.linear(x, low, bias), y, 2**-6)
+    except RuntimeError:  # a copy of the wrong shape
+        return False
+    return same and transpose_agrees(low, packed.weight_t)
+
+
+def transpose_agrees(low: torch.Tensor, packed_t: torch.Tensor) -> bool:
+    """Whether ``packed_t``, a packed copy of ``low``'s transpose, gives ``g @ low`` up to rounding, on a
+    seeded random input."""
+    g = torch.randn(8, low.shape[0], generator=torch.Generator().manual_seed(1)).to(low.dtype)
+    try:
+        with torch.no_grad():
+            return _close(g @ low, _packed_linear(g, packed_t, None), 2**-6)
     except RuntimeError:  # a copy of the wrong shape
         return False
 
@@ -322,14 +331,6 @@ def _fusable(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and q.shape[-1] % 2 == 0 and cos.shape[-1] == sin.shape[-1] == q.shape[-1])
 
 
-def fused_rope(q, k, cos, sin, unsqueeze_dim=1):
-    """:class:`_Rope` with the signature of transformers' ``apply_rotary_pos_emb`` (cos and sin (B, T, d),
-    unsqueezed at dimension 1)."""
-    if unsqueeze_dim != 1 or not _fusable(q, cos, sin):
-        raise ValueError("fused_rope covers (B, T, d) cos and sin without gradients, unsqueezed at dimension 1")
-    return _Rope.apply(q, k, cos, sin)
-
-
 def rope_fusion(model: torch.nn.Module):
     """A context manager that, while it is active, routes the rotary embedding of ``model``'s attention
     layers through :class:`_Rope`: the ``apply_rotary_pos_emb`` function of the module that defines
@@ -338,9 +339,6 @@ def rope_fusion(model: torch.nn.Module):
     and :class:`_Rope` agree (outputs and input gradients): another form of rotary embedding is left alone.
     None where no layer qualifies. The trainer holds it around its steps only, so decoding and every
     other forward run the model's own code."""
-    import contextlib
-    import sys
-
     modules = {sys.modules.get(type(m).__module__) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)}
     targets = [mod for mod in modules if mod is not None and callable(getattr(mod, "apply_rotary_pos_emb", None))
                and _same_rope(mod.apply_rotary_pos_emb)]
@@ -379,7 +377,7 @@ def _same_rope(own) -> bool:
     w = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g)
     outs = []
     try:
-        for fn in (own, fused_rope):
+        for fn in (own, _Rope.apply):
             q, k = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
             a, b = fn(q, k, cos, sin)
             ((a * w[0]).sum() + (b * w[1]).sum()).backward()

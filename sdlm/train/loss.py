@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import BLOCK_ATTENTION, CausalSegments, block_layout, causal_segments, fill_cache, last_layer_idx
+from ..attention import BLOCK_ATTENTION, block_layout, causal_segments, fill_cache, last_layer_idx
 from ..cpu import _pack, _packed_linear, can_prepack
 from ..errors import SDLMError
 from ..layout import IGNORE, TrainingLayout
 from ..masks import SHARED, TokenInfo, additive, allowed, block_mask
 from ..model import FLEX_ATTENTION, SDLM
+from .fused import transpose_agrees
 
 
 @dataclass
@@ -317,12 +318,9 @@ def _packed_transpose(head: torch.nn.Linear, weight: torch.Tensor) -> torch.Tens
     if kept is None or kept[0] != key:
         try:
             packed = _pack(weight.t().contiguous())
-            probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-            ok = torch.allclose(_packed_linear(probe, packed, None).float(), (probe @ weight).float(), rtol=2e-2,
-                                atol=1e-2)
-        except RuntimeError:
-            ok = False
-        kept = (key, packed if ok else None)
+        except RuntimeError:  # an unusual shape or build
+            packed = None
+        kept = (key, packed if packed is not None and transpose_agrees(weight, packed) else None)
         head._sdlm_packed_t = kept
     return kept[1]
 
@@ -453,12 +451,8 @@ def two_pass_loss(
             teacher = torch.softmax(t_logits[rows, where].float(), -1)  # (N, V)
             del t_logits
         else:  # KV only: no LM head, and with the block pattern no work past the last layer's keys and values
-            run = lambda: sdlm.forward(clean.input_ids, clean.info.pos, mask, clean.info.is_block, cache,  # noqa: E731
-                                       hidden=True)
-            if isinstance(mask, CausalSegments):
-                fill_cache(run, mask, _last_layer(sdlm))
-            else:
-                run()
+            fill_cache(lambda: sdlm.forward(clean.input_ids, clean.info.pos, mask, clean.info.is_block, cache,
+                                            hidden=True), mask, last_layer_idx(sdlm.model))
     mask = None
     if blocks_attn:
         mask = block_layout(blocks.info, clean.info, block_size, cfg.causal_within_block, sdlm.dtype)
@@ -490,13 +484,6 @@ def two_pass_loss(
         soft = _slot_mean(F.cross_entropy(logits.float(), teacher, reduction="none"), slots, slot_weights, norm)
         loss = (1 - distill) * loss + distill * soft
     return LossOutput(loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
-
-
-def _last_layer(sdlm: SDLM) -> int | None:
-    """:func:`sdlm.attention.last_layer_idx` of the model, looked up once."""
-    if not hasattr(sdlm, "_last_layer_idx"):
-        sdlm._last_layer_idx = last_layer_idx(sdlm.model)
-    return sdlm._last_layer_idx
 
 
 def _mask(sdlm: SDLM, q: TokenInfo, k: TokenInfo, causal_within_block: bool = False):

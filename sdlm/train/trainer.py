@@ -854,13 +854,12 @@ class Dist:
             td.barrier()
 
     def close(self) -> None:
-        """Destroy the process group (after a barrier), so that no process exits while the group's
-        background threads still run. Without it a 2-process gloo run in the tests once aborted at exit
-        ("terminate called without an active exception"), the likely cause."""
+        """Destroy the process group (:meth:`Trainer.run` ends at a barrier), so that no process exits while
+        the group's background threads still run. Without it a 2-process gloo run in the tests once aborted
+        at exit ("terminate called without an active exception"), the likely cause."""
         import torch.distributed as td
 
         if self.world > 1 and td.is_initialized():
-            td.barrier()
             td.destroy_process_group()
 
     def all_reduce_grads(self, params) -> None:
