@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlm.attention import (BLOCK_ATTENTION, CausalSegments, block_attention, block_layout, causal_segments,
+from sdlm.attention import (BLOCK_ATTENTION, CausalSegments, _chunks, block_attention, block_layout, causal_segments,
                             causal_segments_attention, use_block_attention)
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.layout import sample_block_starts, training_layout
@@ -45,15 +45,21 @@ def _dense_and_blocks(q0, k0, v0, dense, layout, scale, w):
     return outs
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_block_attention_equals_dense_sdpa(causal):
+@pytest.mark.parametrize("causal,chunk", [(False, 32), (True, 32), (False, 1), (True, 3)])
+def test_block_attention_equals_dense_sdpa(causal, chunk):
     """Outputs and gradients of the real queries equal sdpa's under the dense mask of the block rule, with
-    grouped-query heads, ragged rows (padding in the clean and block parts) and blocks starting at 0."""
+    grouped-query heads, ragged rows (padding in the clean and block parts) and blocks starting at 0; with
+    all blocks in one score product and ``chunk`` blocks per product, each over the clean keys its blocks
+    see (fewer for the early chunks)."""
     D, H, Hkv, d = 4, 4, 2, 8
     q_info, clean = _rows(D, [(11, [0, 3, 7, 10]), (7, [2, 5])])
     B, T, L = q_info.pos.shape[0], q_info.pos.shape[1], clean.pos.shape[1]
     layout = block_layout(q_info, clean, D, causal, torch.float32)
     assert layout is not None and len(layout.parts) == 1 and layout.parts[0].clean_bias.shape == (B, 1, T, L)
+    layout.chunk = chunk
+    # row 0's blocks see 0, 3, 7, 10 clean keys, row 1's 2 and 5, and row 1's padding queries its padding keys
+    want = {32: [(0, 4, 11)], 1: [(0, 1, 2), (1, 2, 5), (2, 3, 11), (3, 4, 11)], 3: [(0, 3, 11), (3, 4, 11)]}[chunk]
+    assert _chunks(layout.parts[0], D, chunk) == want
     dense = additive(allowed(q_info, TokenInfo.cat([clean, q_info]), causal), torch.float32)
     g = torch.Generator().manual_seed(0)
     q0, k0, v0 = (torch.randn(B, h, n, d, generator=g) for h, n in ((H, T), (Hkv, L + T), (Hkv, L + T)))
@@ -327,10 +333,12 @@ def test_shared_prefix_stops_before_labels_and_own_tokens():
     assert shared_prefix([a, lay([7, 2, 3, 4, 5, 6, 7, 8], 6)]) == 0
 
 
-def test_block_attention_over_a_shared_prefix_equals_dense_sdpa():
+@pytest.mark.parametrize("chunk", [32, 2])
+def test_block_attention_over_a_shared_prefix_equals_dense_sdpa(chunk):
     """One row of samples with a shared prefix: each sample's blocks see the prefix and their own clean
     keys; outputs and all gradients, the shared prefix's keys and values included (summed over the
-    samples), equal sdpa with the dense rule's mask."""
+    samples), equal sdpa with the dense rule's mask, with all of a sample's blocks in one score product and
+    2 per product."""
     g = torch.Generator().manual_seed(8)
     head = torch.randint(0, 250, (7,), generator=g)
     lays = []
@@ -344,6 +352,10 @@ def test_block_attention_over_a_shared_prefix_equals_dense_sdpa():
     clean, q_info = b.columns(torch.arange(L)).info, b.columns(torch.arange(L, T)).info
     layout = block_layout(q_info, clean, 4, False, torch.float32)
     assert [p.prefix for p in layout.parts] == [7, 7]
+    layout.chunk = chunk
+    spans = [cv for p in layout.parts for _, _, cv in _chunks(p, 4, chunk)]
+    assert len(spans) == (2 if chunk == 32 else 5)  # 5 and 3 blocks
+    assert min(spans) < min(p.n_clean for p in layout.parts)  # a product leaves out keys its blocks never see
     dense = additive(allowed(q_info, TokenInfo.cat([clean, q_info])), torch.float32)
     H, Hkv, d = 6, 2, 16
     q0, k0, v0 = (torch.randn(1, h, n, d, generator=g) for h, n in ((H, T - L), (Hkv, T), (Hkv, T)))
