@@ -3,7 +3,9 @@ mask against :func:`sdlm.attention.block_attention`, at one layer's shapes.
 
 The defaults are SmolLM2-135M's heads (9 query heads, 3 key/value heads of 64) and a sample of 370
 clean tokens with 68 blocks of 4 (272 block tokens). Prints the median forward and backward times
-of each, and the largest difference between their outputs. Then the clean pass of the same sample
+of each, and the largest difference between their outputs; block attention is timed as the step runs
+it (``BLOCK_CHUNK`` blocks per score product, each over the clean keys its blocks see) and with all
+the blocks in one product over all the clean keys. Then the clean pass of the same sample
 (causal attention over its clean tokens, no gradients): sdpa's causal kernel against
 :func:`sdlm.attention.causal_segments_attention`, the chunked products the CPU step runs.
 
@@ -37,7 +39,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from sdlm.attention import CausalSegments, block_attention, block_layout, causal_segments_attention
+    from sdlm.attention import BLOCK_CHUNK, CausalSegments, block_attention, block_layout, causal_segments_attention
     from sdlm.masks import TokenInfo, additive, allowed
 
     if args.threads:
@@ -50,12 +52,15 @@ def main() -> int:
                        starts.repeat_interleave(D)[None])
     clean = TokenInfo.clean(torch.arange(L)[None])
     layout = block_layout(q_info, clean, D, False, dtype)
+    whole = block_layout(q_info, clean, D, False, dtype)
+    whole.chunk = K  # every block in one score product, over all the clean keys any block sees
     dense = additive(allowed(q_info, TokenInfo.cat([clean, q_info])), dtype)
     scale = d ** -0.5
     calls = {
         "sdpa, dense mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale,
                                                                            enable_gqa=True),
         "block attention": lambda q, k, v: block_attention(q, k, v, layout, scale),
+        "one product": lambda q, k, v: block_attention(q, k, v, whole, scale),
     }
 
     def inputs():
@@ -65,17 +70,19 @@ def main() -> int:
     q, k, v = inputs()
     outs = [fn(q, k, v).float() for fn in calls.values()]
     print(f"{T} block queries over {L} clean keys + their own blocks of {D}, {H}/{Hkv} heads of {d}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads; largest output difference {(outs[0] - outs[1]).abs().max():.2e}")
-    for name, fn in calls.items():
-        fwd, bwd = [], []
-        for _ in range(args.repeats):
+          f"{torch.get_num_threads()} threads, {BLOCK_CHUNK} blocks per product; largest output difference "
+          f"{max((outs[0] - o).abs().max() for o in outs[1:]):.2e}")
+    times = {name: ([], []) for name in calls}
+    for _ in range(args.repeats):  # interleaved, so that the machine's slow spells hit every version alike
+        for name, fn in calls.items():
             q, k, v = inputs()
             t0 = time.perf_counter()
             out = fn(q, k, v)
             t1 = time.perf_counter()
             out.backward(torch.ones_like(out))
-            fwd.append(t1 - t0)
-            bwd.append(time.perf_counter() - t1)
+            times[name][0].append(t1 - t0)
+            times[name][1].append(time.perf_counter() - t1)
+    for name, (fwd, bwd) in times.items():
         f, b = statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3
         print(f"{name:17s} forward {f:6.2f} ms  backward {b:6.2f} ms  total {f + b:6.2f} ms")
 

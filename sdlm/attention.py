@@ -390,15 +390,16 @@ class _BlockAttention(torch.autograd.Function):
 
 
 def _chunks(p: BlockPart, D: int, chunk: int) -> list[tuple[int, int, int]]:
-    """Part ``p``'s blocks in runs of at most ``chunk``: ``(k0, k1, cv)`` for blocks ``k0:k1``, of which no
-    query sees a clean key past the first ``cv`` (from the clean mask). Made once per layout."""
+    """Part ``p``'s blocks in runs of at most ``chunk``, as few runs as that allows, of even lengths:
+    ``(k0, k1, cv)`` for blocks ``k0:k1``, of which no query sees a clean key past the first ``cv`` (from
+    the clean mask). Made once per layout."""
     k = ("chunks", D, chunk)
     if k not in p.cache:
         B, _, n, c = p.clean_bias.shape
         K = n // D
         seen = (p.clean_bias == 0).view(B, K, D, c).any(2).any(0)  # (K, c): a query of block k sees key j
         last = (seen * torch.arange(1, c + 1, device=seen.device)).amax(-1).tolist() if c else [0] * K
-        step = max(1, chunk)
+        step = -(-K // -(-K // max(1, chunk))) if K else 1  # as many chunks as ``chunk`` needs, of even sizes
         p.cache[k] = [(a, min(K, a + step), max(last[a : a + step])) for a in range(0, K, step)]
     return p.cache[k]
 

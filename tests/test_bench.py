@@ -67,6 +67,7 @@ def test_block_attention_cost_script():
     assert diff < 1e-5
     assert re.search(r"sdpa, dense mask +forward +[\d.]+ ms", res.stdout)
     assert re.search(r"block attention +forward +[\d.]+ ms", res.stdout)
+    assert re.search(r"one product +forward +[\d.]+ ms", res.stdout)
     diffs = [float(x) for x in re.findall(r"largest output difference ([\d.e+-]+)", res.stdout)]
     assert len(diffs) == 2 and diffs[1] < 1e-5  # the clean pass's chunked causal attention agrees with sdpa's
     assert re.search(r"sdpa, causal +forward +[\d.]+ ms", res.stdout)
