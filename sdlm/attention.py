@@ -277,9 +277,10 @@ class _BlockAttention(torch.autograd.Function):
     keys and values sum over the heads themselves.
 
     The clean mask is a staircase: a block sees the clean keys before its start, and the blocks come in
-    order. So the rows are taken :data:`BLOCK_CHUNK` blocks at a time (:attr:`BlockLayout.chunk`), each
-    chunk over the clean keys up to the last one any of its rows sees: the scores past it, all masked,
-    are never computed (a block pass computes about 70% of the full clean scores, 63% of which are seen).
+    order. So the rows are taken at most :data:`BLOCK_CHUNK` blocks at a time (:attr:`BlockLayout.chunk`,
+    in chunks of even sizes), each chunk over the clean keys up to the last one any of its rows sees: the
+    scores past it, all masked, are never computed. (Over the default CPU recipe's first 20 steps, the
+    products compute 84% of the full clean scores; 61% are seen.)
     Scores and probabilities are kept in the inputs' dtype (the products round their outputs to it
     anyway; the softmax and its backward compute in float32 inside). The output and dQ are written in
     (B, T, H, d) memory order, the layout the model's output projection reads, and returned as
