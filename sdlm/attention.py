@@ -25,6 +25,7 @@ forward of the same model (decoding, evaluation) runs sdpa as before.
 from __future__ import annotations
 
 import contextvars
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,7 @@ _current: contextvars.ContextVar["BlockLayout | None"] = contextvars.ContextVar(
 
 
 BLOCK_CHUNK = 64
-"""Blocks per score product of :class:`_BlockAttention` (the default of :attr:`BlockLayout.chunk`)."""
+"""The most blocks per score product of :class:`_BlockAttention` (the default of :attr:`BlockLayout.chunk`)."""
 
 
 @dataclass
@@ -78,7 +79,8 @@ class BlockLayout:
     """False: the clean keys and values need no gradient (they come from a pass without one), so the
     backward pass skips their two products."""
     chunk: int = BLOCK_CHUNK
-    """Blocks per score product (:class:`_BlockAttention`): each product spans the clean keys its blocks see."""
+    """The most blocks per score product (:class:`_BlockAttention`): each product spans only the clean keys its
+    blocks see."""
 
     def to(self, device) -> "BlockLayout":
         parts = [BlockPart(p.c0, p.c1, p.b0, p.b1, p.clean_bias.to(device), p.prefix) for p in self.parts]
@@ -400,7 +402,8 @@ def _chunks(p: BlockPart, D: int, chunk: int) -> list[tuple[int, int, int]]:
         K = n // D
         seen = (p.clean_bias == 0).view(B, K, D, c).any(2).any(0)  # (K, c): a query of block k sees key j
         last = (seen * torch.arange(1, c + 1, device=seen.device)).amax(-1).tolist() if c else [0] * K
-        step = -(-K // -(-K // max(1, chunk))) if K else 1  # as many chunks as ``chunk`` needs, of even sizes
+        runs = max(1, math.ceil(K / max(1, chunk)))  # as few as ``chunk`` allows, then of even lengths
+        step = max(1, math.ceil(K / runs))
         p.cache[k] = [(a, min(K, a + step), max(last[a : a + step])) for a in range(0, K, step)]
     return p.cache[k]
 
