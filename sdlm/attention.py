@@ -308,23 +308,16 @@ class _BlockAttention(torch.autograd.Function):
                 own.masked_fill_(_later_in_block(g, D, query.device), float("-inf"))
             own = own.view(BH, K * gD, D)
             chunks = _chunks(p, D, layout.chunk)
-            o = prob_own = None
-            probs = []
+            outs, probs = [], []
             for k0, k1, cv in chunks:
                 r0, r1, w = k0 * gD, k1 * gD, D + cv
                 s = torch.baddbmm(ext[:, r0:r1, :w], q[:, r0:r1], kx[:, :w].transpose(1, 2), alpha=scaling)
                 s[..., :D] = own[:, r0:r1]
                 prob = torch.softmax(s, -1)
                 del s
-                if len(chunks) == 1:
-                    o, prob_own = prob @ vx[:, :w], prob[..., :D]
-                else:
-                    if o is None:
-                        o = q.new_empty(BH, K * gD, d)
-                        prob_own = q.new_empty(BH, K * gD, D)
-                    o[:, r0:r1] = prob @ vx[:, :w]
-                    prob_own[:, r0:r1] = prob[..., :D]
+                outs.append(prob @ vx[:, :w])
                 probs.append(prob)
+            o, prob_own = _joined(outs), _joined([prob[..., :D] for prob in probs])
             o.view(BH * K, gD, d).baddbmm_(prob_own.reshape(BH * K, gD, D), vb)
             out[:, p.b0 : p.b1] = o.view(B, Hkv, K, g, D, d).permute(0, 2, 4, 1, 3, 5).reshape(B, n, H, d)
             saved.append((q, kx, vx, chunks, probs, prob_own))
@@ -351,7 +344,7 @@ class _BlockAttention(torch.autograd.Function):
             vb = value[:, :, L + p.b0 : L + p.b1].reshape(BH * K, D, d)
             do = _stacked(grad_out[:, :, p.b0 : p.b1].to(key.dtype), Hkv, D)  # (BH, K·g·D, d)
             dp_own = torch.bmm(do.view(BH * K, gD, d), vb.transpose(1, 2)).view(BH, K * gD, D)
-            dqp = ds_own = None
+            dqs, ds_owns = [], []
             if clean:
                 gk, gv = kx.new_zeros(BH, c, d), vx.new_zeros(BH, c, d)
             for (k0, k1, cv), prob in zip(chunks, probs):
@@ -361,18 +354,12 @@ class _BlockAttention(torch.autograd.Function):
                 dp[..., :D] = dp_own[:, r0:r1]
                 ds = torch._softmax_backward_data(dp, prob, -1, prob.dtype)
                 del dp
-                if len(chunks) == 1:
-                    dqp, ds_own = ds @ kx[:, :w], ds[..., :D]
-                else:
-                    if dqp is None:
-                        dqp = q.new_empty(BH, K * gD, d)
-                        ds_own = q.new_empty(BH, K * gD, D)
-                    dqp[:, r0:r1] = ds @ kx[:, :w]
-                    ds_own[:, r0:r1] = ds[..., :D]
+                dqs.append(ds @ kx[:, :w])
+                ds_owns.append(ds[..., :D])
                 if clean and cv:
                     gk[:, :cv] += ds[..., D:].transpose(1, 2) @ q[:, r0:r1]
                     gv[:, :cv] += prob[..., D:].transpose(1, 2) @ do_c
-            ds_own = ds_own.reshape(BH * K, gD, D)
+            dqp, ds_own = _joined(dqs), _joined(ds_owns).reshape(BH * K, gD, D)
             dqp.view(BH * K, gD, d).baddbmm_(ds_own, kb)
             dq[:, p.b0 : p.b1] = dqp.view(B, Hkv, K, g, D, d).permute(0, 2, 4, 1, 3, 5).reshape(B, n, H, d) \
                 .mul_(scaling)
@@ -390,6 +377,12 @@ class _BlockAttention(torch.autograd.Function):
                     at += n_cols
         ctx.saved = None
         return dq.transpose(1, 2), dk, dv, None, None
+
+
+def _joined(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' row blocks (B·Hkv, rows, ·) of :class:`_BlockAttention` as one tensor along the rows: the
+    only block itself, or their concatenation."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, 1)
 
 
 def _chunks(p: BlockPart, D: int, chunk: int) -> list[tuple[int, int, int]]:

@@ -140,8 +140,8 @@ class TrainConfig:
     """With bf16 autocast: run the frozen base model wholly in bf16 inside the training step (its
     weights, so also the residual stream, norms and rotary embeddings), instead of float32 activations
     around bf16 matrix products, with its RMS norms and, inside the step, its rotary embeddings fused
-    (:func:`sdlm.train.fused.fuse_rms_norms`, :func:`sdlm.train.fused.rope_fusion`). The trainable weights (LoRA, the mask embedding), the optimizer and the loss stay float32; the
-    held-out loss is computed as the step computes it, and everything else (held-out tokens per
+    (:func:`sdlm.train.fused.fuse_rms_norms`, :func:`sdlm.train.fused.rope_fusion`). The trainable weights
+    (LoRA, the mask embedding), the optimizer and the loss stay float32; the held-out loss is computed as the step computes it, and everything else (held-out tokens per
     forward, the exported adapter) sees the float32 base, kept unchanged beside a bf16 copy of the
     frozen weights (2 more bytes per parameter). Not the same numbers as
     autocast's: activations are rounded to bf16 between layers (tested to be close; measured to learn
