@@ -200,9 +200,23 @@ def test_killed_run_resumes_to_the_same_end(tmp_path, retrofit):
     assert (tmp_path / "a" / "run" / "metrics.png").is_file()
     import statistics
 
-    assert summary["steps_run"] == 12 and summary["step"] == 12
+    assert summary["steps_run"] == 12 and summary["step"] == 12 and isinstance(summary["bf16"], bool)
     assert summary["median_block_tokens_per_s"] == pytest.approx(statistics.median(r["block_tokens_per_s"] for r in steps), abs=0.06)
     assert summary["median_sample_tokens_per_s"] == pytest.approx(statistics.median(r["sample_tokens_per_s"] for r in steps), abs=0.06)
+
+
+def test_a_cpu_without_bf16_trains_in_float32_and_says_so(tmp_path, monkeypatch, caplog):
+    import sdlm.train.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "_bf16_supported", lambda device: False)
+    with caplog.at_level("WARNING", logger=trainer_mod.__name__):
+        tr = Trainer(tiny(tmp_path, steps=1, save_every=0, eval_every=0, bf16=None))  # the recipe leaves it to the CPU
+    assert not tr.bf16 and any("no native bf16" in r.getMessage() for r in caplog.records)
+    assert tr.run(progress=False)["bf16"] is False
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=trainer_mod.__name__):
+        tr = Trainer(tiny(tmp_path / "chosen", steps=1, bf16=False))  # the recipe's own choice: no warning
+    assert not tr.bf16 and not any("bf16" in r.getMessage() for r in caplog.records)
 
 
 def test_tiny_recipe_learns_and_decodes(tmp_path):

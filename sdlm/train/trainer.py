@@ -362,6 +362,10 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fused_adamw(params))
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
+        if cfg.bf16 is None and not self.bf16 and self.sdlm.device.type == "cpu":
+            logger.warning("this CPU has no native bf16 instructions (avx512_bf16 or amx_bf16): the step runs in "
+                           "float32, slower than with bf16 autocast on a CPU that has them (bf16: false in the "
+                           "recipe, or --set bf16=false, says so and silences this)")
         on_cpu = self.sdlm.device.type == "cpu"  # the default of the settings measured on CPUs only
         want = cfg.bf16_base if cfg.bf16_base is not None else on_cpu
         self.bf16_base = bool(self.bf16 and want and cfg.retrofit != "full")
@@ -534,9 +538,9 @@ class Trainer:
         if main:
             _plot(metrics_path, self.out / "metrics.png")
         dist.barrier()
-        speed = {}
+        speed = {"bf16": self.bf16}  # what the speed figures below were measured with
         if rates:  # the run's speed: the median over the steps it ran (one step's figure wanders by +-10%)
-            speed = {"steps_run": len(rates),
+            speed |= {"steps_run": len(rates),
                      "median_block_tokens_per_s": round(statistics.median(r for r, _ in rates), 1),
                      "median_sample_tokens_per_s": round(statistics.median(r for _, r in rates), 1)}
         return {"final": str(final), **last, **speed}
