@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -65,7 +64,7 @@ def main() -> int:
     import torch
 
     from sdlm.adapter import unfused_lora
-    from sdlm.cpu import packed_layers, packing_off
+    from sdlm.cpu import describe as describe_cpu, packed_layers, packing_off
     from sdlm.decode import Decoder, GenerationConfig, encode_prompt
     from sdlm.model import SDLM
 
@@ -125,7 +124,7 @@ def main() -> int:
         for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup")):
             if k.endswith(variant) and k[: -len(variant)] in results:
                 r[key] = round(results[k[: -len(variant)]]["median_tokens_per_second"] / r["median_tokens_per_second"], 2)
-    cpu = platform.processor() or platform.machine()
+    cpu = describe_cpu()
     device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else cpu
     out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}

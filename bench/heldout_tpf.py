@@ -75,6 +75,7 @@ def main() -> int:
     import torch
 
     from sdlm.distill import _encode
+    from sdlm.cpu import describe as describe_cpu
     from sdlm.model import SDLM
     from sdlm.tpf import summarize, tokens_per_forward
     from sdlm.tree import parse_tree
@@ -108,7 +109,7 @@ def main() -> int:
     results["overall"] = {D: round(sum(x["new_tokens"] for x in v) / sum(x["new_tokens"] / x["tokens_per_forward"] for x in v), 3)
                           for D, v in allr.items()}
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["machine"] = f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+    results["machine"] = f"{describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
     print(json.dumps(results["overall"]))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import platform
 
 import torch
 
@@ -89,6 +90,39 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none, as off Linux)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16``). Without them bf16 matrix
+    products are emulated, several times slower than float32 (7x on a 2-core AVX2 EPYC)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def describe() -> str:
+    """This CPU for a benchmark's record: its model name, the vector instructions PyTorch uses on it and
+    whether it has native bf16, e.g. ``AMD EPYC (AVX2, no native bf16)``."""
+    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        isa = "vector instructions unknown"
+    return f"{name} ({isa}, {'native bf16' if native_bf16() else 'no native bf16'})"
 
 
 def room_for(need: int) -> tuple[bool, int | None]:

@@ -138,3 +138,25 @@ def test_load_keeps_the_stored_weights_when_memory_is_short(tmp_path, monkeypatc
     assert packed_layers(SDLM.load(str(path), prepack=True).model)  # asked for: packed anyway
     monkeypatch.setattr(cpu, "available_memory", lambda: 2 * need)
     assert packed_layers(SDLM.load(str(path)).model)
+
+
+@pytest.mark.parametrize("flags, bf16", [("fpu sse avx2 fma", False), ("avx2 avx512f avx512_bf16", True),
+                                         ("avx2 amx_bf16 amx_tile", True), ("", False)])
+def test_cpu_description_names_the_cpu_and_its_bf16(monkeypatch, flags, bf16):
+    import sdlm.cpu as cpu
+    import sdlm.train.trainer as trainer_mod
+
+    info = {"model name": "Some CPU 9000", "flags": flags} if flags else {}
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: info)
+    assert cpu.native_bf16() is bf16 and trainer_mod._bf16_supported("cpu") is bf16
+    text = cpu.describe()
+    assert text.endswith(f"{'native bf16' if bf16 else 'no native bf16'})")
+    assert text.startswith("Some CPU 9000 (" if flags else "") and torch.backends.cpu.get_cpu_capability() in text
+
+
+def test_cpuinfo_reads_this_machine():
+    import sdlm.cpu as cpu
+
+    info = cpu._cpuinfo()
+    if info:  # Linux: the first processor's fields
+        assert "flags" in info and cpu.native_bf16() is bool({"avx512_bf16", "amx_bf16"} & set(info["flags"].split()))

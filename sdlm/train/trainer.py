@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..adapter import AdapterConfig, attach
 from ..attention import use_block_attention
+from ..cpu import native_bf16
 from ..errors import SDLMError
 from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
@@ -1068,14 +1069,9 @@ def _fused_adamw(params: list[torch.Tensor]) -> bool | None:
 def _bf16_supported(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    # Without native bf16 instructions, CPU bf16 matmuls are emulated: measured 120x slower than
-    # fp32 on an AVX2-only machine. Autocast only where the CPU has them.
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    # Without native bf16 instructions, CPU bf16 matmuls are emulated, several times slower than
+    # float32: autocast only where the CPU has them.
+    return native_bf16()
 
 
 def _plot(metrics: Path, png: Path) -> None:
