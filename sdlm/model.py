@@ -30,6 +30,16 @@ MASK_TOKEN = "<|mask|>"
 CONFIG_KEY = "sdlm"  # the SDLM settings live under this key in the model's config.json
 
 
+def _native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` natively (bf16: ``avx512_bf16`` or AMX; fp16: ``avx512_fp16`` or
+    AMX-FP16)."""
+    from .cpu import _cpuinfo, native_bf16
+
+    if dtype == torch.bfloat16:
+        return native_bf16()
+    return bool(set(_cpuinfo().get("flags", "").split()) & {"avx512_fp16", "amx_fp16"})
+
+
 @dataclass
 class SDLMConfig:
     """SDLM settings saved with every retrofitted checkpoint (``config.json`` key ``sdlm``)."""
@@ -130,6 +140,10 @@ class SDLM:
         in half the memory still available. Pass False for a model that will train.
         """
         sdlm = cls._load(name, dtype, device, quiet)
+        if dtype in (torch.bfloat16, torch.float16) and sdlm.device.type == "cpu" and not _native(dtype):
+            logger.warning("this CPU has no native %s instructions: its %s products are emulated, several times "
+                           "slower than float32 (load in float32, --dtype float32, on this CPU)",
+                           "bf16" if dtype == torch.bfloat16 else "fp16", str(dtype).removeprefix("torch."))
         sdlm._prepack_if(prepack)
         return sdlm
 

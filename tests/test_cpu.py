@@ -160,3 +160,16 @@ def test_cpuinfo_reads_this_machine():
     info = cpu._cpuinfo()
     if info:  # Linux: the first processor's fields
         assert "flags" in info and cpu.native_bf16() is bool({"avx512_bf16", "amx_bf16"} & set(info["flags"].split()))
+
+
+@pytest.mark.parametrize("flags", ["avx2 fma", "avx2 avx512_bf16"])
+def test_loading_in_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog, flags):
+    import sdlm.cpu as cpu
+    from sdlm.model import SDLM
+
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"flags": flags})
+    with caplog.at_level("WARNING", logger="sdlm.model"):
+        SDLM.load("random:llama", dtype=torch.bfloat16, quiet=True, prepack=False)
+        SDLM.load("random:llama", quiet=True, prepack=False)  # float32: nothing to say
+    said = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(said) == (0 if "bf16" in flags else 1)

@@ -217,6 +217,9 @@ def test_a_cpu_without_bf16_trains_in_float32_and_says_so(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger=trainer_mod.__name__):
         tr = Trainer(tiny(tmp_path / "chosen", steps=1, bf16=False))  # the recipe's own choice: no warning
     assert not tr.bf16 and not any("bf16" in r.getMessage() for r in caplog.records)
+    with caplog.at_level("WARNING", logger=trainer_mod.__name__):
+        tr = Trainer(tiny(tmp_path / "forced", steps=1, bf16=True))  # asked for: done, with the cost named
+    assert tr.bf16 and any("emulated" in r.getMessage() for r in caplog.records)
 
 
 def test_tiny_recipe_learns_and_decodes(tmp_path):
