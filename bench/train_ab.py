@@ -23,7 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+
 from sdlm.cli import parse_overrides  # noqa: E402
+from sdlm.cpu import describe as describe_cpu  # noqa: E402
 from sdlm.train.trainer import TrainConfig, Trainer  # noqa: E402
 from train_fixed_steps import rate  # noqa: E402
 
@@ -51,6 +54,9 @@ def main() -> None:
         r = rates[name]
         print(f"{name} {' '.join(sets) or '(recipe)'}: trained block tokens/s " + " ".join(f"{x:.1f}" for x in r)
               + f", median {statistics.median(r):.1f}")
+    dev = trainers["A"].sdlm.device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{describe_cpu()}, {torch.get_num_threads()} threads"
+    print(f"machine: {where}, torch {torch.__version__}")
     ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
     print(f"B/A per repetition " + " ".join(f"{x:.3f}" for x in ratios) + f", median {statistics.median(ratios):.3f}",
           flush=True)

@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sdlm.cli import parse_overrides  # noqa: E402
+from sdlm.cpu import describe as describe_cpu  # noqa: E402
 from sdlm.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def main() -> None:
 
 def header(args, tr: Trainer, cuda: bool) -> str:
     return (
-        f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), "
+        f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else describe_cpu()}, {torch.get_num_threads()} threads), "
         f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, "
         f"compiled {tr.cfg.compile}, prep workers {tr.prep_workers}, "
         f"attention {tr.attention} (sdpa kernel {tr.cfg.sdpa_backend}), fused LoRA {tr.fused_lora}, "
