@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from .attention import BlockLayout, CausalSegments, active
+from .cpu import native
 from .errors import SDLMError
 from .io import atomic_dir
 from .layout import StepLayout
@@ -28,16 +29,6 @@ logger = logging.getLogger(__name__)
 
 MASK_TOKEN = "<|mask|>"
 CONFIG_KEY = "sdlm"  # the SDLM settings live under this key in the model's config.json
-
-
-def _native(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` natively (bf16: ``avx512_bf16`` or AMX; fp16: ``avx512_fp16`` or
-    AMX-FP16)."""
-    from .cpu import _cpuinfo, native_bf16
-
-    if dtype == torch.bfloat16:
-        return native_bf16()
-    return bool(set(_cpuinfo().get("flags", "").split()) & {"avx512_fp16", "amx_fp16"})
 
 
 @dataclass
@@ -140,7 +131,7 @@ class SDLM:
         in half the memory still available. Pass False for a model that will train.
         """
         sdlm = cls._load(name, dtype, device, quiet)
-        if dtype in (torch.bfloat16, torch.float16) and sdlm.device.type == "cpu" and not _native(dtype):
+        if dtype in (torch.bfloat16, torch.float16) and sdlm.device.type == "cpu" and not native(dtype):
             logger.warning("this CPU has no native %s instructions: its %s products are emulated, several times "
                            "slower than float32 (load in float32, --dtype float32, on this CPU)",
                            "bf16" if dtype == torch.bfloat16 else "fp16", str(dtype).removeprefix("torch."))

@@ -149,6 +149,7 @@ def test_cpu_description_names_the_cpu_and_its_bf16(monkeypatch, flags, bf16):
     info = {"model name": "Some CPU 9000", "flags": flags} if flags else {}
     monkeypatch.setattr(cpu, "_cpuinfo", lambda: info)
     assert cpu.native_bf16() is bf16 and trainer_mod._bf16_supported("cpu") is bf16
+    assert cpu.native(torch.bfloat16) is bf16 and cpu.native(torch.float32) and not cpu.native(torch.float16)
     text = cpu.describe()
     assert text.endswith(f"{'native bf16' if bf16 else 'no native bf16'})")
     assert text.startswith("Some CPU 9000 (" if flags else "") and torch.backends.cpu.get_cpu_capability() in text
@@ -162,7 +163,7 @@ def test_cpuinfo_reads_this_machine():
         assert "flags" in info and cpu.native_bf16() is bool({"avx512_bf16", "amx_bf16"} & set(info["flags"].split()))
 
 
-@pytest.mark.parametrize("flags", ["avx2 fma", "avx2 avx512_bf16"])
+@pytest.mark.parametrize("flags", ["avx2 fma", "avx2 avx512_bf16 avx512_fp16"])
 def test_loading_in_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog, flags):
     import sdlm.cpu as cpu
     from sdlm.model import SDLM
@@ -170,6 +171,7 @@ def test_loading_in_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog, flags):
     monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"flags": flags})
     with caplog.at_level("WARNING", logger="sdlm.model"):
         SDLM.load("random:llama", dtype=torch.bfloat16, quiet=True, prepack=False)
+        SDLM.load("random:llama", dtype=torch.float16, quiet=True, prepack=False)
         SDLM.load("random:llama", quiet=True, prepack=False)  # float32: nothing to say
     said = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
-    assert len(said) == (0 if "bf16" in flags else 1)
+    assert len(said) == (0 if "bf16" in flags else 2)

@@ -545,8 +545,8 @@ class Trainer:
         speed = {"bf16": self.bf16}  # what the speed figures below were measured with
         if rates:  # the run's speed: the median over the steps it ran (one step's figure wanders by +-10%)
             speed |= {"steps_run": len(rates),
-                     "median_block_tokens_per_s": round(statistics.median(r for r, _ in rates), 1),
-                     "median_sample_tokens_per_s": round(statistics.median(r for _, r in rates), 1)}
+                      "median_block_tokens_per_s": round(statistics.median(r for r, _ in rates), 1),
+                      "median_sample_tokens_per_s": round(statistics.median(r for _, r in rates), 1)}
         return {"final": str(final), **last, **speed}
 
     def train_step(self) -> dict:
