@@ -131,10 +131,9 @@ class SDLM:
         in half the memory still available. Pass False for a model that will train.
         """
         sdlm = cls._load(name, dtype, device, quiet)
-        if dtype in (torch.bfloat16, torch.float16) and sdlm.device.type == "cpu" and not native(dtype):
-            logger.warning("this CPU has no native %s instructions: its %s products are emulated, several times "
-                           "slower than float32 (load in float32, --dtype float32, on this CPU)",
-                           "bf16" if dtype == torch.bfloat16 else "fp16", str(dtype).removeprefix("torch."))
+        if sdlm.device.type == "cpu" and not native(dtype):
+            logger.warning("this CPU has no native instructions for %s: its products are emulated, several times "
+                           "slower than float32 (load in float32, --dtype float32, on this CPU)", dtype)
         sdlm._prepack_if(prepack)
         return sdlm
 

@@ -363,14 +363,16 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fused_adamw(params))
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(cfg.device)
-        if cfg.bf16 and self.sdlm.device.type == "cpu" and not _bf16_supported("cpu"):
-            logger.warning("bf16: true on a CPU without native bf16 instructions (avx512_bf16 or amx_bf16): its bf16 "
-                           "products are emulated, several times slower than float32 (bf16: false is faster here)")
-        if cfg.bf16 is None and not self.bf16 and self.sdlm.device.type == "cpu":
-            logger.warning("this CPU has no native bf16 instructions (avx512_bf16 or amx_bf16): the step runs in "
-                           "float32, slower than with bf16 autocast on a CPU that has them (bf16: false in the "
-                           "recipe, or --set bf16=false, says so and silences this)")
         on_cpu = self.sdlm.device.type == "cpu"  # the default of the settings measured on CPUs only
+        if on_cpu and cfg.bf16 is not False and not _bf16_supported("cpu"):
+            if cfg.bf16:
+                logger.warning("bf16: true on a CPU without native bf16 instructions (avx512_bf16 or amx_bf16): its "
+                               "bf16 products are emulated, several times slower than float32 (bf16: false is "
+                               "faster here)")
+            else:
+                logger.warning("this CPU has no native bf16 instructions (avx512_bf16 or amx_bf16): the step runs in "
+                               "float32, slower than with bf16 autocast on a CPU that has them (bf16: false in the "
+                               "recipe, or --set bf16=false, says so and silences this)")
         want = cfg.bf16_base if cfg.bf16_base is not None else on_cpu
         self.bf16_base = bool(self.bf16 and want and cfg.retrofit != "full")
         self._base16 = FrozenBF16(self.sdlm.model) if self.bf16_base else None
