@@ -902,7 +902,9 @@ def test_train_profile_script(tmp_path):
     prof = subprocess.run(base + ["--out", str(tmp_path / "prof.txt")], capture_output=True, text=True, cwd=root)
     assert prof.returncode == 0, prof.stderr
     report = (tmp_path / "prof.txt").read_text()
-    assert "1 profiled steps" in report and "aten::" in report and "profiler overhead included" in report
+    assert "1 profiled steps" in report and "profiler overhead included" in report
+    # the operator table (which operators make its top rows depends on the CPU's timing: not asserted)
+    assert "# of Calls" in report and "Self CPU time total" in report
     timed = subprocess.run(base + ["--no-profiler"], capture_output=True, text=True, cwd=root)
     assert timed.returncode == 0, timed.stderr
     assert "1 timed steps" in timed.stdout and "bf16 weight copies False" in timed.stdout
