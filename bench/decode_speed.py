@@ -16,6 +16,13 @@ their shorter inference path (``sdlm.adapter.fuse_gated_inference``; rows ``MODE
 With ``--batch-size B`` > 1 every mode decodes the prompts B at a time (sdlm.batched) and the speed
 is the throughput: all new tokens over the wall time of all batches.
 
+``--interleave`` decodes one prompt at a time in every mode in turn (the order rotated from prompt to
+prompt) instead of one mode over all prompts, so that a machine whose speed drifts over minutes slows
+every mode alike; each mode then also gets the median over prompts of its speed ratio to ``ar`` on the
+same prompt, the figure to compare modes by on a noisy machine.
+
+    python bench/decode_speed.py --n 8 --modes ar speculative:4 speculative:4:chain:draft0.2 --interleave
+
 With ``--temperature`` > 0 every mode samples with the same seed per prompt. A tree
 (``speculative:D:auto``) then draws what ``ar`` draws (the same output); the chain samples by the
 rejection rule and draws differently (its output is distributed as ``ar``'s, but not the same text).
@@ -43,7 +50,8 @@ def main() -> int:
                     help="ar, speculative:D, speculative:D:TREE (a draft tree: auto, or widths like 3,2,1), "
                          "confidence:D:tau, confidence:D:tau:causal (the model's own first token), "
                          "confidence:D:tau:verify (slots below tau verified next step); a last part draftP "
-                         "(speculative:4:chain:draft0.1) verifies only drafts above probability P")
+                         "(speculative:4:chain:draft0.1) verifies only the leading drafts whose joint probability is above P "
+                         "(draft0: every draft; without it, the device's default)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     ap.add_argument("--batch-size", type=int, default=1, help="decode this many prompts together")
@@ -58,14 +66,20 @@ def main() -> int:
     ap.add_argument("--also-unfused", action="store_true",
                     help="run every mode twice, with the gated LoRA layers' inference path and with peft's own "
                          "forward (rows 'MODE unfused'), in one run")
+    ap.add_argument("--interleave", action="store_true",
+                    help="one prompt at a time, every mode in turn (order rotated per prompt), so that the machine's "
+                         "drift over minutes hits every mode alike; adds the median over prompts of each prompt's "
+                         "speed ratio to ar's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.interleave and args.batch_size > 1:
+        ap.error("--interleave times one prompt at a time: drop --batch-size")
 
     import torch
 
     from sdlm.adapter import unfused_lora
     from sdlm.cpu import describe as describe_cpu, packed_layers, packing_off
-    from sdlm.decode import Decoder, GenerationConfig, encode_prompt
+    from sdlm.decode import Decoder, GenerationConfig, draft_threshold_for, encode_prompt
     from sdlm.model import SDLM
 
     sdlm = SDLM.load(args.model, dtype=getattr(torch, args.dtype), device=args.device, quiet=True,
@@ -86,33 +100,59 @@ def main() -> int:
     variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else [])
     runs = [(spec, v) for spec in args.modes for v in variants if not (spec == "hf" and v)]
     switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora}
+    label = lambda spec, variant: f"{spec} {variant}" if variant else spec  # noqa: E731
+    configs = {}
     for spec, variant in runs:
         parts = spec.split(":")
         mode = parts[0]
-        label = f"{spec} {variant}" if variant else spec
         if mode == "hf":
             if args.temperature > 0 or args.batch_size > 1:
                 raise SystemExit("mode hf is the greedy one-prompt baseline: drop it, or --temperature / --batch-size")
-            gens = [hf_generate(sdlm, p, args.max_new_tokens) for p in prompts]
-            wall = sum(g.seconds for g in gens)
-        else:
-            cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens,
-                                   block_size=int(parts[1]) if len(parts) > 1 else None,
-                                   threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
-                                   tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
-                                   first_token="causal" if "causal" in parts[3:] else "block", verify="verify" in parts[3:],
-                                   draft_threshold=next((float(x[5:]) for x in parts[3:] if x.startswith("draft")), 0.0),
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-            with switch[variant]():
-                gens, wall = run_mode(sdlm, cfg, prompts, args.batch_size)
-        outputs[label] = [g.tokens for g in gens]
-        speed = (sum(g.new_tokens for g in gens) / wall if args.batch_size > 1
+            configs[label(spec, variant)] = None
+            continue
+        configs[label(spec, variant)] = GenerationConfig(
+            mode=mode, max_new_tokens=args.max_new_tokens,
+            block_size=int(parts[1]) if len(parts) > 1 else None,
+            threshold=float(parts[2]) if len(parts) > 2 and mode == "confidence" else 0.9,
+            tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
+            first_token="causal" if "causal" in parts[3:] else "block", verify="verify" in parts[3:],
+            draft_threshold=next((float(x[5:]) for x in parts[3:] if x.startswith("draft")), None),
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+    def run(spec, variant, chunk):
+        """Decode ``chunk`` (prompts) in one mode; returns the generations and the wall time."""
+        cfg = configs[label(spec, variant)]
+        if cfg is None:
+            gens = [hf_generate(sdlm, p, args.max_new_tokens) for p in chunk]
+            return gens, sum(g.seconds for g in gens)
+        with switch[variant]():
+            return run_mode(sdlm, cfg, chunk, args.batch_size)
+
+    gens_of = {label(s, v): [] for s, v in runs}
+    if args.interleave:  # prompt by prompt, every mode in turn (the order rotated), so drift hits all alike
+        for i, p in enumerate(prompts):
+            for spec, variant in runs[i % len(runs):] + runs[: i % len(runs)]:
+                gens_of[label(spec, variant)] += run(spec, variant, [p])[0]
+        walls = {k: sum(g.seconds for g in gs) for k, gs in gens_of.items()}
+    else:
+        walls = {}
+        for spec, variant in runs:
+            gens_of[label(spec, variant)], walls[label(spec, variant)] = run(spec, variant, prompts)
+    for key, gens in gens_of.items():
+        outputs[key] = [g.tokens for g in gens]
+        speed = (sum(g.new_tokens for g in gens) / walls[key] if args.batch_size > 1
                  else statistics.median(g.tokens_per_second for g in gens))
-        results[label] = {
+        results[key] = {
             "median_tokens_per_second": round(speed, 2),
             "tokens_per_forward": round(sum(g.new_tokens for g in gens) / sum(g.forwards for g in gens), 3),
             "new_tokens": sum(g.new_tokens for g in gens),
         }
+        if configs[key] is not None and configs[key].drafting:  # the threshold in force (a device's default)
+            results[key]["draft_threshold"] = draft_threshold_for(configs[key], sdlm.device)
+    if args.interleave and "ar" in gens_of:  # per prompt against ar's run of the same prompt, then the median
+        for key, gens in gens_of.items():
+            results[key]["median_prompt_ratio_vs_ar"] = round(statistics.median(
+                g.tokens_per_second / a.tokens_per_second for g, a in zip(gens, gens_of["ar"])), 3)
     ar_tokens = outputs.get("ar")
     for spec, r in results.items():
         same = None if ar_tokens is None else sum(a == b for a, b in zip(outputs[spec], ar_tokens))
@@ -129,7 +169,7 @@ def main() -> int:
     out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
            if args.temperature > 0 else "greedy",
-           "batch_size": args.batch_size,
+           "batch_size": args.batch_size, "interleaved": args.interleave,
            "prepacked_linears": packed,
            "speed": "throughput (all tokens / wall time)" if args.batch_size > 1 else "median over prompts",
            "machine": f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -138,7 +178,8 @@ def main() -> int:
         print(f"{k:27s} {r['median_tokens_per_second']:7.2f} tok/s  x{r['speed_vs_ar']}  "
               f"{r['tokens_per_forward']:.2f} tok/forward  same as ar: {r['same_output_as_ar']}"
               + (f"  packed x{r['packed_speedup']}" if "packed_speedup" in r else "")
-              + (f"  fused x{r['fused_speedup']}" if "fused_speedup" in r else ""))
+              + (f"  fused x{r['fused_speedup']}" if "fused_speedup" in r else "")
+              + (f"  per-prompt ratio to ar x{r['median_prompt_ratio_vs_ar']}" if "median_prompt_ratio_vs_ar" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -69,8 +69,15 @@ def main() -> int:
     ap.add_argument("--tree", default=None,
                     help="measure the draft-tree decoder (sdlm.tree): auto (the model's calibrated trees), widths "
                          "like 3,2,1, or a JSON file of rank paths; default: the chain")
+    ap.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
+                    help="the chain decoder offering only the leading drafts whose joint probability is above P "
+                         "(GenerationConfig.draft_threshold; decoding on a CPU defaults to 0.1); default 0: every draft")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.draft_threshold and args.tree:
+        ap.error("--draft-threshold is for the chain of drafts: drop it or --tree")
+    if not 0.0 <= args.draft_threshold < 1.0:
+        ap.error("--draft-threshold must be in [0, 1)")
 
     import torch
 
@@ -87,7 +94,8 @@ def main() -> int:
 
     sdlm = SDLM.load(args.model, quiet=True)
     tok = sdlm.tokenizer
-    results = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens, "sets": {}}
+    results = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens,
+               "draft_threshold": args.draft_threshold, "sets": {}}
     trees = {D: parse_tree(args.tree, sdlm.config.draft_trees, D) for D in args.block_sizes}
     if args.tree:
         results["trees"] = {D: {"paths": t.to_json(), "nodes": len(t), "tokens_per_step": 1 + len(t) + (len(t) + 1) * D}
@@ -100,7 +108,8 @@ def main() -> int:
             for r in rows:
                 prompt = _encode(tok, r["messages"][:-1])
                 out = r["answer_ids"]
-                res.append(tokens_per_forward(sdlm, prompt, out, D, max_new_tokens=args.max_new_tokens, tree=trees[D]))
+                res.append(tokens_per_forward(sdlm, prompt, out, D, max_new_tokens=args.max_new_tokens, tree=trees[D],
+                                              draft_threshold=args.draft_threshold))
             s = summarize(res)
             results["sets"][name][D] = {"tokens_per_forward": round(s["tokens_per_forward"], 3),
                                         "prompts": s["prompts"], "new_tokens": s["new_tokens"]}

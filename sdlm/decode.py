@@ -68,14 +68,15 @@ class GenerationConfig:
     away. A committed token is then either the model's own or a confident block prediction; at
     threshold 1 the output is exactly ``speculative``'s. ``first_token`` does not apply (the first
     token of a step is always the model's own)."""
-    draft_threshold: float = 0.0
+    draft_threshold: float | None = None
     """Steps with drafts (``speculative``, ``confidence`` with ``verify``; chain, not tree): verify only
-    the longest prefix of the new drafts whose slot's top probability is above this (greedy: the
-    draft's own probability). Unlikely drafts are rarely accepted, and dropping them makes the next
-    forward smaller (each draft verified adds itself and a candidate block of D tokens). The output
-    is unchanged: greedy, only fewer drafts are offered; sampled, how many are offered does not
-    depend on the tokens drawn, so speculative sampling keeps AR sampling's distribution. 0 offers
-    every draft (the default)."""
+    the longest prefix of the new drafts whose joint probability, the product of their slots' top
+    probabilities (greedy: the drafts' own), stays above this. Unlikely drafts are rarely accepted, and
+    dropping them makes the next forward smaller (each draft verified adds itself and a candidate
+    block of D tokens). The output is unchanged: greedy, only fewer drafts are offered; sampled, how
+    many are offered does not depend on the tokens drawn, so speculative sampling keeps AR sampling's
+    distribution. 0 offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` on a CPU,
+    where a forward's cost grows with its tokens, and 0 on other devices."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -120,13 +121,13 @@ class GenerationConfig:
                             "drop --verify or use --mode confidence")
         if self.block_size is not None and self.block_size < 1:
             raise SDLMError(f"block size must be >= 1, got {self.block_size}: use --block-size 4 (or any D >= 1)")
-        if not 0.0 <= self.draft_threshold < 1.0:
+        if self.draft_threshold is not None and not 0.0 <= self.draft_threshold < 1.0:
             raise SDLMError(f"draft threshold must be in [0, 1), got {self.draft_threshold}: try --draft-threshold 0.1 "
                             "(0 = verify every draft)")
-        if self.draft_threshold > 0 and not self.drafting:
+        if self.draft_threshold and not self.drafting:
             raise SDLMError("a draft threshold is for the modes with drafts (speculative, confidence --verify): "
                             "drop --draft-threshold or change --mode")
-        if self.draft_threshold > 0 and self.wants_tree:
+        if self.draft_threshold and self.wants_tree:
             raise SDLMError("a draft threshold is for the chain of drafts; a tree has its own shape (--tree): "
                             "drop one of --draft-threshold and --tree")
         if not 0.0 <= self.threshold <= 1.0:
@@ -199,6 +200,34 @@ class Generation:
         }
 
 
+CPU_DRAFT_THRESHOLD = 0.1
+"""The draft threshold (:attr:`GenerationConfig.draft_threshold`) of decoding on a CPU. There a forward's
+cost grows with its tokens (on a 2-core AVX2 CPU, float32, the default model: 69 ms for 1 token, 112 ms
+for 5, 147 ms for 20, 300 ms for 72), and dropping the drafts below 0.1 was measured faster than
+offering every draft (``bench/results/draft-threshold-replay-cpu-avx2.txt``; README). Elsewhere
+(a GPU running a small model) a forward's cost hardly grows with its tokens, and every draft is
+offered."""
+
+
+def draft_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
+    """The draft threshold a decoder uses: the config's, or by default :data:`CPU_DRAFT_THRESHOLD` for
+    chain drafts on a CPU and 0 otherwise (no drafts, a draft tree, another device)."""
+    if config.draft_threshold is not None:
+        return config.draft_threshold
+    if not config.drafting or config.wants_tree or torch.device(device).type != "cpu":
+        return 0.0
+    return CPU_DRAFT_THRESHOLD
+
+
+def likely_drafts(top_probs: torch.Tensor, threshold: float) -> int:
+    """How many leading drafts to offer: the longest prefix whose joint probability, the product of
+    the slots' top probabilities ``top_probs``, stays strictly above ``threshold``.
+
+    The top probability (the greedy draft's own), never the drawn token's: how many drafts are offered
+    then does not depend on the draws, and speculative sampling stays exact."""
+    return confident_run(torch.cumprod(top_probs.float(), 0), threshold)
+
+
 class Decoder:
     """Decode prompts with one SDLM under one :class:`GenerationConfig`."""
 
@@ -225,6 +254,7 @@ class Decoder:
         # steps with drafts read the logits of few of their rows (the causal ones, then one block): the LM
         # head runs on those only, where the model's logits are its LM head's output
         self._plain_head = config.drafting and _plain_head(sdlm)
+        self.draft_threshold = draft_threshold_for(config, sdlm.device)
         self.tree = None
         if config.mode == "speculative":
             from .tree import parse_tree
@@ -376,10 +406,8 @@ class Decoder:
             # slots 1.. assumed the block's own slot 0: they follow only where it is the committed token
             if c and int(self.sampler.ranked(block(a, 0, 1), 1)[0, 0]) == bonus:
                 sure, drafts, q = drafts[:c], drafts[c:], q[c:]
-        if self.config.draft_threshold > 0:  # offer only the drafts likely enough to be accepted
-            # by each slot's top probability (the greedy draft's own), never by which token was drawn: how
-            # many drafts are offered then does not depend on the draws, and speculative sampling stays exact
-            keep = confident_run(q.max(-1).values, self.config.draft_threshold)
+        if self.draft_threshold > 0:  # offer only the drafts likely enough to be accepted
+            keep = likely_drafts(q.max(-1).values, self.draft_threshold)
             drafts, q = drafts[:keep], q[:keep]
         return sure, drafts, q
 

@@ -92,6 +92,20 @@ def block_drafts(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, ch
     return torch.cat(out) if out else torch.empty((0, block_size), dtype=torch.long)
 
 
+def block_drafts_and_probs(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int,
+                           chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_drafts` and each prediction's probability (the slot's top probability), (n_blocks, D)
+    each: what a draft threshold (:attr:`sdlm.decode.GenerationConfig.draft_threshold`) reads."""
+    toks, probs = [], []
+    for lg in _block_logits(sdlm, seq, first, block_size, chunk):
+        q, t = lg.softmax(-1).max(-1)
+        toks.append(t.cpu())
+        probs.append(q.cpu())
+    if not toks:
+        return torch.empty((0, block_size), dtype=torch.long), torch.empty((0, block_size))
+    return torch.cat(toks), torch.cat(probs)
+
+
 def block_topk(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, k: int, chunk: int = 64) -> torch.Tensor:
     """Like :func:`block_drafts`, the ``k`` best predictions of every slot, best first: (n_blocks, D, k)."""
     out = [lg.topk(k, -1).indices.cpu() for lg in _block_logits(sdlm, seq, first, block_size, chunk)]
@@ -99,7 +113,8 @@ def block_topk(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, k: i
 
 
 def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_tokens: int | None = None,
-           tree: "DraftTree | None" = None) -> TPF:
+           tree: "DraftTree | None" = None, top_probs: torch.Tensor | None = None,
+           draft_threshold: float = 0.0) -> TPF:
     """Replay SPEC §3.2's greedy accept rule over precomputed block drafts.
 
     ``seq`` is prompt + greedy output; ``drafts`` from :func:`block_drafts`
@@ -107,7 +122,10 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
     (default: the output length), which bounds the drafts near the end.
     With a draft ``tree`` (:mod:`sdlm.tree`), ``drafts`` are ranked predictions
     (n_blocks, D, K) from :func:`block_topk` with K >= the tree's widest slot.
+    With a ``draft_threshold`` > 0, a step offers only the drafts the decoder offers under it
+    (:func:`sdlm.decode.likely_drafts` of ``top_probs``, from :func:`block_drafts_and_probs`).
     """
+    from .decode import likely_drafts
     from .tree import tree_accept
 
     seq = [int(t) for t in seq]
@@ -116,6 +134,8 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
         return TPF(0, 0)
     limit = max_new_tokens if max_new_tokens is not None else N
     D = drafts.shape[1]
+    if draft_threshold > 0 and (tree is not None or top_probs is None):
+        raise ValueError("a draft threshold is replayed for the chain of drafts, from their top_probs")
     if tree is not None:
         if drafts.dim() != 3 or drafts.shape[2] < max(tree.widths, default=1):
             raise ValueError(f"a tree of widths {tree.widths} needs ranked drafts (n, D, K >= {max(tree.widths)})")
@@ -126,6 +146,8 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
     while gen < N:
         k = min(D - 1, limit - gen - 1)
         if tree is None:
+            if draft_threshold > 0:  # the decoder keeps the likely prefix of the block's D - 1 drafts
+                k = min(k, likely_drafts(top_probs[m - 1 - (n_prompt - 1), 1:], draft_threshold))
             d = drafts[m - 1 - (n_prompt - 1), 1 : 1 + k].tolist()  # block at p = m-1, slots 1..k
             a = 0
             while a < k and m + 1 + a < len(seq) and d[a] == seq[m + 1 + a]:
@@ -146,15 +168,19 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
 
 def tokens_per_forward(
     sdlm: SDLM, prompt_ids: Sequence[int], output_ids: Sequence[int], block_size: int, max_new_tokens: int | None = None,
-    tree: "DraftTree | None" = None,
+    tree: "DraftTree | None" = None, draft_threshold: float = 0.0,
 ) -> TPF:
     """The greedy speculative decoder's forward count for ``prompt -> output``, from one forward.
 
     ``output_ids`` must be the model's greedy output for ``prompt_ids`` (with the
     block-gated adapter: the base model's); then the count is exact. With a draft
-    ``tree``, the count of the tree decoder (``GenerationConfig(tree=...)``).
+    ``tree``, the count of the tree decoder (``GenerationConfig(tree=...)``). With a
+    ``draft_threshold``, the count of the chain decoder under it (0: every draft offered).
     """
     seq = list(prompt_ids) + list(output_ids)
+    if tree is None and draft_threshold > 0:
+        drafts, probs = block_drafts_and_probs(sdlm, seq, len(prompt_ids) - 1, block_size)
+        return replay(drafts, seq, len(prompt_ids), max_new_tokens, top_probs=probs, draft_threshold=draft_threshold)
     if tree is None:
         drafts = block_drafts(sdlm, seq, len(prompt_ids) - 1, block_size)
     else:

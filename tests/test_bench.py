@@ -29,6 +29,19 @@ def test_decode_speed_compares_modes_and_the_hf_baseline(tmp_path):
     assert all(v["median_tokens_per_second"] > 0 for v in r.values())
 
 
+def test_decode_speed_interleaved(tmp_path):
+    """--interleave: prompt by prompt, every mode in turn; the same outputs and a per-prompt ratio to ar."""
+    res, data = _run(tmp_path, "--modes", "ar", "speculative:4", "hf", "--interleave")
+    assert res.returncode == 0, res.stderr
+    r = data["results"]
+    assert data["interleaved"] and list(r) == ["ar", "speculative:4", "hf"]
+    assert all(v["same_output_as_ar"] == "2/2" for v in r.values())
+    assert r["ar"]["median_prompt_ratio_vs_ar"] == 1.0 and r["speculative:4"]["median_prompt_ratio_vs_ar"] > 0
+    assert r["speculative:4"]["draft_threshold"] == 0.1 and "draft_threshold" not in r["ar"]  # the CPU's default
+    res, _ = _run(tmp_path, "--modes", "ar", "--interleave", "--batch-size", "2")
+    assert res.returncode != 0 and "--interleave" in res.stderr
+
+
 def test_decode_speed_also_unfused(tmp_path):
     """--also-unfused: every mode again on peft's own LoRA forward, in the same run, with the ratio."""
     res, data = _run(tmp_path, "--modes", "ar", "speculative:4", "--also-unfused")

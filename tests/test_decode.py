@@ -314,7 +314,7 @@ def test_scripted_confidence_verify(llama, monkeypatch, use_cache):
     # token, then the new block's confident slots; the unconfident slots after them are the next drafts
     y = truth(64)
     cfg = GenerationConfig(mode="confidence", verify=True, block_size=4, threshold=0.5, max_new_tokens=12,
-                           use_cache=use_cache)
+                           use_cache=use_cache, draft_threshold=0.0)  # every draft offered, however unlikely
     fake = scripted(monkeypatch, llama, y, "confident:2")
     steps = list(Decoder(llama, cfg).stream(y[:6]))
     # step 1: y6 (own) + y7 (slot 1, confident); y8, y9 drafted. Steps 2, 3: the 2 drafts, y (own), one
@@ -328,7 +328,8 @@ def test_scripted_confidence_verify(llama, monkeypatch, use_cache):
     # threshold 1: nothing is confident enough, so it is speculative decoding, step for step
     for drafts in ("confident:4", "right", "wrong"):
         fake = scripted(monkeypatch, llama, y, drafts)
-        ref = Decoder(llama, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=12)).generate(y[:6])
+        ref = Decoder(llama, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=12,
+                                              draft_threshold=0.0)).generate(y[:6])
         got = Decoder(llama, GenerationConfig(**{**cfg.__dict__, "threshold": 1.0})).generate(y[:6])
         assert got.tokens == ref.tokens == y[6:18]
         assert got.accept_histogram == ref.accept_histogram and got.forwards == ref.forwards
@@ -388,6 +389,44 @@ def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, 
     # without the threshold all three drafts are offered (and, being right, accepted)
     cfg.draft_threshold = 0.0
     assert [s.count for s in Decoder(llama, cfg).stream(y[:6])] == [1, 4, 4, 3]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_scripted_draft_threshold_is_on_the_drafts_joint_probability(llama, monkeypatch, use_cache):
+    # every slot's draft is right with probability ~0.52: each alone is above 0.3, but two together
+    # (~0.27) are not, so one draft is offered per step (a threshold on each slot alone would offer all 3)
+    y = truth(64)
+    fake = scripted(monkeypatch, llama, y, "coinflip")
+    sizes = []
+    real = fake.step_logits
+    monkeypatch.setattr(llama, "step_logits", lambda step, *a: sizes.append(len(step.input_ids)) or real(step, *a))
+    cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.3, max_new_tokens=12, use_cache=use_cache)
+    steps = list(Decoder(llama, cfg).stream(y[:6]))
+    assert [t for s in steps for t in s.tokens] == y[6:18]
+    assert [s.count for s in steps] == [1] + [2] * 5 + [1] and [s.proposed for s in steps] == [0] + [1] * 5 + [0]
+    if use_cache:
+        assert sizes == [6 + 4, *[1 + 1 + 2 * 4] * 5, 1 + 4]
+
+
+def test_draft_threshold_defaults_by_device(llama):
+    """None: 0.1 for the chain's drafts on a CPU, where a forward costs more the more tokens it holds;
+    0 on other devices, for a draft tree and for modes without drafts; a value given is kept."""
+    from sdlm.decode import CPU_DRAFT_THRESHOLD, draft_threshold_for, likely_drafts
+
+    spec = GenerationConfig(mode="speculative", block_size=4)
+    assert CPU_DRAFT_THRESHOLD == 0.1
+    assert draft_threshold_for(spec, "cpu") == Decoder(llama, spec).draft_threshold == CPU_DRAFT_THRESHOLD
+    assert draft_threshold_for(GenerationConfig(mode="confidence", verify=True), "cpu") == CPU_DRAFT_THRESHOLD
+    assert draft_threshold_for(spec, "cuda") == draft_threshold_for(spec, torch.device("cuda", 0)) == 0.0
+    assert draft_threshold_for(GenerationConfig(mode="speculative", tree="2,1"), "cpu") == 0.0
+    assert draft_threshold_for(GenerationConfig(mode="ar"), "cpu") == 0.0
+    assert draft_threshold_for(GenerationConfig(mode="confidence"), "cpu") == 0.0
+    assert draft_threshold_for(GenerationConfig(mode="speculative", draft_threshold=0.0), "cpu") == 0.0
+    assert draft_threshold_for(GenerationConfig(mode="speculative", draft_threshold=0.3), "cuda") == 0.3
+    # the longest prefix whose product of top probabilities stays strictly above the threshold
+    q = torch.tensor([0.9, 0.5, 0.5])
+    assert [likely_drafts(q, t) for t in (0.0, 0.3, 0.45, 0.5, 0.9)] == [3, 2, 1, 1, 0]
+    assert likely_drafts(torch.tensor([0.9, 0.0, 1.0]), 0.0) == 1 and likely_drafts(torch.tensor([]), 0.1) == 0
 
 
 @pytest.mark.parametrize("D", [4, 8])

@@ -76,10 +76,13 @@ def test_shipped_adapter_keeps_the_base_output(shipped, reference, mode, block_s
 def test_shipped_adapter_exact_tpf_matches_decoding(shipped, reference):
     from sdlm.tpf import tokens_per_forward
 
-    for p, (ids, expected) in reference.items():
-        got = Decoder(shipped, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=MAX_NEW)).generate(ids)
-        t = tokens_per_forward(shipped, ids, expected, 4, max_new_tokens=MAX_NEW)
-        assert (t.new_tokens, t.forwards) == (got.new_tokens, got.forwards)
+    for thr in (0.0, None):  # every draft offered; the CPU's default draft threshold
+        for p, (ids, expected) in reference.items():
+            dec = Decoder(shipped, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=MAX_NEW,
+                                                    draft_threshold=thr))
+            got = dec.generate(ids)
+            t = tokens_per_forward(shipped, ids, expected, 4, max_new_tokens=MAX_NEW, draft_threshold=dec.draft_threshold)
+            assert (t.new_tokens, t.forwards) == (got.new_tokens, got.forwards)
 
 
 def test_shipped_confidence_causal_first_token(shipped, reference):

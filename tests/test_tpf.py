@@ -61,17 +61,27 @@ def test_confidence_causal_first_token_follows_the_model(trained):
 
 @pytest.mark.parametrize("D", [2, 4, 8])
 def test_one_forward_count_equals_the_decoder(trained, D):
-    results = []
-    for text in PROMPTS:
-        prompt = ids(trained, text)
-        for limit in (40, 13):
-            g = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=limit)).generate(prompt)
-            t = tokens_per_forward(trained, prompt, g.tokens, D, max_new_tokens=limit)
-            assert (t.new_tokens, t.forwards) == (g.new_tokens, g.forwards), (text, limit)
-            assert t.accept_histogram == g.accept_histogram
-            results.append(t)
+    """The count replayed from one forward is the decoder's, offering every draft (0), under the default
+    draft threshold of a CPU (None) and under a high one (0.9) that cuts most drafts."""
+    results, forwards = [], {}
+    for thr in (0.0, None, 0.9):
+        forwards[thr] = 0
+        for text in PROMPTS:
+            prompt = ids(trained, text)
+            for limit in (40, 13):
+                dec = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=limit,
+                                                        draft_threshold=thr))
+                g = dec.generate(prompt)
+                t = tokens_per_forward(trained, prompt, g.tokens, D, max_new_tokens=limit,
+                                       draft_threshold=dec.draft_threshold)
+                assert (t.new_tokens, t.forwards) == (g.new_tokens, g.forwards), (text, limit, thr)
+                assert t.accept_histogram == g.accept_histogram
+                results.append(t)
+                forwards[thr] += g.forwards
     s = summarize(results)
     assert s["forwards"] == sum(r.forwards for r in results) and s["tokens_per_forward"] > 1.0
+    if D > 2:
+        assert forwards[0.9] > forwards[0.0]  # the high threshold cut drafts that would have been accepted
 
 
 def test_count_matches_with_a_gated_adapter_and_eos():
@@ -87,7 +97,7 @@ def test_count_matches_with_a_gated_adapter_and_eos():
         prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
         dec = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=30))
         out = dec.generate(prompt)
-        t = tokens_per_forward(s, prompt, out.tokens, 4, max_new_tokens=30)
+        t = tokens_per_forward(s, prompt, out.tokens, 4, max_new_tokens=30, draft_threshold=dec.draft_threshold)
         assert (t.new_tokens, t.forwards) == (out.new_tokens, out.forwards)
     # a hand-made case: drafts right up to and past an EOS that ends the output
     seq = [1, 2, 3, 10, 11, eos]
