@@ -37,6 +37,9 @@ class TPF:
     new_tokens: int
     forwards: int
     accept_histogram: dict[int, int] = field(default_factory=dict)
+    offered: list[int] = field(default_factory=list)
+    """The chain: drafts offered by each step after the first (a step with ``k`` holds ``1 + k + (k + 1) * D``
+    tokens); a tree: its nodes per step."""
 
     @property
     def tokens_per_forward(self) -> float:
@@ -141,7 +144,7 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             raise ValueError(f"a tree of widths {tree.widths} needs ranked drafts (n, D, K >= {max(tree.widths)})")
         parents = tree.parents
     hist: Counter[int] = Counter({1: 1})  # the prefill forward commits one token
-    gen, forwards = 1, 1
+    gen, forwards, offered = 1, 1, []
     m = n_prompt  # position of the newest committed (bonus) token
     while gen < N:
         k = min(D - 1, limit - gen - 1)
@@ -160,10 +163,12 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             # after a node at depth j is the answer's token one further on (-1 past its end)
             targets = [seq[m + 1 + d] if m + 1 + d < len(seq) else -1 for d in [0] + tree.depths[:nodes]]
             a = len(tree_accept(parents[:nodes], toks, targets))
+            k = nodes
+        offered.append(k)
         new = min(a + 1, N - gen)
         gen, m, forwards = gen + new, m + new, forwards + 1
         hist[new] += 1
-    return TPF(N, forwards, dict(hist))
+    return TPF(N, forwards, dict(hist), offered)
 
 
 def tokens_per_forward(

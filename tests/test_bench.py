@@ -95,3 +95,25 @@ def test_linear_cost_script_dtypes():
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert "bfloat16" in lines[0] and len([x for x in lines if "T =" in x]) == 2 and "x1.00" in lines[1]
+
+
+def test_draft_threshold_cost_script(tmp_path):
+    """bench/draft_threshold_cost.py: step costs timed for every chain step size, and each threshold's
+    replayed tokens per forward and priced speed against ar (a higher threshold never offers more)."""
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "draft_threshold_cost.py"), "--model", "random:llama", "--base",
+           "random:llama", "--n", "2", "--max-new-tokens", "6", "--block-sizes", "2", "3", "--thresholds", "0", "0.5",
+           "--reps", "1", "--work", str(tmp_path / "work"), "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    for D in (2, 3):
+        r = data["block_sizes"][str(D)]
+        assert sorted(map(int, r["step_ms"])) == [1] + [1 + k + (k + 1) * D for k in range(D)]
+        assert all(v > 0 for v in r["step_ms"].values())
+        for name, row in r["thresholds"]["0.0"].items():
+            cut = r["thresholds"]["0.5"][name]
+            assert 1.0 <= cut["tokens_per_forward"] <= row["tokens_per_forward"] <= D
+            assert row["speed_vs_ar"] > 0 and cut["speed_vs_ar"] > 0
+    bad = subprocess.run(cmd[:-2] + ["--thresholds", "1.5"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "--thresholds" in bad.stderr

@@ -76,6 +76,8 @@ def test_one_forward_count_equals_the_decoder(trained, D):
                                        draft_threshold=dec.draft_threshold)
                 assert (t.new_tokens, t.forwards) == (g.new_tokens, g.forwards), (text, limit, thr)
                 assert t.accept_histogram == g.accept_histogram
+                # and the drafts each step offered (a step's size: 1 + k + (k + 1) * D)
+                assert t.offered == [st.proposed for st in list(dec.stream(prompt))[1:]]
                 results.append(t)
                 forwards[thr] += g.forwards
     s = summarize(results)

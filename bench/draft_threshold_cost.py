@@ -1,0 +1,134 @@
+"""Draft thresholds priced: tokens per forward replayed from one forward per prompt, and the wall clock
+they buy from step costs timed on this machine.
+
+A chain step that offers ``k`` drafts holds ``1 + k + (k + 1) * D`` tokens (SPEC §3.2), and where a
+forward's cost grows with its tokens (a CPU) the drafts that are rarely accepted cost more than they
+bring. For each draft threshold (``GenerationConfig.draft_threshold``: offer the leading drafts whose
+joint probability stays above it), this replays greedy speculative decoding of the held-out prompts of
+``bench/heldout_tpf.py`` (GSM8K test, MBPP test, general chat; the base model's greedy answers, cached
+in ``--work``) with :func:`sdlm.tpf.replay`, which gives every step's drafts exactly as the decoder
+offers them. Each step is then priced by the time of a decoding forward of its size on this machine
+(cached committed tokens, the LM head on the rows the accept rule reads; medians over ``--reps``
+rounds, the sizes interleaved), and so is ``ar`` (one token per step). The ratio of the two sums is
+the speed the threshold would give against ``ar``, without the per-step work outside the forward.
+Confirm a choice with ``bench/decode_speed.py --interleave``.
+
+    python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0 0.05 0.1 0.2 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200) -> dict[int, float]:
+    """Median seconds of a decoding forward by its tokens: ``ar``'s 1, and a chain step with k = 0 .. D-1
+    drafts (``1 + k + (k + 1) * D`` tokens), over ``cached`` committed tokens of ``seq`` (fewer if ``seq``
+    is shorter)."""
+    from transformers import DynamicCache
+
+    from sdlm.layout import ar_step, speculative_step
+    from sdlm.model import SDLM
+
+    cached = min(cached, len(seq) - D)
+    if cached < 1:
+        raise SystemExit(f"the prompts and answers are too short to time steps of D = {D}")
+    cache = DynamicCache()
+    sdlm.step_hidden(ar_step(seq[:cached], 0), cache, 0)
+    mask = sdlm.config.mask_token_id
+    steps = {1: (ar_step([seq[cached]], cached), 1)}
+    for k in range(D):
+        st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask)
+        steps[len(st.input_ids)] = (st, k + 1 + D)  # the accept rule reads k + 1 causal rows and one block
+    times: dict[int, list[float]] = {n: [] for n in steps}
+    for r in range(reps + 2):  # two warm-up rounds
+        for n, (st, rows) in steps.items():
+            t = time.perf_counter()
+            h = sdlm.step_hidden(st, cache, cached)
+            sdlm.head_logits(h[:rows])
+            if r >= 2:
+                times[n].append(time.perf_counter() - t)
+            SDLM.crop(cache, len(st.input_ids))
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct-sdlm")
+    ap.add_argument("--base", default="smollm2-135m-instruct", help="base model for the greedy answers")
+    ap.add_argument("--n", type=int, default=16, help="prompts per set")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
+    ap.add_argument("--reps", type=int, default=30, help="timed rounds of every step size")
+    ap.add_argument("--batch-size", type=int, default=8, help="for the base model's greedy answers")
+    ap.add_argument("--work", default="runs/bench", help="folder for the cached greedy answers")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    if any(not 0.0 <= t < 1.0 for t in args.thresholds):
+        ap.error("--thresholds must be in [0, 1)")
+
+    import torch
+
+    from heldout_tpf import greedy_answers, prompt_sets
+    from sdlm.cpu import describe as describe_cpu
+    from sdlm.distill import _encode
+    from sdlm.model import SDLM
+    from sdlm.tpf import block_drafts_and_probs, replay
+
+    base = SDLM.load(args.base, quiet=True)
+    answers = {name: greedy_answers(base, name, rows, Path(args.work), args.max_new_tokens, args.batch_size)
+               for name, rows in prompt_sets(args.n).items()}
+    del base
+    sdlm = SDLM.load(args.model, quiet=True)
+    if not sdlm.is_retrofitted:  # as the decoder does: an untrained mask token, drafts that are rarely right
+        print(f"{args.model} has no SDLM settings: adding an untrained mask token", flush=True)
+        sdlm.retrofit(block_size=max(args.block_sizes))
+    tok = sdlm.tokenizer
+    seqs = {name: [(_encode(tok, r["messages"][:-1]), r["answer_ids"][: args.max_new_tokens]) for r in rows]
+            for name, rows in answers.items()}
+    longest = max((p + y for rows in seqs.values() for p, y in rows), key=len)
+
+    out = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens,
+           "machine": f"{describe_cpu() if sdlm.device.type == 'cpu' else sdlm.device}, "
+                      f"{torch.get_num_threads()} threads, torch {torch.__version__}, {sdlm.dtype}",
+           "block_sizes": {}}
+    print(out["machine"], flush=True)
+    for D in args.block_sizes:
+        cost = step_costs(sdlm, longest, D, args.reps)
+        print(f"D={D}: seconds per forward by its tokens: "
+              + ", ".join(f"{n}: {c * 1e3:.1f} ms" for n, c in sorted(cost.items())), flush=True)
+        blocks = {name: [block_drafts_and_probs(sdlm, p + y, len(p) - 1, D) for p, y in rows]
+                  for name, rows in seqs.items()}
+        res = {"step_ms": {n: round(c * 1e3, 2) for n, c in sorted(cost.items())}, "thresholds": {}}
+        for thr in args.thresholds:
+            row = {}
+            for name, rows in seqs.items():
+                new = fw = 0
+                chain_s = ar_s = 0.0
+                for (p, y), (drafts, probs) in zip(rows, blocks[name]):
+                    t = replay(drafts, p + y, len(p), args.max_new_tokens, top_probs=probs, draft_threshold=thr)
+                    new, fw = new + t.new_tokens, fw + t.forwards
+                    chain_s += sum(cost[1 + k + (k + 1) * D] for k in t.offered)  # the steps after the prefill
+                    ar_s += cost[1] * (t.new_tokens - 1)
+                row[name] = {"tokens_per_forward": round(new / fw, 3), "speed_vs_ar": round(ar_s / chain_s, 3)}
+            res["thresholds"][thr] = row
+            print(f"D={D} threshold {thr:<5}: " + "  ".join(
+                f"{name} {r['tokens_per_forward']:.2f} tok/fwd x{r['speed_vs_ar']:.2f}" for name, r in row.items()),
+                flush=True)
+        out["block_sizes"][D] = res
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
