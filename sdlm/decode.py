@@ -202,11 +202,11 @@ class Generation:
 
 CPU_DRAFT_THRESHOLD = 0.1
 """The draft threshold (:attr:`GenerationConfig.draft_threshold`) of decoding on a CPU. There a forward's
-cost grows with its tokens (on a 2-core AVX2 CPU, float32, the default model: 69 ms for 1 token, 112 ms
-for 5, 147 ms for 20, 300 ms for 72), and dropping the drafts below 0.1 was measured faster than
-offering every draft (``bench/results/draft-threshold-replay-cpu-avx2.txt``; README). Elsewhere
-(a GPU running a small model) a forward's cost hardly grows with its tokens, and every draft is
-offered."""
+cost grows with its tokens (a 2-core AVX2 CPU, float32, the default model: 78 ms for 1 token, 119 ms
+for 5, 150 ms for 20, 272 ms for 72), and offering only the drafts above 0.1 was measured faster than
+offering every draft, at D = 4 and more so at D = 8 (``bench/draft_threshold_cost.py`` and
+``bench/decode_speed.py --interleave``; figures in the README). Elsewhere (a GPU running a small
+model) a forward's cost hardly grows with its tokens, and every draft is offered."""
 
 
 def draft_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
