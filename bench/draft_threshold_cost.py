@@ -78,16 +78,13 @@ def main() -> int:
 
     import torch
 
-    from heldout_tpf import greedy_answers, prompt_sets
+    from heldout_tpf import heldout_answers
     from sdlm.cpu import describe as describe_cpu
     from sdlm.distill import _encode
     from sdlm.model import SDLM
     from sdlm.tpf import block_drafts_and_probs, replay
 
-    base = SDLM.load(args.base, quiet=True)
-    answers = {name: greedy_answers(base, name, rows, Path(args.work), args.max_new_tokens, args.batch_size)
-               for name, rows in prompt_sets(args.n).items()}
-    del base
+    answers = heldout_answers(args.base, args.n, Path(args.work), args.max_new_tokens, args.batch_size)
     sdlm = SDLM.load(args.model, quiet=True)
     if not sdlm.is_retrofitted:  # as the decoder does: an untrained mask token, drafts that are rarely right
         print(f"{args.model} has no SDLM settings: adding an untrained mask token", flush=True)

@@ -57,6 +57,15 @@ def greedy_answers(base, name: str, rows: list[dict], work: Path, max_new_tokens
     return [done[str(r["id"])] for r in rows]
 
 
+def heldout_answers(base_name: str, n: int, work: Path, max_new_tokens: int, batch_size: int) -> dict[str, list[dict]]:
+    """The base model's greedy answers to every prompt set (:func:`prompt_sets`), cached in ``work``."""
+    from sdlm.model import SDLM
+
+    base = SDLM.load(base_name, quiet=True)
+    return {name: greedy_answers(base, name, rows, work, max_new_tokens, batch_size)
+            for name, rows in prompt_sets(n).items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct-sdlm", help="adapter folder or built-in SDLM name")
@@ -87,10 +96,7 @@ def main() -> int:
     from sdlm.tpf import summarize, tokens_per_forward
     from sdlm.tree import parse_tree
 
-    base = SDLM.load(args.base, quiet=True)
-    answers = {name: greedy_answers(base, name, rows, Path(args.work), args.max_new_tokens, args.batch_size)
-               for name, rows in prompt_sets(args.n).items()}
-    del base
+    answers = heldout_answers(args.base, args.n, Path(args.work), args.max_new_tokens, args.batch_size)
 
     sdlm = SDLM.load(args.model, quiet=True)
     tok = sdlm.tokenizer

@@ -180,6 +180,13 @@ def scripted(monkeypatch, sdlm, y, drafts):
     return fake
 
 
+def step_sizes(monkeypatch, sdlm, fake) -> list[int]:
+    """The tokens of every forward the scripted model ``fake`` runs from now on (filled as it runs)."""
+    sizes = []
+    monkeypatch.setattr(sdlm, "step_logits", lambda step, *a: sizes.append(len(step.input_ids)) or fake.step_logits(step, *a))
+    return sizes
+
+
 @pytest.fixture(scope="module")
 def llama():
     return make_sdlm("llama")
@@ -374,10 +381,7 @@ def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, 
     # slot 1 of every block is confident, slots 2.. are flat (probability ~1/V): with a draft threshold
     # only slot 1's draft is verified, so each step is 1 + 1 + 2 * 4 tokens instead of 1 + 3 + 4 * 4
     y = truth(64)
-    fake = scripted(monkeypatch, llama, y, "confident:2")
-    sizes = []
-    real = fake.step_logits
-    monkeypatch.setattr(llama, "step_logits", lambda step, *a: sizes.append(len(step.input_ids)) or real(step, *a))
+    sizes = step_sizes(monkeypatch, llama, scripted(monkeypatch, llama, y, "confident:2"))
     cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.5, max_new_tokens=12, use_cache=use_cache)
     steps = list(Decoder(llama, cfg).stream(y[:6]))
     assert [t for s in steps for t in s.tokens] == y[6:18]
@@ -396,10 +400,7 @@ def test_scripted_draft_threshold_is_on_the_drafts_joint_probability(llama, monk
     # every slot's draft is right with probability ~0.52: each alone is above 0.3, but two together
     # (~0.27) are not, so one draft is offered per step (a threshold on each slot alone would offer all 3)
     y = truth(64)
-    fake = scripted(monkeypatch, llama, y, "coinflip")
-    sizes = []
-    real = fake.step_logits
-    monkeypatch.setattr(llama, "step_logits", lambda step, *a: sizes.append(len(step.input_ids)) or real(step, *a))
+    sizes = step_sizes(monkeypatch, llama, scripted(monkeypatch, llama, y, "coinflip"))
     cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.3, max_new_tokens=12, use_cache=use_cache)
     steps = list(Decoder(llama, cfg).stream(y[:6]))
     assert [t for s in steps for t in s.tokens] == y[6:18]
