@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of dropping them (each token is the model's own or a confident one; more tokens per forward)")
     g.add_argument("--draft-threshold", type=float, default=None, metavar="P",
                    help="speculative (and confidence --verify): verify only the leading drafts whose joint probability "
-                        "stays above P (smaller forwards; the output is unchanged). Default: 0.1 on a CPU, where a "
-                        "forward costs more the more tokens it holds; 0 (every draft) on other devices")
+                        "stays above P (smaller forwards; the output is unchanged). Default: 0.1 for speculative on a "
+                        "CPU, where a forward costs more the more tokens it holds; otherwise 0 (every draft)")
     g.add_argument("--block-size", type=int, default=None, help="block size D (default: the model's trained D)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -73,10 +73,11 @@ class GenerationConfig:
     the longest prefix of the new drafts whose joint probability, the product of their slots' top
     probabilities (greedy: the drafts' own), stays above this. Unlikely drafts are rarely accepted, and
     dropping them makes the next forward smaller (each draft verified adds itself and a candidate
-    block of D tokens). The output is unchanged: greedy, only fewer drafts are offered; sampled, how
+    block of D tokens). ``speculative``'s output is unchanged: greedy, only fewer drafts are offered; sampled, how
     many are offered does not depend on the tokens drawn, so speculative sampling keeps AR sampling's
-    distribution. 0 offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` on a CPU,
-    where a forward's cost grows with its tokens, and 0 on other devices."""
+    distribution. 0 offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` for
+    ``speculative`` on a CPU, where a forward's cost grows with its tokens, and 0 otherwise
+    (:func:`draft_threshold_for`)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -211,10 +212,12 @@ model) a forward's cost hardly grows with its tokens, and every draft is offered
 
 def draft_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
     """The draft threshold a decoder uses: the config's, or by default :data:`CPU_DRAFT_THRESHOLD` for
-    chain drafts on a CPU and 0 otherwise (no drafts, a draft tree, another device)."""
+    ``speculative``'s chain of drafts on a CPU, and 0 otherwise: other devices, a draft tree, modes
+    without drafts, and ``confidence`` with ``verify``, whose output (not the model's own) would change
+    with the drafts offered."""
     if config.draft_threshold is not None:
         return config.draft_threshold
-    if not config.drafting or config.wants_tree or torch.device(device).type != "cpu":
+    if config.mode != "speculative" or config.wants_tree or torch.device(device).type != "cpu":
         return 0.0
     return CPU_DRAFT_THRESHOLD
 

@@ -364,15 +364,16 @@ def test_confidence_verify_on_the_trained_model(trained, D):
     for p in prompts:
         exact = GenerationConfig(mode="confidence", verify=True, block_size=D, threshold=1.0, max_new_tokens=30)
         got = Decoder(trained, exact).generate(p)
-        spec = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30)).generate(p)
+        spec = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30,
+                                                 draft_threshold=0.0)).generate(p)  # every draft, as verify offers
         assert got.tokens == spec.tokens == hf_greedy(trained, p, 30)
         assert got.accept_histogram == spec.accept_histogram
     loose = GenerationConfig(mode="confidence", verify=True, block_size=D, threshold=0.5, max_new_tokens=30)
     gens = [Decoder(trained, loose).generate(p) for p in prompts]
     for p, g in zip(prompts, gens):
         assert_same_generation(g, reference_decode(trained, p, loose))
-    specs = [Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30)).generate(p)
-             for p in prompts]
+    specs = [Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30,
+                                               draft_threshold=0.0)).generate(p) for p in prompts]
     assert sum(g.forwards for g in gens) < sum(g.forwards for g in specs)
 
 
@@ -410,14 +411,16 @@ def test_scripted_draft_threshold_is_on_the_drafts_joint_probability(llama, monk
 
 
 def test_draft_threshold_defaults_by_device(llama):
-    """None: 0.1 for the chain's drafts on a CPU, where a forward costs more the more tokens it holds;
-    0 on other devices, for a draft tree and for modes without drafts; a value given is kept."""
+    """None: 0.1 for speculative's chain of drafts on a CPU, where a forward costs more the more tokens it
+    holds; 0 on other devices, for a draft tree, for modes without drafts and for confidence --verify (whose
+    output would change with the drafts offered); a value given is kept."""
     from sdlm.decode import CPU_DRAFT_THRESHOLD, draft_threshold_for, likely_drafts
 
     spec = GenerationConfig(mode="speculative", block_size=4)
     assert CPU_DRAFT_THRESHOLD == 0.1
     assert draft_threshold_for(spec, "cpu") == Decoder(llama, spec).draft_threshold == CPU_DRAFT_THRESHOLD
-    assert draft_threshold_for(GenerationConfig(mode="confidence", verify=True), "cpu") == CPU_DRAFT_THRESHOLD
+    assert draft_threshold_for(GenerationConfig(mode="confidence", verify=True), "cpu") == 0.0
+    assert draft_threshold_for(GenerationConfig(mode="confidence", verify=True, draft_threshold=0.2), "cpu") == 0.2
     assert draft_threshold_for(spec, "cuda") == draft_threshold_for(spec, torch.device("cuda", 0)) == 0.0
     assert draft_threshold_for(GenerationConfig(mode="speculative", tree="2,1"), "cpu") == 0.0
     assert draft_threshold_for(GenerationConfig(mode="ar"), "cpu") == 0.0
