@@ -73,9 +73,9 @@ class GenerationConfig:
     the longest prefix of the new drafts whose joint probability, the product of their slots' top
     probabilities (greedy: the drafts' own), stays above this. Unlikely drafts are rarely accepted, and
     dropping them makes the next forward smaller (each draft verified adds itself and a candidate
-    block of D tokens). ``speculative``'s output is unchanged: greedy, only fewer drafts are offered; sampled, how
-    many are offered does not depend on the tokens drawn, so speculative sampling keeps AR sampling's
-    distribution. 0 offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` for
+    block of D tokens). ``speculative``'s output is unchanged: greedy, only fewer drafts are offered;
+    sampled, how many are offered does not depend on the tokens drawn, so speculative sampling keeps
+    AR sampling's distribution. 0 offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` for
     ``speculative`` on a CPU, where a forward's cost grows with its tokens, and 0 otherwise
     (:func:`draft_threshold_for`)."""
     max_new_tokens: int = 256
@@ -202,7 +202,7 @@ class Generation:
 
 
 CPU_DRAFT_THRESHOLD = 0.1
-"""The draft threshold (:attr:`GenerationConfig.draft_threshold`) of decoding on a CPU. There a forward's
+"""The draft threshold (:attr:`GenerationConfig.draft_threshold`) of ``speculative`` on a CPU. There a forward's
 cost grows with its tokens (a 2-core AVX2 CPU, float32, the default model: 78 ms for 1 token, 119 ms
 for 5, 150 ms for 20, 272 ms for 72), and offering only the drafts above 0.1 was measured faster than
 offering every draft, at D = 4 and more so at D = 8 (``bench/draft_threshold_cost.py`` and
