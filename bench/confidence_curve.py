@@ -49,10 +49,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    import torch
     from heldout_tpf import greedy_answers
     from sdlm.batched import generate_batch
-    from sdlm.cpu import describe as describe_cpu
+    from sdlm.cpu import describe_host
     from sdlm.decode import Decoder, GenerationConfig
     from sdlm.distill import _encode
     from sdlm.eval import gsm8k
@@ -68,7 +67,7 @@ def main() -> int:
     base_score = gsm8k.score(base_text, golds)
 
     def save(out: dict) -> None:
-        out["machine"] = f"{describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+        out["machine"] = f"{describe_host()}, float32"
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -78,7 +78,7 @@ def main() -> int:
     import torch
 
     from sdlm.adapter import unfused_lora
-    from sdlm.cpu import describe as describe_cpu, packed_layers, packing_off
+    from sdlm.cpu import describe as describe_cpu, describe_host, packed_layers, packing_off
     from sdlm.decode import Decoder, GenerationConfig, draft_threshold_for, encode_prompt
     from sdlm.model import SDLM
 
@@ -172,7 +172,7 @@ def main() -> int:
            "batch_size": args.batch_size, "interleaved": args.interleave,
            "prepacked_linears": packed,
            "speed": "throughput (all tokens / wall time)" if args.batch_size > 1 else "median over prompts",
-           "machine": f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+           "machine": describe_host(),
            "results": results}
     for k, r in results.items():
         print(f"{k:27s} {r['median_tokens_per_second']:7.2f} tok/s  x{r['speed_vs_ar']}  "

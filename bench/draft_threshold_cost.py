@@ -76,10 +76,8 @@ def main() -> int:
     if any(not 0.0 <= t < 1.0 for t in args.thresholds):
         ap.error("--thresholds must be in [0, 1)")
 
-    import torch
-
     from heldout_tpf import heldout_answers
-    from sdlm.cpu import describe as describe_cpu
+    from sdlm.cpu import describe_host
     from sdlm.distill import _encode
     from sdlm.model import SDLM
     from sdlm.tpf import block_drafts_and_probs, replay
@@ -95,8 +93,7 @@ def main() -> int:
     longest = max((p + y for rows in seqs.values() for p, y in rows), key=len)
 
     out = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens,
-           "machine": f"{describe_cpu() if sdlm.device.type == 'cpu' else sdlm.device}, "
-                      f"{torch.get_num_threads()} threads, torch {torch.__version__}, {sdlm.dtype}",
+           "machine": f"{describe_host()}, {sdlm.dtype}",
            "block_sizes": {}}
     print(out["machine"], flush=True)
     for D in args.block_sizes:

@@ -88,10 +88,8 @@ def main() -> int:
     if not 0.0 <= args.draft_threshold < 1.0:
         ap.error("--draft-threshold must be in [0, 1)")
 
-    import torch
-
     from sdlm.distill import _encode
-    from sdlm.cpu import describe as describe_cpu
+    from sdlm.cpu import describe_host
     from sdlm.model import SDLM
     from sdlm.tpf import summarize, tokens_per_forward
     from sdlm.tree import parse_tree
@@ -124,7 +122,7 @@ def main() -> int:
     results["overall"] = {D: round(sum(x["new_tokens"] for x in v) / sum(x["new_tokens"] / x["tokens_per_forward"] for x in v), 3)
                           for D, v in allr.items()}
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["machine"] = f"{describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+    results["machine"] = f"{describe_host()}, float32"
     print(json.dumps(results["overall"]))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

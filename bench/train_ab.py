@@ -58,7 +58,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{describe_cpu()}, {torch.get_num_threads()} threads"
     print(f"machine: {where}, torch {torch.__version__}")
     ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
-    print(f"B/A per repetition " + " ".join(f"{x:.3f}" for x in ratios) + f", median {statistics.median(ratios):.3f}",
+    print("B/A per repetition " + " ".join(f"{x:.3f}" for x in ratios) + f", median {statistics.median(ratios):.3f}",
           flush=True)
 
 

@@ -134,6 +134,12 @@ def describe() -> str:
     return f"{name} ({isa}, {'native bf16' if native_bf16() else 'no native bf16'})"
 
 
+def describe_host() -> str:
+    """:func:`describe`, with the threads PyTorch uses and its version: the machine line of a benchmark's record,
+    e.g. ``AMD EPYC (AVX2, no native bf16), 2 threads, torch 2.13.0+cpu``."""
+    return f"{describe()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def room_for(need: int) -> tuple[bool, int | None]:
     """Whether ``need`` bytes of copies fit in half the memory still available (yes where that is unknown),
     and the bytes available."""

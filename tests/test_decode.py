@@ -378,15 +378,20 @@ def test_confidence_verify_on_the_trained_model(trained, D):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, use_cache):
-    # slot 1 of every block is confident, slots 2.. are flat (probability ~1/V): with a draft threshold
-    # only slot 1's draft is verified, so each step is 1 + 1 + 2 * 4 tokens instead of 1 + 3 + 4 * 4
+@pytest.mark.parametrize("drafts,threshold", [("confident:2", 0.5), ("coinflip", 0.3)])
+def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, drafts, threshold, use_cache):
+    # confident:2: slot 1 of every block is confident, slots 2.. are flat (probability ~1/V), so only slot
+    # 1's draft is verified. coinflip: every slot's draft is right with probability ~0.52; each alone is
+    # above 0.3, but two together (~0.27) are not, so again one draft is offered per step (the threshold
+    # is on the drafts' joint probability: one on each slot alone would offer all 3). Each step is then
+    # 1 + 1 + 2 * 4 tokens instead of 1 + 3 + 4 * 4
     y = truth(64)
-    sizes = step_sizes(monkeypatch, llama, scripted(monkeypatch, llama, y, "confident:2"))
-    cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.5, max_new_tokens=12, use_cache=use_cache)
+    sizes = step_sizes(monkeypatch, llama, scripted(monkeypatch, llama, y, drafts))
+    cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=threshold, max_new_tokens=12,
+                           use_cache=use_cache)
     steps = list(Decoder(llama, cfg).stream(y[:6]))
     assert [t for s in steps for t in s.tokens] == y[6:18]
-    assert [s.count for s in steps] == [1, 2, 2, 2, 2, 2, 1]
+    assert [s.count for s in steps] == [1] + [2] * 5 + [1] and [s.proposed for s in steps] == [0] + [1] * 5 + [0]
     if use_cache:
         # the prompt and a block; then the bonus token, one draft and two candidate blocks; the last step
         # has room for no draft
@@ -394,20 +399,6 @@ def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, 
     # without the threshold all three drafts are offered (and, being right, accepted)
     cfg.draft_threshold = 0.0
     assert [s.count for s in Decoder(llama, cfg).stream(y[:6])] == [1, 4, 4, 3]
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_scripted_draft_threshold_is_on_the_drafts_joint_probability(llama, monkeypatch, use_cache):
-    # every slot's draft is right with probability ~0.52: each alone is above 0.3, but two together
-    # (~0.27) are not, so one draft is offered per step (a threshold on each slot alone would offer all 3)
-    y = truth(64)
-    sizes = step_sizes(monkeypatch, llama, scripted(monkeypatch, llama, y, "coinflip"))
-    cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.3, max_new_tokens=12, use_cache=use_cache)
-    steps = list(Decoder(llama, cfg).stream(y[:6]))
-    assert [t for s in steps for t in s.tokens] == y[6:18]
-    assert [s.count for s in steps] == [1] + [2] * 5 + [1] and [s.proposed for s in steps] == [0] + [1] * 5 + [0]
-    if use_cache:
-        assert sizes == [6 + 4, *[1 + 1 + 2 * 4] * 5, 1 + 4]
 
 
 def test_draft_threshold_defaults_by_device(llama):
