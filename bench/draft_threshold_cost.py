@@ -13,7 +13,12 @@ rounds, the sizes interleaved), and so is ``ar`` (one token per step). The ratio
 the speed the threshold would give against ``ar``, without the per-step work outside the forward.
 Confirm a choice with ``bench/decode_speed.py --interleave``.
 
+With ``--tree SPEC`` (``auto``: the model's calibrated trees) the steps verify a draft tree instead, and a
+threshold offers its nodes whose joint probability is above it (:meth:`sdlm.tree.DraftTree.likely_nodes`); a
+step with ``N`` nodes holds ``1 + N + (N + 1) * D`` tokens.
+
     python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0 0.05 0.1 0.2 0.3
+    python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0 0.1 0.2 0.3 --tree auto
 """
 
 from __future__ import annotations
@@ -29,24 +34,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200) -> dict[int, float]:
+def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=None) -> dict[int, float]:
     """Median seconds of a decoding forward by its tokens: ``ar``'s 1, and a chain step with k = 0 .. D-1
     drafts (``1 + k + (k + 1) * D`` tokens), over ``cached`` committed tokens of ``seq`` (fewer if ``seq``
-    is shorter)."""
+    is shorter). With a draft ``tree``, its steps with the first N = 0 .. len(tree) nodes instead."""
     from transformers import DynamicCache
 
     from sdlm.layout import ar_step, speculative_step
     from sdlm.model import SDLM
 
-    cached = min(cached, len(seq) - D)
+    width = len(tree) if tree is not None else D - 1
+    cached = min(cached, len(seq) - 1 - width)
     if cached < 1:
         raise SystemExit(f"the prompts and answers are too short to time steps of D = {D}")
     cache = DynamicCache()
     sdlm.step_hidden(ar_step(seq[:cached], 0), cache, 0)
     mask = sdlm.config.mask_token_id
     steps = {1: (ar_step([seq[cached]], cached), 1)}
-    for k in range(D):
-        st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask)
+    for k in range(width + 1):
+        parents = tree.parents[:k] if tree is not None else None
+        st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask, parents)
         steps[len(st.input_ids)] = (st, k + 1 + D)  # the accept rule reads k + 1 causal rows and one block
     times: dict[int, list[float]] = {n: [] for n in steps}
     for r in range(reps + 2):  # two warm-up rounds
@@ -68,6 +75,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
+    ap.add_argument("--tree", default=None, metavar="SPEC",
+                    help="replay draft trees instead of the chain: auto (the model's calibrated tree for each D), "
+                         "widths like 3,2,1, or a JSON file of rank paths")
     ap.add_argument("--reps", type=int, default=30, help="timed rounds of every step size")
     ap.add_argument("--batch-size", type=int, default=8, help="for the base model's greedy answers")
     ap.add_argument("--work", default="runs/bench", help="folder for the cached greedy answers")
@@ -79,8 +89,10 @@ def main() -> int:
     from heldout_tpf import heldout_answers
     from sdlm.cpu import describe_host
     from sdlm.distill import _encode
+    from sdlm.errors import SDLMError
     from sdlm.model import SDLM
-    from sdlm.tpf import block_drafts_and_probs, replay
+    from sdlm.tpf import block_drafts_and_probs, block_topk_and_probs, replay
+    from sdlm.tree import parse_tree
 
     answers = heldout_answers(args.base, args.n, Path(args.work), args.max_new_tokens, args.batch_size)
     sdlm = SDLM.load(args.model, quiet=True)
@@ -94,29 +106,47 @@ def main() -> int:
 
     out = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens,
            "machine": f"{describe_host()}, {sdlm.dtype}",
-           "block_sizes": {}}
+           "tree": args.tree, "block_sizes": {}}
     print(out["machine"], flush=True)
     for D in args.block_sizes:
-        cost = step_costs(sdlm, longest, D, args.reps)
+        tree = None
+        if args.tree:
+            try:
+                tree = parse_tree(args.tree, sdlm.config.draft_trees, D)
+            except SDLMError as e:
+                raise SystemExit(f"--tree {args.tree}: {e}")
+            print(f"D={D}: tree of {len(tree)} nodes {tree.to_json()}", flush=True)
+        cost = step_costs(sdlm, longest, D, args.reps, tree=tree)
         print(f"D={D}: seconds per forward by its tokens: "
               + ", ".join(f"{n}: {c * 1e3:.1f} ms" for n, c in sorted(cost.items())), flush=True)
-        blocks = {name: [block_drafts_and_probs(sdlm, p + y, len(p) - 1, D) for p, y in rows]
-                  for name, rows in seqs.items()}
+        if tree is None:
+            blocks = {name: [block_drafts_and_probs(sdlm, p + y, len(p) - 1, D) for p, y in rows]
+                      for name, rows in seqs.items()}
+        else:
+            K = max(tree.widths)
+            blocks = {name: [block_topk_and_probs(sdlm, p + y, len(p) - 1, D, K) for p, y in rows]
+                      for name, rows in seqs.items()}
         res = {"step_ms": {n: round(c * 1e3, 2) for n, c in sorted(cost.items())}, "thresholds": {}}
+        if tree is not None:
+            res["tree"] = tree.to_json()
         for thr in args.thresholds:
             row = {}
             for name, rows in seqs.items():
                 new = fw = 0
                 chain_s = ar_s = 0.0
+                offered: list[int] = []
                 for (p, y), (drafts, probs) in zip(rows, blocks[name]):
-                    t = replay(drafts, p + y, len(p), args.max_new_tokens, top_probs=probs, draft_threshold=thr)
+                    t = replay(drafts, p + y, len(p), args.max_new_tokens, tree, top_probs=probs, draft_threshold=thr)
                     new, fw = new + t.new_tokens, fw + t.forwards
+                    offered += t.offered
                     chain_s += sum(cost[1 + k + (k + 1) * D] for k in t.offered)  # the steps after the prefill
                     ar_s += cost[1] * (t.new_tokens - 1)
-                row[name] = {"tokens_per_forward": round(new / fw, 3), "speed_vs_ar": round(ar_s / chain_s, 3)}
+                row[name] = {"tokens_per_forward": round(new / fw, 3), "speed_vs_ar": round(ar_s / chain_s, 3),
+                             "drafts_per_step": round(sum(offered) / max(len(offered), 1), 2)}
             res["thresholds"][thr] = row
             print(f"D={D} threshold {thr:<5}: " + "  ".join(
-                f"{name} {r['tokens_per_forward']:.2f} tok/fwd x{r['speed_vs_ar']:.2f}" for name, r in row.items()),
+                f"{name} {r['tokens_per_forward']:.2f} tok/fwd x{r['speed_vs_ar']:.2f} ({r['drafts_per_step']:.1f} drafts)"
+                for name, r in row.items()),
                 flush=True)
         out["block_sizes"][D] = res
     if args.out:

@@ -79,12 +79,11 @@ def main() -> int:
                     help="measure the draft-tree decoder (sdlm.tree): auto (the model's calibrated trees), widths "
                          "like 3,2,1, or a JSON file of rank paths; default: the chain")
     ap.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
-                    help="the chain decoder offering only the leading drafts whose joint probability is above P "
-                         "(GenerationConfig.draft_threshold; decoding on a CPU defaults to 0.1); default 0: every draft")
+                    help="the decoder offering only the leading drafts (with --tree: the nodes) whose joint probability "
+                         "is above P (GenerationConfig.draft_threshold; decoding on a CPU defaults to 0.1 for the chain, "
+                         "0.2 for trees); default 0: every draft")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
-    if args.draft_threshold and args.tree:
-        ap.error("--draft-threshold is for the chain of drafts: drop it or --tree")
     if not 0.0 <= args.draft_threshold < 1.0:
         ap.error("--draft-threshold must be in [0, 1)")
 

@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of dropping them (each token is the model's own or a confident one; more tokens per forward)")
     g.add_argument("--draft-threshold", type=float, default=None, metavar="P",
                    help="speculative (and confidence --verify): verify only the leading drafts whose joint probability "
-                        "stays above P (smaller forwards; the output is unchanged). Default: 0.1 for speculative on a "
-                        "CPU, where a forward costs more the more tokens it holds; otherwise 0 (every draft)")
+                        "stays above P; with --tree, only the tree's nodes whose joint probability is above P (smaller "
+                        "forwards; the output is unchanged). Default on a CPU, where a forward costs more the more tokens "
+                        "it holds: 0.1 for speculative's chain, 0.2 for its trees; otherwise 0 (every draft)")
     g.add_argument("--block-size", type=int, default=None, help="block size D (default: the model's trained D)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -79,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "no streaming; default: %(default)s)")
     g.add_argument("--tree", default=None, metavar="SPEC",
                    help="mode speculative, greedy or sampled: verify a tree of draft candidates per step (lossless; more tokens "
-                        "per forward for a larger forward: pays on a GPU). auto (the model's calibrated tree), "
-                        "widths per depth like 3,2,1, or a JSON file of rank paths")
+                        "per forward for a larger forward; on a CPU each step offers only its likely nodes, see "
+                        "--draft-threshold). auto (the model's calibrated tree), widths per depth like 3,2,1, or a JSON "
+                        "file of rank paths")
     g.add_argument("--prompts-file", default=None,
                    help="read more prompts from this file, one per line (or JSONL with a 'prompt' field)")
 

@@ -69,15 +69,17 @@ class GenerationConfig:
     threshold 1 the output is exactly ``speculative``'s. ``first_token`` does not apply (the first
     token of a step is always the model's own)."""
     draft_threshold: float | None = None
-    """Steps with drafts (``speculative``, ``confidence`` with ``verify``; chain, not tree): verify only
-    the longest prefix of the new drafts whose joint probability, the product of their slots' top
-    probabilities (greedy: the drafts' own), stays above this. Unlikely drafts are rarely accepted, and
+    """Steps with drafts (``speculative``, ``confidence`` with ``verify``): verify only the longest prefix
+    of the new drafts whose joint probability, the product of their slots' top probabilities (greedy: the
+    drafts' own), stays above this; with a draft ``tree``, only the nodes whose joint probability along
+    their rank path is above it (:meth:`sdlm.tree.DraftTree.likely_nodes`). Unlikely drafts are rarely accepted, and
     dropping them makes the next forward smaller (each draft verified adds itself and a candidate
     block of D tokens). ``speculative``'s output is unchanged: greedy, only fewer drafts are offered;
     sampled, how many are offered does not depend on the tokens drawn, so speculative sampling keeps
-    AR sampling's distribution. 0 offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` for
-    ``speculative`` on a CPU, where a forward's cost grows with its tokens, and 0 otherwise
-    (:func:`draft_threshold_for`)."""
+    AR sampling's distribution (a tree's walk draws the model's own tokens whatever the nodes offered). 0
+    offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` for ``speculative``'s chain on a
+    CPU, where a forward's cost grows with its tokens, :data:`CPU_TREE_DRAFT_THRESHOLD` for its trees there,
+    and 0 otherwise (:func:`draft_threshold_for`)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -128,9 +130,6 @@ class GenerationConfig:
         if self.draft_threshold and not self.drafting:
             raise SDLMError("a draft threshold is for the modes with drafts (speculative, confidence --verify): "
                             "drop --draft-threshold or change --mode")
-        if self.draft_threshold and self.wants_tree:
-            raise SDLMError("a draft threshold is for the chain of drafts; a tree has its own shape (--tree): "
-                            "drop one of --draft-threshold and --tree")
         if not 0.0 <= self.threshold <= 1.0:
             raise SDLMError(f"threshold must be in [0, 1], got {self.threshold}: try --threshold 0.9")
         if self.max_new_tokens < 1:
@@ -209,17 +208,23 @@ offering every draft, at D = 4 and more so at D = 8 (``bench/draft_threshold_cos
 ``bench/decode_speed.py --interleave``; figures in the README). Elsewhere (a GPU running a small
 model) a forward's cost hardly grows with its tokens, and every draft is offered."""
 
+CPU_TREE_DRAFT_THRESHOLD = 0.2
+"""The draft threshold of ``speculative`` with a draft tree on a CPU: a step offers the tree's nodes whose
+joint probability is above 0.2. A tree's runners-up are each less likely than the chain's drafts, and at 0.1
+the pruned tree was slower than the chain on the same machine; at 0.2 it was as fast or a little faster, with
+more tokens per forward (``bench/draft_threshold_cost.py --tree auto``; figures in the README)."""
+
 
 def draft_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
     """The draft threshold a decoder uses: the config's, or by default :data:`CPU_DRAFT_THRESHOLD` for
-    ``speculative``'s chain of drafts on a CPU, and 0 otherwise: other devices, a draft tree, modes
-    without drafts, and ``confidence`` with ``verify``, whose output (not the model's own) would change
-    with the drafts offered."""
+    ``speculative``'s chain of drafts on a CPU, :data:`CPU_TREE_DRAFT_THRESHOLD` for its draft trees there,
+    and 0 otherwise: other devices, modes without drafts, and ``confidence`` with ``verify``, whose output
+    (not the model's own) would change with the drafts offered."""
     if config.draft_threshold is not None:
         return config.draft_threshold
-    if config.mode != "speculative" or config.wants_tree or torch.device(device).type != "cpu":
+    if config.mode != "speculative" or torch.device(device).type != "cpu":
         return 0.0
-    return CPU_DRAFT_THRESHOLD
+    return CPU_TREE_DRAFT_THRESHOLD if config.wants_tree else CPU_DRAFT_THRESHOLD
 
 
 def likely_drafts(top_probs: torch.Tensor, threshold: float) -> int:
@@ -352,7 +357,7 @@ class Decoder:
         if self.config.mode == "confidence" and not self.config.verify:
             return confidence_step(uncached, first, self.block_size, self.mask_token_id,
                                    causal_first=self.config.first_token == "causal")
-        parents = self.tree.parents[: len(drafts)] if self.tree is not None else None
+        parents = self._tree_parents(drafts) if self.tree is not None else None
         return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id, parents)
 
     def _accept(self, logits, uncached, first, drafts, draft_q, generator) -> "_Accepted":
@@ -423,9 +428,10 @@ class Decoder:
         distribution at each node when the walk reaches it, one draw per committed token, exactly as
         ``ar`` draws it: the output is distributed as AR sampling (and with the same seed it is the
         same), whatever the drafts; they only decide how many tokens one forward commits."""
-        from .tree import tree_accept
+        from .tree import TreeDrafts, tree_accept
 
         tree, k = self.tree, len(drafts)
+        parents = self._tree_parents(drafts)
         if self.sampler.greedy:
             target = self.sampler.choose(causal)[0].tolist().__getitem__
         else:
@@ -436,12 +442,16 @@ class Decoder:
                     drawn[i] = int(self.sampler.choose(causal[i : i + 1], generator)[0][0])
                 return drawn[i]
 
-        path = tree_accept(tree.parents[:k], drafts, target)
+        path = tree_accept(parents, drafts, target)
         last = path[-1] if path else -1
         bonus = int(target(last + 1))
         widths = tree.widths
-        ranked = self.sampler.ranked(block(last + 1, 1, 1 + len(widths)), max(widths)).tolist()
-        next_drafts = tree.node_tokens(ranked)
+        ranked, probs = self.sampler.ranked_with_probs(block(last + 1, 1, 1 + len(widths)), max(widths))
+        tokens = tree.node_tokens(ranked.tolist())
+        nodes = range(len(tree))
+        if self.draft_threshold > 0:  # offer only the nodes likely enough to be accepted
+            nodes = tree.likely_nodes(probs.tolist(), self.draft_threshold)
+        next_drafts = TreeDrafts([tokens[i] for i in nodes], nodes)
         kept = None if path == list(range(len(path))) else path  # the first nodes: a plain crop keeps them
         return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, kept)
 
@@ -449,9 +459,20 @@ class Decoder:
         """The drafts a step may verify: the bonus token needs one slot of the length budget, so at most
         ``remaining - 1`` positions are drafted (a tree is cut at that depth, a prefix of its nodes)."""
         room = max(remaining - 1, 0)
-        if self.tree is not None:
-            return drafts[: self.tree.nodes_within(room)]
+        if self.tree is not None:  # breadth-first: the nodes within the depth are a prefix
+            depths = self.tree.depths
+            return drafts[: sum(1 for i in self._tree_nodes(drafts) if depths[i] <= room)]
         return drafts[:room]
+
+    def _tree_nodes(self, drafts: list[int]) -> Sequence[int]:
+        """Which nodes of the tree a step's drafts are: :class:`sdlm.tree.TreeDrafts` says; a plain list
+        (no drafts yet) is the tree's first nodes."""
+        nodes = getattr(drafts, "nodes", None)
+        return range(len(drafts)) if nodes is None else nodes
+
+    def _tree_parents(self, drafts: list[int]) -> list[int]:
+        """The parent of each draft of a tree step, as an index into the drafts (-1: the last committed token)."""
+        return self.tree.parents_of(self._tree_nodes(drafts))
 
     # ------------------------------------------------------------ helpers
 

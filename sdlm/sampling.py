@@ -65,6 +65,12 @@ class Sampler:
         """(N, V) logits -> (N, k) the ``k`` most likely tokens of each row, best first (greedy drafts)."""
         return self._masked(logits).topk(k, -1).indices
 
+    def ranked_with_probs(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`ranked`, and each token's probability under the plain softmax (temperature 1) of its row:
+        what a draft tree's threshold reads. (N, k) each."""
+        top = torch.softmax(self._masked(logits), -1).topk(k, -1)
+        return top.indices, top.values
+
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row of (N, V) probabilities (on the generator's device, the CPU)."""

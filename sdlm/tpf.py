@@ -115,6 +115,20 @@ def block_topk(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, k: i
     return torch.cat(out) if out else torch.empty((0, block_size, k), dtype=torch.long)
 
 
+def block_topk_and_probs(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, k: int,
+                         chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_topk` and the probability of each ranked prediction, (n_blocks, D, k) each: what a draft
+    tree's threshold reads (:meth:`sdlm.tree.DraftTree.likely_nodes`)."""
+    toks, probs = [], []
+    for lg in _block_logits(sdlm, seq, first, block_size, chunk):
+        top = lg.softmax(-1).topk(k, -1)
+        toks.append(top.indices.cpu())
+        probs.append(top.values.cpu())
+    if not toks:
+        return torch.empty((0, block_size, k), dtype=torch.long), torch.empty((0, block_size, k))
+    return torch.cat(toks), torch.cat(probs)
+
+
 def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_tokens: int | None = None,
            tree: "DraftTree | None" = None, top_probs: torch.Tensor | None = None,
            draft_threshold: float = 0.0) -> TPF:
@@ -125,8 +139,10 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
     (default: the output length), which bounds the drafts near the end.
     With a draft ``tree`` (:mod:`sdlm.tree`), ``drafts`` are ranked predictions
     (n_blocks, D, K) from :func:`block_topk` with K >= the tree's widest slot.
-    With a ``draft_threshold`` > 0, a step offers only the drafts the decoder offers under it
-    (:func:`sdlm.decode.likely_drafts` of ``top_probs``, from :func:`block_drafts_and_probs`).
+    With a ``draft_threshold`` > 0, a step offers only the drafts the decoder offers under it:
+    the chain, :func:`sdlm.decode.likely_drafts` of ``top_probs`` (from :func:`block_drafts_and_probs`);
+    a tree, :meth:`sdlm.tree.DraftTree.likely_nodes` of ``top_probs`` (the ranked predictions'
+    probabilities, from :func:`block_topk_and_probs`).
     """
     from .decode import likely_drafts
     from .tree import tree_accept
@@ -137,12 +153,11 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
         return TPF(0, 0)
     limit = max_new_tokens if max_new_tokens is not None else N
     D = drafts.shape[1]
-    if draft_threshold > 0 and (tree is not None or top_probs is None):
-        raise ValueError("a draft threshold is replayed for the chain of drafts, from their top_probs")
+    if draft_threshold > 0 and top_probs is None:
+        raise ValueError("a draft threshold is replayed from the drafts' probabilities: pass top_probs")
     if tree is not None:
         if drafts.dim() != 3 or drafts.shape[2] < max(tree.widths, default=1):
             raise ValueError(f"a tree of widths {tree.widths} needs ranked drafts (n, D, K >= {max(tree.widths)})")
-        parents = tree.parents
     hist: Counter[int] = Counter({1: 1})  # the prefill forward commits one token
     gen, forwards, offered = 1, 1, []
     m = n_prompt  # position of the newest committed (bonus) token
@@ -156,14 +171,18 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             while a < k and m + 1 + a < len(seq) and d[a] == seq[m + 1 + a]:
                 a += 1
         else:
-            nodes = tree.nodes_within(k)
-            row = drafts[m - 1 - (n_prompt - 1)]  # (D, K): slot j's ranked predictions
-            toks = tree.node_tokens([row[j].tolist() for j in range(1, D)])[:nodes]
+            b = m - 1 - (n_prompt - 1)
+            row = drafts[b]  # (D, K): slot j's ranked predictions
+            nodes = range(tree.nodes_within(k))  # the tree cut at the depth the length limit leaves
+            if draft_threshold > 0:  # and only the nodes likely enough, as the decoder offers them
+                nodes = [i for i in tree.likely_nodes(top_probs[b, 1:].tolist(), draft_threshold) if i < len(nodes)]
+            every = tree.node_tokens([row[j].tolist() for j in range(1, D)])
+            toks = [every[i] for i in nodes]
             # node at depth j drafts position m + j; the greedy target after the root (position m) and
             # after a node at depth j is the answer's token one further on (-1 past its end)
-            targets = [seq[m + 1 + d] if m + 1 + d < len(seq) else -1 for d in [0] + tree.depths[:nodes]]
-            a = len(tree_accept(parents[:nodes], toks, targets))
-            k = nodes
+            targets = [seq[m + 1 + d] if m + 1 + d < len(seq) else -1 for d in [0] + [tree.depths[i] for i in nodes]]
+            a = len(tree_accept(tree.parents_of(nodes), toks, targets))
+            k = len(nodes)
         offered.append(k)
         new = min(a + 1, N - gen)
         gen, m, forwards = gen + new, m + new, forwards + 1
@@ -180,17 +199,22 @@ def tokens_per_forward(
     ``output_ids`` must be the model's greedy output for ``prompt_ids`` (with the
     block-gated adapter: the base model's); then the count is exact. With a draft
     ``tree``, the count of the tree decoder (``GenerationConfig(tree=...)``). With a
-    ``draft_threshold``, the count of the chain decoder under it (0: every draft offered).
+    ``draft_threshold``, the count of the decoder under it (0: every draft or node offered).
     """
     seq = list(prompt_ids) + list(output_ids)
+    first = len(prompt_ids) - 1
+    probs = None
     if tree is None and draft_threshold > 0:
-        drafts, probs = block_drafts_and_probs(sdlm, seq, len(prompt_ids) - 1, block_size)
-        return replay(drafts, seq, len(prompt_ids), max_new_tokens, top_probs=probs, draft_threshold=draft_threshold)
-    if tree is None:
-        drafts = block_drafts(sdlm, seq, len(prompt_ids) - 1, block_size)
+        drafts, probs = block_drafts_and_probs(sdlm, seq, first, block_size)
+    elif tree is None:
+        drafts = block_drafts(sdlm, seq, first, block_size)
     else:
-        drafts = block_topk(sdlm, seq, len(prompt_ids) - 1, block_size, max(max(tree.widths, default=1), 1))
-    return replay(drafts, seq, len(prompt_ids), max_new_tokens, tree)
+        K = max(max(tree.widths, default=1), 1)
+        if draft_threshold > 0:
+            drafts, probs = block_topk_and_probs(sdlm, seq, first, block_size, K)
+        else:
+            drafts = block_topk(sdlm, seq, first, block_size, K)
+    return replay(drafts, seq, len(prompt_ids), max_new_tokens, tree, top_probs=probs, draft_threshold=draft_threshold)
 
 
 def summarize(results: list[TPF]) -> dict:

@@ -29,6 +29,15 @@ model's forward costs about the same for 20 or 100 tokens, and costly on a CPU.
 
 Nodes are kept in breadth-first order (by depth), so cutting a tree at a depth,
 as near the length limit, keeps a prefix of its nodes.
+
+With a draft threshold ``P`` (:attr:`sdlm.decode.GenerationConfig.draft_threshold`)
+a step offers only the nodes whose joint probability, the product of the block
+probabilities along their rank path, is above ``P`` (:meth:`DraftTree.likely_nodes`):
+the tree takes the shape of the block's confidence, wide where the runners-up are
+likely and a short chain or nothing where even the top predictions are not. A
+node is never likelier than its parent, so the offered nodes are a tree too
+(:class:`TreeDrafts` carries which ones). Pruning reads only the block's
+probabilities, never the model's own tokens, so the output is unchanged.
 """
 
 from __future__ import annotations
@@ -162,6 +171,42 @@ class DraftTree:
     def node_tokens(self, ranked: Sequence[Sequence[int]]) -> list[int]:
         """The draft token of every node; ``ranked[j-1]`` lists slot ``j``'s predictions, best first."""
         return [int(ranked[len(p) - 1][p[-1]]) for p in self.paths]
+
+    def likely_nodes(self, ranked_probs: Sequence[Sequence[float]], threshold: float) -> list[int]:
+        """The nodes (indices, breadth-first) whose joint probability stays strictly above ``threshold``:
+        the product, along the node's rank path, of the probability of slot ``j``'s rank ``r_j`` prediction
+        (``ranked_probs[j-1][r]``, as :meth:`node_tokens` reads the tokens). A node is never likelier than
+        its parent, so the nodes kept are closed under parents."""
+        joint: list[float] = []
+        for p, parent in zip(self.paths, self.parents):
+            joint.append((joint[parent] if parent >= 0 else 1.0) * float(ranked_probs[len(p) - 1][p[-1]]))
+        return [i for i, q in enumerate(joint) if q > threshold]
+
+    def parents_of(self, nodes: Sequence[int]) -> list[int]:
+        """The parents of a subtree's nodes (indices into this tree, breadth-first, closed under parents)
+        as indices into ``nodes``; -1 for the root."""
+        at = {n: i for i, n in enumerate(nodes)}
+        try:
+            return [at[self.parents[n]] if self.parents[n] >= 0 else -1 for n in nodes]
+        except KeyError:
+            raise ValueError(f"nodes {list(nodes)} are not closed under parents") from None
+
+
+class TreeDrafts(list):
+    """A tree step's draft tokens (a list, one per node offered) and which nodes of the step's
+    :class:`DraftTree` they are (:attr:`nodes`, breadth-first): all of them, or those a draft threshold
+    kept. A slice keeps the nodes of its tokens."""
+
+    def __init__(self, tokens: Iterable[int] = (), nodes: Iterable[int] = ()):
+        super().__init__(tokens)
+        self.nodes = list(nodes)
+        if len(self.nodes) != len(self):
+            raise ValueError(f"{len(self)} draft tokens need {len(self)} nodes, got {len(self.nodes)}")
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return TreeDrafts(list.__getitem__(self, i), self.nodes[i])
+        return list.__getitem__(self, i)
 
 
 def parse_tree(spec: str, model_trees: dict | None, block_size: int) -> DraftTree | None:

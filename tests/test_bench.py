@@ -117,3 +117,18 @@ def test_draft_threshold_cost_script(tmp_path):
             assert row["speed_vs_ar"] > 0 and cut["speed_vs_ar"] > 0
     bad = subprocess.run(cmd[:-2] + ["--thresholds", "1.5"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "--thresholds" in bad.stderr
+    # draft trees: step costs for every number of nodes, and a threshold that offers fewer of them
+    tree = subprocess.run(cmd + ["--tree", "2,2"], capture_output=True, text=True, cwd=ROOT)
+    assert tree.returncode == 0, tree.stderr
+    data = json.loads(out.read_text())
+    assert data["tree"] == "2,2"
+    for D in (2, 3):
+        r = data["block_sizes"][str(D)]
+        n = len(r["tree"])
+        assert n == (2 if D == 2 else 6)  # D = 2 cuts the tree at depth 1
+        assert sorted(map(int, r["step_ms"])) == [1] + [1 + k + (k + 1) * D for k in range(n + 1)]
+        for name, row in r["thresholds"]["0.0"].items():
+            cut = r["thresholds"]["0.5"][name]
+            assert 0 < row["drafts_per_step"] <= n  # every node, but near the length limit
+            assert cut["drafts_per_step"] < row["drafts_per_step"]  # a random model's blocks are never that sure
+            assert 1.0 <= cut["tokens_per_forward"] <= row["tokens_per_forward"]

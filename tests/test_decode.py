@@ -403,17 +403,20 @@ def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, 
 
 def test_draft_threshold_defaults_by_device(llama):
     """None: 0.1 for speculative's chain of drafts on a CPU, where a forward costs more the more tokens it
-    holds; 0 on other devices, for a draft tree, for modes without drafts and for confidence --verify (whose
-    output would change with the drafts offered); a value given is kept."""
-    from sdlm.decode import CPU_DRAFT_THRESHOLD, draft_threshold_for, likely_drafts
+    holds, and 0.2 for its draft trees; 0 on other devices, for modes without drafts and for confidence
+    --verify (whose output would change with the drafts offered); a value given is kept."""
+    from sdlm.decode import CPU_DRAFT_THRESHOLD, CPU_TREE_DRAFT_THRESHOLD, draft_threshold_for, likely_drafts
 
     spec = GenerationConfig(mode="speculative", block_size=4)
-    assert CPU_DRAFT_THRESHOLD == 0.1
+    assert (CPU_DRAFT_THRESHOLD, CPU_TREE_DRAFT_THRESHOLD) == (0.1, 0.2)
     assert draft_threshold_for(spec, "cpu") == Decoder(llama, spec).draft_threshold == CPU_DRAFT_THRESHOLD
     assert draft_threshold_for(GenerationConfig(mode="confidence", verify=True), "cpu") == 0.0
     assert draft_threshold_for(GenerationConfig(mode="confidence", verify=True, draft_threshold=0.2), "cpu") == 0.2
     assert draft_threshold_for(spec, "cuda") == draft_threshold_for(spec, torch.device("cuda", 0)) == 0.0
-    assert draft_threshold_for(GenerationConfig(mode="speculative", tree="2,1"), "cpu") == 0.0
+    tree = GenerationConfig(mode="speculative", block_size=4, tree="2,1")
+    assert draft_threshold_for(tree, "cpu") == Decoder(llama, tree).draft_threshold == CPU_TREE_DRAFT_THRESHOLD
+    assert draft_threshold_for(tree, "cuda") == 0.0
+    assert draft_threshold_for(GenerationConfig(mode="speculative", tree="2,1", draft_threshold=0.0), "cpu") == 0.0
     assert draft_threshold_for(GenerationConfig(mode="ar"), "cpu") == 0.0
     assert draft_threshold_for(GenerationConfig(mode="confidence"), "cpu") == 0.0
     assert draft_threshold_for(GenerationConfig(mode="speculative", draft_threshold=0.0), "cpu") == 0.0

@@ -5,7 +5,8 @@
    other branches are invisible.
 3. Decoding with a tree on the tiny trained model: equal to ``transformers`` ``generate``, to the
    uncached reference and to batched decoding; more tokens per forward than the chain; the
-   forward count equals the one-forward replay (SPEC §3.4) for D = 2, 4, 8.
+   forward count equals the one-forward replay (SPEC §3.4) for D = 2, 4, 8. The same with a
+   draft threshold, where each step offers only its likely nodes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sdlm.errors import SDLMError
 from sdlm.layout import speculative_step
 from sdlm.model import SDLM
 from sdlm.tpf import tokens_per_forward
-from sdlm.tree import DraftTree, calibrate, parse_tree, rank_path_counts, tree_accept, tree_visibility
+from sdlm.tree import DraftTree, TreeDrafts, calibrate, parse_tree, rank_path_counts, tree_accept, tree_visibility
 
 # ---------------------------------------------------------------- 1. the tree
 
@@ -118,6 +119,29 @@ def test_tree_accept():
         tree_accept(parents, tokens, [1, 2])
 
 
+def test_likely_nodes_multiply_the_probabilities_along_each_rank_path():
+    tree = DraftTree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    probs = [[0.6, 0.3], [0.5, 0.4], [0.9, 0.1]]  # slot j's ranked probabilities
+    # joint: [0] .6, [1] .3, [0,0] .3, [0,1] .24, [1,0] .15, [0,0,0] .27
+    assert tree.likely_nodes(probs, 0.0) == list(range(6))
+    assert tree.likely_nodes(probs, 0.25) == [0, 1, 2, 5]
+    assert tree.likely_nodes(probs, 0.28) == [0, 1, 2]
+    assert tree.likely_nodes(probs, 0.3) == [0]  # strictly above: .3 is not
+    assert tree.likely_nodes(probs, 0.6) == []
+    kept = tree.likely_nodes(probs, 0.25)
+    assert tree.parents_of(kept) == [-1, -1, 0, 2]  # [0,0,0] hangs under [0,0], the third node kept
+    with pytest.raises(ValueError, match="closed under parents"):
+        tree.parents_of([0, 1, 5])
+
+
+def test_tree_drafts_keep_their_nodes_when_sliced():
+    d = TreeDrafts([11, 12, 13], [0, 2, 5])
+    assert d == [11, 12, 13] and d[1] == 12
+    assert isinstance(d[:2], TreeDrafts) and d[:2].nodes == [0, 2] and d[:0].nodes == []
+    with pytest.raises(ValueError, match="need 3 nodes"):
+        TreeDrafts([1, 2, 3], [0])
+
+
 def test_tree_visibility_hides_other_branches():
     parents, D, u = [-1, -1, 0], 2, 1
     vis = tree_visibility(parents, u, D)
@@ -177,21 +201,24 @@ def test_tree_decoding_is_lossless_and_accepts_more(trained, monkeypatch, D, tre
     kept = []
     real_keep = SDLM.keep_tail
     monkeypatch.setattr(SDLM, "keep_tail", staticmethod(lambda c, s, idx: (kept.append(list(idx)), real_keep(c, s, idx))))
-    cfg = GenerationConfig(block_size=D, max_new_tokens=30, tree=tree)
+    cfg = GenerationConfig(block_size=D, max_new_tokens=30, tree=tree, draft_threshold=0.0)  # every node
     gens = [Decoder(trained, cfg).generate(p) for p in prompts]
     for p, g in zip(prompts, gens):
         assert g.tokens == hf_greedy(trained, p, 30)
     assert kept, "no step accepted a node other than the first ones: the KV gather went untested"
-    chain = [Decoder(trained, GenerationConfig(block_size=D, max_new_tokens=30)).generate(p) for p in prompts]
+    chain = [Decoder(trained, GenerationConfig(block_size=D, max_new_tokens=30, draft_threshold=0.0)).generate(p)
+             for p in prompts]
     assert sum(g.forwards for g in gens) < sum(g.forwards for g in chain)
     assert all(g.forwards <= c.forwards for g, c in zip(gens, chain))
     assert _tpf(gens) > _tpf(chain)
 
 
+@pytest.mark.parametrize("threshold", [0.0, None, 0.05])  # every node, the CPU's default, a low one
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_tree_cached_reference_and_batched_agree(trained, use_cache):
+def test_tree_cached_reference_and_batched_agree(trained, use_cache, threshold):
     prompts = _ids(trained)
-    cfg = GenerationConfig(block_size=4, max_new_tokens=30, tree="3,2,1", use_cache=use_cache)
+    cfg = GenerationConfig(block_size=4, max_new_tokens=30, tree="3,2,1", use_cache=use_cache,
+                           draft_threshold=threshold)
     alone = [Decoder(trained, cfg).generate(p) for p in prompts]
     for p, g in zip(prompts, alone):
         ref = reference_decode(trained, p, cfg)
@@ -202,14 +229,44 @@ def test_tree_cached_reference_and_batched_agree(trained, use_cache):
             a.tokens, a.forwards, a.accept_histogram, a.finish_reason)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.2])
 @pytest.mark.parametrize("D,tree", [(2, "2"), (4, "3,2,1"), (8, "2,2,2,1,1,1,1")])
-def test_tree_replay_counts_the_decoders_forwards(trained, D, tree):
-    cfg = GenerationConfig(block_size=D, max_new_tokens=24, tree=tree)
+def test_tree_replay_counts_the_decoders_forwards(trained, monkeypatch, D, tree, threshold):
+    cfg = GenerationConfig(block_size=D, max_new_tokens=24, tree=tree, draft_threshold=threshold)
     dec = Decoder(trained, cfg)
+    offered: list[int] = []
+    real_layout = Decoder._layout
+    monkeypatch.setattr(Decoder, "_layout", lambda self, u, f, d: (offered.append(len(d)), real_layout(self, u, f, d))[1])
     for p in _ids(trained):
+        offered.clear()
         g = dec.generate(p)
-        r = tokens_per_forward(trained, p, g.tokens, D, max_new_tokens=24, tree=dec.tree)
+        r = tokens_per_forward(trained, p, g.tokens, D, max_new_tokens=24, tree=dec.tree, draft_threshold=threshold)
         assert (r.forwards, r.new_tokens, r.accept_histogram) == (g.forwards, g.new_tokens, g.accept_histogram)
+        assert r.offered == offered[1:]  # the nodes of every step after the prefill
+        if threshold == 0.0:
+            assert all(k == len(dec.tree) for k in r.offered[:-D])  # far from the length limit: every node
+
+
+def test_tree_threshold_prunes_to_the_likely_nodes(trained):
+    """A draft threshold offers fewer nodes per step than the whole tree, keeps the output (``generate``'s
+    greedy tokens) and keeps most of the tree's accepted drafts; the CPU's default is its own."""
+    from sdlm.decode import CPU_TREE_DRAFT_THRESHOLD
+
+    prompts = _ids(trained)
+    runs = {}
+    for thr in (0.0, 0.2):
+        cfg = GenerationConfig(block_size=4, max_new_tokens=30, tree="3,3,3", draft_threshold=thr)
+        dec = Decoder(trained, cfg)
+        gens = [dec.generate(p) for p in prompts]
+        nodes = [tokens_per_forward(trained, p, g.tokens, 4, max_new_tokens=30, tree=dec.tree, draft_threshold=thr).offered
+                 for p, g in zip(prompts, gens)]
+        runs[thr] = (gens, sum(map(sum, nodes)) / sum(map(len, nodes)))
+        for p, g in zip(prompts, gens):
+            assert g.tokens == hf_greedy(trained, p, 30)
+    (full, full_nodes), (pruned, pruned_nodes) = runs[0.0], runs[0.2]
+    assert pruned_nodes < 0.5 * full_nodes  # 39 nodes offered per step without the threshold
+    assert sum(g.forwards for g in pruned) <= 1.25 * sum(g.forwards for g in full)
+    assert Decoder(trained, GenerationConfig(block_size=4, tree="3,3,3")).draft_threshold == CPU_TREE_DRAFT_THRESHOLD
 
 
 def test_tree_at_the_length_limit(trained):
@@ -238,15 +295,18 @@ def test_auto_tree_from_calibration(trained, tmp_path):
         trained.config.draft_trees = None
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.8, seed=3), dict(temperature=1.2, top_k=5, top_p=0.9, seed=11)])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.8, seed=3), dict(temperature=1.2, top_k=5, top_p=0.9, seed=11),
+                                      dict(temperature=0.8, seed=5, draft_threshold=0.1)])
 def test_sampled_tree_draws_what_ar_draws(trained, sampling):
     """Sampling over a tree draws the model's own token at each node the walk reaches, one draw per
     committed token as ``ar`` does: with the same seed, the same tokens as ``ar`` sampling (cached,
     uncached and batched), in fewer forwards, and a test that cannot pass by luck: other seeds differ."""
     prompts = _ids(trained)
+    sampling = dict(sampling)
+    threshold = sampling.pop("draft_threshold", 0.0)
     base = dict(max_new_tokens=30, **sampling)
     ar = [Decoder(trained, GenerationConfig(mode="ar", **base)).generate(p) for p in prompts]
-    cfg = GenerationConfig(block_size=4, tree="3,2,1", **base)
+    cfg = GenerationConfig(block_size=4, tree="3,2,1", draft_threshold=threshold, **base)
     tree = [Decoder(trained, cfg).generate(p) for p in prompts]
     assert [g.tokens for g in tree] == [g.tokens for g in ar]
     assert sum(g.forwards for g in tree) < 0.75 * sum(g.forwards for g in ar)
