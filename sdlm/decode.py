@@ -210,9 +210,10 @@ model) a forward's cost hardly grows with its tokens, and every draft is offered
 
 CPU_TREE_DRAFT_THRESHOLD = 0.2
 """The draft threshold of ``speculative`` with a draft tree on a CPU: a step offers the tree's nodes whose
-joint probability is above 0.2. A tree's runners-up are each less likely than the chain's drafts, and at 0.1
-the pruned tree was slower than the chain on the same machine; at 0.2 it was as fast or a little faster, with
-more tokens per forward (``bench/draft_threshold_cost.py --tree auto``; figures in the README)."""
+joint probability is above 0.2. A tree's runners-up are each less likely than the chain's drafts: priced on a
+2-core AVX2 CPU with the default model's trees (``bench/draft_threshold_cost.py --tree auto``; figures in the
+README), 0.1 offered about four nodes a step and was slower than 0.15 to 0.2, and at 0.2 the tree decoded
+about as fast as the chain at :data:`CPU_DRAFT_THRESHOLD`, with a few more tokens per forward."""
 
 
 def draft_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
