@@ -133,15 +133,15 @@ def main() -> int:
             row = {}
             for name, rows in seqs.items():
                 new = fw = 0
-                chain_s = ar_s = 0.0
+                steps_s = ar_s = 0.0
                 offered: list[int] = []
                 for (p, y), (drafts, probs) in zip(rows, blocks[name]):
                     t = replay(drafts, p + y, len(p), args.max_new_tokens, tree, top_probs=probs, draft_threshold=thr)
                     new, fw = new + t.new_tokens, fw + t.forwards
                     offered += t.offered
-                    chain_s += sum(cost[1 + k + (k + 1) * D] for k in t.offered)  # the steps after the prefill
+                    steps_s += sum(cost[1 + k + (k + 1) * D] for k in t.offered)  # the steps after the prefill
                     ar_s += cost[1] * (t.new_tokens - 1)
-                row[name] = {"tokens_per_forward": round(new / fw, 3), "speed_vs_ar": round(ar_s / chain_s, 3),
+                row[name] = {"tokens_per_forward": round(new / fw, 3), "speed_vs_ar": round(ar_s / steps_s, 3),
                              "drafts_per_step": round(sum(offered) / max(len(offered), 1), 2)}
             res["thresholds"][thr] = row
             print(f"D={D} threshold {thr:<5}: " + "  ".join(
