@@ -68,8 +68,9 @@ class Sampler:
     def ranked_with_probs(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`ranked`, and each token's probability under the plain softmax (temperature 1) of its row:
         what a draft tree's threshold reads. (N, k) each."""
-        top = torch.softmax(self._masked(logits), -1).topk(k, -1)
-        return top.indices, top.values
+        logits = self._masked(logits)
+        idx = logits.topk(k, -1).indices  # ranked as :meth:`ranked` ranks them
+        return idx, torch.softmax(logits, -1).gather(-1, idx)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

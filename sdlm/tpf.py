@@ -99,14 +99,8 @@ def block_drafts_and_probs(sdlm: SDLM, seq: Sequence[int], first: int, block_siz
                            chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_drafts` and each prediction's probability (the slot's top probability), (n_blocks, D)
     each: what a draft threshold (:attr:`sdlm.decode.GenerationConfig.draft_threshold`) reads."""
-    toks, probs = [], []
-    for lg in _block_logits(sdlm, seq, first, block_size, chunk):
-        q, t = lg.softmax(-1).max(-1)
-        toks.append(t.cpu())
-        probs.append(q.cpu())
-    if not toks:
-        return torch.empty((0, block_size), dtype=torch.long), torch.empty((0, block_size))
-    return torch.cat(toks), torch.cat(probs)
+    toks, probs = block_topk_and_probs(sdlm, seq, first, block_size, 1, chunk)
+    return toks[..., 0], probs[..., 0]
 
 
 def block_topk(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, k: int, chunk: int = 64) -> torch.Tensor:
@@ -121,9 +115,9 @@ def block_topk_and_probs(sdlm: SDLM, seq: Sequence[int], first: int, block_size:
     tree's threshold reads (:meth:`sdlm.tree.DraftTree.likely_nodes`)."""
     toks, probs = [], []
     for lg in _block_logits(sdlm, seq, first, block_size, chunk):
-        top = lg.softmax(-1).topk(k, -1)
-        toks.append(top.indices.cpu())
-        probs.append(top.values.cpu())
+        idx = lg.topk(k, -1).indices  # ranked as :func:`block_topk` and the decoder rank them
+        toks.append(idx.cpu())
+        probs.append(lg.softmax(-1).gather(-1, idx).cpu())
     if not toks:
         return torch.empty((0, block_size, k), dtype=torch.long), torch.empty((0, block_size, k))
     return torch.cat(toks), torch.cat(probs)
