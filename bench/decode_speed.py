@@ -8,6 +8,10 @@ one prompt at a time, on the weights as stored.
 On a CPU the model's linear layers run on oneDNN-packed weights (``sdlm.cpu``) unless ``--no-prepack``;
 ``--also-unpacked`` runs every mode both ways in the same run (rows ``MODE unpacked``).
 
+``--also-plain`` runs every mode again with ``transformers``' own KV cache and sdpa attention instead of this
+library's decoding ones (``sdlm.kvcache``, ``sdlm.attention.sdpa_attention``; rows ``MODE plain``). ``--few-shot K``
+puts K worked GSM8K-train examples before each prompt: long prompts, where the cache's size tells.
+
 ``--also-unfused`` runs every mode again with the gated LoRA layers on ``peft``'s own forward instead of
 their shorter inference path (``sdlm.adapter.fuse_gated_inference``; rows ``MODE unfused``).
 
@@ -66,6 +70,15 @@ def main() -> int:
     ap.add_argument("--also-unfused", action="store_true",
                     help="run every mode twice, with the gated LoRA layers' inference path and with peft's own "
                          "forward (rows 'MODE unfused'), in one run")
+    ap.add_argument("--also-plain", action="store_true",
+                    help="run every mode twice, with this library's decoding cache and attention and with "
+                         "transformers' own (DynamicCache, sdpa copying grouped keys per head; rows 'MODE plain'), "
+                         "in one run")
+    ap.add_argument("--few-shot", type=int, default=0,
+                    help="put this many worked GSM8K-train examples (question and answer) before each prompt: "
+                         "a long prompt")
+    ap.add_argument("--gsm8k-train", default=str(HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"),
+                    help="the GSM8K-train file --few-shot takes its examples from")
     ap.add_argument("--interleave", action="store_true",
                     help="one prompt at a time, every mode in turn (order rotated per prompt), so that the machine's "
                          "drift over minutes hits every mode alike; adds the median over prompts of each prompt's "
@@ -78,6 +91,8 @@ def main() -> int:
     import torch
 
     from sdlm.adapter import unfused_lora
+    from sdlm.attention import plain_sdpa
+    from sdlm.kvcache import plain_cache
     from sdlm.cpu import describe as describe_cpu, describe_host, packed_layers, packing_off
     from sdlm.decode import Decoder, GenerationConfig, draft_threshold_for, encode_prompt
     from sdlm.model import SDLM
@@ -89,7 +104,12 @@ def main() -> int:
         raise SystemExit("--also-unpacked compares with packed weights, and none were packed here (not a CPU, or "
                          "--no-prepack, or a build without oneDNN)")
     rows = [json.loads(l) for l in Path(args.prompts).read_text().splitlines()[: args.n]]
-    prompts = [encode_prompt(sdlm, r.get("prompt") or r.get("question")) for r in rows]
+    shots = ""
+    if args.few_shot:
+        train = [json.loads(l) for l in Path(args.gsm8k_train).read_text().splitlines()[: args.few_shot]]
+        shots = "".join(f"Question: {t['question']}\nAnswer: {t['answer']}\n\n" for t in train)
+    prompts = [encode_prompt(sdlm, shots + (f"Question: {q}\nAnswer:" if shots else q))
+               for q in (r.get("prompt") or r.get("question") for r in rows)]
     for mode in ("ar", "speculative"):  # warm-up
         Decoder(sdlm, GenerationConfig(mode=mode, max_new_tokens=8)).generate(prompts[0])
 
@@ -97,9 +117,16 @@ def main() -> int:
         hf_generate(sdlm, prompts[0], 8)  # warm-up
 
     results, outputs = {}, {}
-    variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else [])
+    variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else []) \
+        + (["plain"] if args.also_plain else [])
     runs = [(spec, v) for spec in args.modes for v in variants if not (spec == "hf" and v)]
-    switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora}
+
+    @contextlib.contextmanager
+    def plain_internals():
+        with plain_cache(), plain_sdpa():
+            yield
+
+    switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora, "plain": plain_internals}
     label = lambda spec, variant: f"{spec} {variant}" if variant else spec  # noqa: E731
     configs = {}
     for spec, variant in runs:
@@ -160,13 +187,19 @@ def main() -> int:
     base = results.get("ar", {}).get("median_tokens_per_second")
     for r in results.values():
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
-    for k, r in results.items():  # packed against unpacked, fused against unfused, same mode
-        for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup")):
+    for k, r in results.items():  # packed against unpacked, fused against unfused, own against plain, same mode
+        for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup"), (" plain", "own_speedup")):
             if k.endswith(variant) and k[: -len(variant)] in results:
-                r[key] = round(results[k[: -len(variant)]]["median_tokens_per_second"] / r["median_tokens_per_second"], 2)
+                own = k[: -len(variant)]
+                r[key] = round(results[own]["median_tokens_per_second"] / r["median_tokens_per_second"], 2)
+                if args.interleave:  # the same prompt both ways, then the median over prompts
+                    r[key + "_per_prompt"] = round(statistics.median(
+                        a.tokens_per_second / b.tokens_per_second for a, b in zip(gens_of[own], gens_of[k])), 3)
+                r["same_output_as_" + own] = f"{sum(a == b for a, b in zip(outputs[own], outputs[k]))}/{len(prompts)}"
     cpu = describe_cpu()
     device = torch.cuda.get_device_name(sdlm.device) if sdlm.device.type == "cuda" else cpu
     out = {"model": args.model, "dtype": args.dtype, "device": device, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+           "few_shot": args.few_shot, "prompt_tokens_median": statistics.median(len(p) for p in prompts),
            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
            if args.temperature > 0 else "greedy",
            "batch_size": args.batch_size, "interleaved": args.interleave,
@@ -179,6 +212,8 @@ def main() -> int:
               f"{r['tokens_per_forward']:.2f} tok/forward  same as ar: {r['same_output_as_ar']}"
               + (f"  packed x{r['packed_speedup']}" if "packed_speedup" in r else "")
               + (f"  fused x{r['fused_speedup']}" if "fused_speedup" in r else "")
+              + (f"  own/plain x{r['own_speedup']}" if "own_speedup" in r else "")
+              + (f" (per prompt x{r['own_speedup_per_prompt']})" if "own_speedup_per_prompt" in r else "")
               + (f"  per-prompt ratio to ar x{r['median_prompt_ratio_vs_ar']}" if "median_prompt_ratio_vs_ar" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

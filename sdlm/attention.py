@@ -503,8 +503,7 @@ def use_block_attention(model) -> None:
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layout = _current.get()
         if layout is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                          dropout=dropout, **kwargs)
+            return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if dropout:
             raise SDLMError("block attention runs without attention dropout: set the model's attention_dropout to 0")
         if isinstance(layout, CausalSegments):  # packed clean parts: causal within each sample
@@ -534,3 +533,54 @@ def use_block_attention(model) -> None:
     AttentionInterface.register(BLOCK_ATTENTION, attention)
     AttentionMaskInterface.register(BLOCK_ATTENTION, sdpa_mask)
     model.set_attn_implementation(BLOCK_ATTENTION)
+
+
+DECODING_ATTENTION = "sdlm_sdpa"
+_plain_sdpa: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_plain_sdpa", default=False)
+
+
+def plain_sdpa():
+    """Inside, :func:`sdpa_attention` always runs ``transformers``' own sdpa function (for comparisons)."""
+    return setting(_plain_sdpa, True)
+
+_SDPA_KWARGS = {"position_ids", "cache_position", "sliding_window", "is_causal", "output_attentions", "use_cache",
+                "past_key_values", "cache"}
+"""Keyword arguments the attention layers of ``transformers`` pass that :func:`sdpa_attention` may ignore on
+its own path (the mask already carries any sliding window); with any other it hands over to ``transformers``."""
+
+
+def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """``transformers``' sdpa attention, except for one case: on a CPU, with a 4D mask and grouped-query
+    heads. There ``transformers`` copies the keys and values once per query head of a group (it lets sdpa
+    share them only without a mask, where its GPU kernels need that); a decoding forward with the block
+    rule's mask does this in every layer, over the whole cache. Here sdpa shares them instead
+    (``enable_gqa``): the same attention (the same numbers, on the PyTorch builds tested), without the
+    copies. Everything else runs ``transformers``' function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (_plain_sdpa.get() or query.device.type != "cpu" or not isinstance(attention_mask, torch.Tensor)
+            or attention_mask.dim() != 4 or groups <= 1 or query.shape[1] != key.shape[1] * groups or key.shape[-1] != value.shape[-1]
+            or kwargs.get("output_attentions") or any(k not in _SDPA_KWARGS for k in kwargs if kwargs[k] is not None)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_decoding_attention(model) -> bool:
+    """Run ``model``'s attention through :func:`sdpa_attention` if it runs ``transformers``' sdpa (the default
+    of most models). Returns whether it does now."""
+    if getattr(model.config, "_attn_implementation", None) == DECODING_ATTENTION:
+        return True
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODING_ATTENTION, sdpa_attention)
+    AttentionMaskInterface.register(DECODING_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(DECODING_ATTENTION)
+    return True

@@ -30,6 +30,7 @@ import torch
 
 from .accept import confident_prefix, confident_run, cut_at_eos, greedy_accept, speculative_accept
 from .errors import SDLMError
+from .kvcache import new_cache
 from .layout import StepLayout, ar_step, confidence_step, speculative_step
 from .model import SDLM
 from .sampling import Sampler, confidence
@@ -478,9 +479,7 @@ class Decoder:
     # ------------------------------------------------------------ helpers
 
     def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache()
+        return new_cache(self.sdlm.device)
 
     def _check_prompt(self, n_prompt: int) -> None:
         if n_prompt == 0:

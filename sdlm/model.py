@@ -18,10 +18,11 @@ from typing import Sequence
 
 import torch
 
-from .attention import BlockLayout, CausalSegments, active
+from .attention import BlockLayout, CausalSegments, active, sdpa_attention, use_decoding_attention
 from .cpu import native
 from .errors import SDLMError
 from .io import atomic_dir
+from .kvcache import GrowingLayer
 from .layout import StepLayout
 from .masks import TokenInfo, additive, allowed
 
@@ -95,6 +96,9 @@ def _keep_tail(cache, start: int, idx) -> None:
             raise SDLMError("draft trees need a full KV cache; this model has sliding-window layers: drop --tree")
         if sel is None:
             sel = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + start
+        if isinstance(layer, GrowingLayer):
+            layer.keep(start, sel)
+            continue
         layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, sel)], -2)
         layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, sel)], -2)
 
@@ -111,6 +115,7 @@ class SDLM:
         # (B, T) bool, True on block tokens, or True: every token is one; read by gated adapters
         self.gate: torch.Tensor | bool | None = None
         self.gate_columns: dict = {}  # values derived from the gate, kept for one forward (sdlm.adapter)
+        use_decoding_attention(model)  # sdpa without copying grouped keys and values per query head
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
         self._cache_kwarg = _cache_kwarg(model)
@@ -368,12 +373,11 @@ def use_flex_attention(model) -> None:
     """
     from torch.nn.attention.flex_attention import BlockMask
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if not isinstance(attention_mask, BlockMask):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if dropout:
             raise SDLMError("flex attention runs without attention dropout: set the model's attention_dropout to 0")
         out = _flex(query.device)(query, key, value, block_mask=attention_mask, scale=scaling,

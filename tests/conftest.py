@@ -59,11 +59,15 @@ def random_prompt(seed: int, length: int) -> list[int]:
 
 
 def hf_greedy(sdlm, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' own greedy continuation (stops at the generation config's eos like the decoder)."""
-    out = sdlm.model.generate(
-        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        do_sample=False, max_new_tokens=max_new_tokens,
-    )
+    """transformers' own greedy continuation (stops at the generation config's eos like the decoder), with
+    transformers' own attention function throughout (:func:`sdlm.attention.plain_sdpa`)."""
+    from sdlm.attention import plain_sdpa
+
+    with plain_sdpa():
+        out = sdlm.model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False, max_new_tokens=max_new_tokens,
+        )
     return out[0, len(prompt):].tolist()
 
 
