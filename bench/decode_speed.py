@@ -236,12 +236,14 @@ def run_mode(sdlm, cfg, prompts, batch_size):
 
 
 def hf_generate(sdlm, prompt, max_new_tokens):
-    """``transformers`` ``generate`` (greedy, with its own KV cache) on the bare base: the adapter off, and
-    the linear layers on their weights as stored (as a user of ``transformers`` runs them)."""
+    """``transformers`` ``generate`` (greedy, with its own KV cache) on the bare base: the adapter off, the
+    linear layers on their weights as stored and ``transformers``' own attention (as a user of
+    ``transformers`` runs them)."""
     import time
 
     import torch
 
+    from sdlm.attention import plain_sdpa
     from sdlm.cpu import packing_off
     from sdlm.decode import Generation
 
@@ -252,7 +254,7 @@ def hf_generate(sdlm, prompt, max_new_tokens):
     if sdlm.device.type == "cuda":
         torch.cuda.synchronize(sdlm.device)
     t0 = time.perf_counter()
-    with packing_off():
+    with packing_off(), plain_sdpa():
         out = sdlm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=sdlm.tokenizer.eos_token_id)
     if sdlm.device.type == "cuda":

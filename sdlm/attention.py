@@ -543,6 +543,7 @@ def plain_sdpa():
     """Inside, :func:`sdpa_attention` always runs ``transformers``' own sdpa function (for comparisons)."""
     return setting(_plain_sdpa, True)
 
+
 _SDPA_KWARGS = {"position_ids", "cache_position", "sliding_window", "is_causal", "output_attentions", "use_cache",
                 "past_key_values", "cache"}
 """Keyword arguments the attention layers of ``transformers`` pass that :func:`sdpa_attention` may ignore on
@@ -559,14 +560,15 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if (_plain_sdpa.get() or query.device.type != "cpu" or not isinstance(attention_mask, torch.Tensor)
-            or attention_mask.dim() != 4 or groups <= 1 or query.shape[1] != key.shape[1] * groups or key.shape[-1] != value.shape[-1]
-            or kwargs.get("output_attentions") or any(k not in _SDPA_KWARGS for k in kwargs if kwargs[k] is not None)):
+    own = (not _plain_sdpa.get() and query.device.type == "cpu" and isinstance(attention_mask, torch.Tensor)
+           and attention_mask.dim() == 4 and groups > 1 and query.shape[1] == key.shape[1] * groups
+           and key.shape[-1] == value.shape[-1] and not kwargs.get("output_attentions")
+           and all(k in _SDPA_KWARGS for k, v in kwargs.items() if v is not None))
+    if not own:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        enable_gqa=True)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 
