@@ -58,10 +58,10 @@ def test_growing_cache_holds_what_a_dynamic_cache_holds():
     _same(own, plain)
     assert all(layer._kbuf.shape[-2] >= 413 for layer in own.layers)
     own.batch_select_indices(torch.tensor([1])), plain.batch_select_indices(torch.tensor([1]))  # a finished row
-    update_one = [(layer, *_kv(99 + i, 3, batch=1)) for i, layer in enumerate(range(2))]
-    for layer, k, v in update_one:
+    for layer in range(2):
+        k, v = _kv(99 + layer, 3, batch=1)
         got, want = own.update(k, v, layer), plain.update(k, v, layer)
-        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     _same(own, plain)
     SDLM.crop(own, 1), SDLM.crop(plain, 1)
     _same(own, plain)
