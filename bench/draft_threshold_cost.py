@@ -38,8 +38,7 @@ def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=
     """Median seconds of a decoding forward by its tokens: ``ar``'s 1, and a chain step with k = 0 .. D-1
     drafts (``1 + k + (k + 1) * D`` tokens), over ``cached`` committed tokens of ``seq`` (fewer if ``seq``
     is shorter). With a draft ``tree``, its steps with the first N = 0 .. len(tree) nodes instead."""
-    from transformers import DynamicCache
-
+    from sdlm.kvcache import new_cache
     from sdlm.layout import ar_step, speculative_step
     from sdlm.model import SDLM
 
@@ -47,7 +46,7 @@ def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=
     cached = min(cached, len(seq) - 1 - width)
     if cached < 1:
         raise SystemExit(f"the prompts and answers are too short to time steps of D = {D}")
-    cache = DynamicCache()
+    cache = new_cache(sdlm.device)  # the decoder's own
     sdlm.step_hidden(ar_step(seq[:cached], 0), cache, 0)
     mask = sdlm.config.mask_token_id
     steps = {1: (ar_step([seq[cached]], cached), 1)}

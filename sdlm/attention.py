@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .context import setting
 from .errors import SDLMError
@@ -497,7 +498,6 @@ def use_block_attention(model) -> None:
     """Let ``model`` run :func:`block_attention` for forwards given a :class:`BlockLayout` (through
     :meth:`sdlm.model.SDLM.forward`); every other forward runs sdpa, as before."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -557,8 +557,6 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     rule's mask does this in every layer, over the whole cache. Here sdpa shares them instead
     (``enable_gqa``): the same attention (the same numbers, on the PyTorch builds tested), without the
     copies. Everything else runs ``transformers``' function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     own = (not _plain_sdpa.get() and query.device.type == "cpu" and isinstance(attention_mask, torch.Tensor)
            and attention_mask.dim() == 4 and groups > 1 and query.shape[1] == key.shape[1] * groups

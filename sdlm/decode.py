@@ -448,11 +448,13 @@ class Decoder:
         last = path[-1] if path else -1
         bonus = int(target(last + 1))
         widths = tree.widths
-        ranked, probs = self.sampler.ranked_with_probs(block(last + 1, 1, 1 + len(widths)), max(widths))
-        tokens = tree.node_tokens(ranked.tolist())
-        nodes = range(len(tree))
+        logits = block(last + 1, 1, 1 + len(widths))
         if self.draft_threshold > 0:  # offer only the nodes likely enough to be accepted
+            ranked, probs = self.sampler.ranked_with_probs(logits, max(widths))
             nodes = tree.likely_nodes(probs.tolist(), self.draft_threshold)
+        else:  # every node: no softmax needed
+            ranked, nodes = self.sampler.ranked(logits, max(widths)), range(len(tree))
+        tokens = tree.node_tokens(ranked.tolist())
         next_drafts = TreeDrafts([tokens[i] for i in nodes], nodes)
         kept = None if path == list(range(len(path))) else path  # the first nodes: a plain crop keeps them
         return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, kept)

@@ -69,18 +69,18 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = kb[:, :, : n + t], vb[:, :, : n + t]
         return self.keys, self.values
 
-    def keep(self, start: int, sel: torch.Tensor) -> None:
-        """Keep entries ``0 .. start-1`` and then ``sel`` (indices into the sequence), in the buffer."""
-        n = start + len(sel)
+    def keep(self, start: int, sel: torch.Tensor) -> bool:
+        """Keep entries ``0 .. start-1`` and then ``sel`` (indices into the sequence), in the buffer. Returns
+        False, changing nothing, where the keys and values are no longer the buffer's views."""
         if not self._in_buffer():
-            self.keys = torch.cat([self.keys[..., :start, :], self.keys.index_select(-2, sel)], -2)
-            self.values = torch.cat([self.values[..., :start, :], self.values.index_select(-2, sel)], -2)
-            return
+            return False
+        n = start + len(sel)
         kb, vb = self._kbuf, self._vbuf
         with torch.inference_mode(kb.is_inference()):  # decoding forwards fill the buffer in inference mode
             kb[:, :, start:n] = kb.index_select(2, sel)  # gathered first: sel may overlap where it lands
             vb[:, :, start:n] = vb.index_select(2, sel)
             self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+        return True
 
 
 _plain: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_plain_cache", default=False)

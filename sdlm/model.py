@@ -96,8 +96,7 @@ def _keep_tail(cache, start: int, idx) -> None:
             raise SDLMError("draft trees need a full KV cache; this model has sliding-window layers: drop --tree")
         if sel is None:
             sel = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + start
-        if isinstance(layer, GrowingLayer):
-            layer.keep(start, sel)
+        if isinstance(layer, GrowingLayer) and layer.keep(start, sel):  # in place, in its buffer
             continue
         layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, sel)], -2)
         layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, sel)], -2)
