@@ -12,7 +12,7 @@ re-lays out the weight at each call; oneDNN can take the weight once in its own 
 the call is an inference one: gradients off (``torch.no_grad`` / ``torch.inference_mode``), no
 autocast, a CPU input of the weight's dtype. Every other call (training, autocast, another device)
 runs the layer's own forward. The packed copy is made again if the weight changes (an in-place
-update, a new tensor of the same dtype). The original weights stay where they are, so state dicts,
+update, a new tensor of the same dtype, any optimizer step in the process). The original weights stay where they are, so state dicts,
 saving and training are unaffected; the packed copies take as much memory again as the linear
 weights (``SDLM.load`` packs by default only where they fit in half the memory still available).
 
@@ -28,6 +28,7 @@ import os
 import platform
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .context import setting
 
@@ -168,6 +169,19 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT)
 
 
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(*_args) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# A fused optimizer can update a weight in place without bumping its ``_version`` (AdamW's fused kernel does
+# not), so a packed copy is also made again after any optimizer step taken in this process.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) -> int:
     """Route every CPU ``nn.Linear`` of ``model`` (float32 or bf16, both sides at least ``min_features``)
     through a oneDNN-packed copy of its weight for inference calls (see the module's docstring).
@@ -228,4 +242,4 @@ def packed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _key(w: torch.Tensor) -> tuple:
-    return (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    return (w.data_ptr(), w._version, w.dtype, tuple(w.shape), _optimizer_steps)

@@ -82,6 +82,27 @@ def test_a_changed_weight_is_packed_again(packed_calls):
     assert len(packed_calls) == 3
 
 
+def test_a_weight_changed_by_a_fused_optimizer_is_packed_again(packed_calls):
+    """AdamW's fused kernel updates a weight in place without bumping its version counter: the packed copy
+    is made again after any optimizer step, not read stale."""
+    lin = _layer(torch.float32)
+    lin.weight.requires_grad_(True)
+    prepack_linears(lin)
+    x = torch.randn(3, 96)
+    opt = torch.optim.AdamW([lin.weight], lr=0.1, fused=True)
+    with torch.no_grad():
+        before = lin(x)
+    lin.weight.grad = torch.randn_like(lin.weight)
+    old = lin.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(lin.weight, old)
+    with torch.no_grad():
+        after = lin(x)
+    assert torch.allclose(after, F.linear(x, lin.weight, lin.bias), atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert len(packed_calls) == 2
+
+
 def test_unpack_restores_the_layers():
     model = torch.nn.Sequential(_layer(torch.float32), torch.nn.ReLU(), torch.nn.Linear(160, 8))
     assert prepack_linears(model) == 1  # 160 -> 8 is narrower than the minimum: left alone

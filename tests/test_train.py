@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlm.adapter import AdapterConfig, attach
+from sdlm.adapter import AdapterConfig, attach, plain_lora_layers, unfused_lora
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.model import SDLM
@@ -123,7 +123,6 @@ def test_fused_gated_inference_gives_peft_outputs(arch, alpha):
     """The gated LoRA layers' short inference path (sdlm.adapter.fuse_gated_inference) runs instead of
     peft's modules, and gives peft's outputs: exactly the base model's where the gate is 0, the same
     block outputs within rounding where it is 1, for a per-token gate (batch of 2) and an all-block pass."""
-    from sdlm.adapter import unfused_lora
 
     s, ad = adapted(arch, alpha=alpha)
     calls = []
@@ -154,6 +153,35 @@ def test_fused_gated_inference_gives_peft_outputs(arch, alpha):
         with unfused_lora():
             expect = s.forward(ids, pos, None, g)
     assert torch.allclose(again, expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_forwards_without_block_tokens_run_the_base_layers_alone(prepack):
+    """A forward with no block token (an ``ar`` step, a prefill, a plain call without a gate) runs each gated
+    LoRA layer's base layer directly, not through ``peft``'s forward, and gives the bare base model's output."""
+    s, ad = adapted("llama")
+    if prepack:
+        s.prepack()
+    peft_calls = []
+    for mod, _ in plain_lora_layers(s.model):
+        real = mod._check_forward_args  # the first thing peft's LoRA forward does
+        mod._check_forward_args = lambda *a, real=real, **k: peft_calls.append(1) or real(*a, **k)
+    base, _ = random_model("llama")
+    ids = torch.tensor([[5, 17, 99, 3, 42, 42, 8, 11]])
+    pos = torch.arange(8)[None]
+    with torch.no_grad():
+        want = base(ids).logits
+        got = s.forward(ids, pos, None, torch.zeros(1, 8, dtype=torch.bool))
+        plain = s.model(ids).logits  # no gate set: the adapter is off
+    assert not peft_calls
+    V = want.shape[-1]  # the adapted model has one more token: the mask
+    got, plain = got[..., :V], plain[..., :V]
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(plain, want, atol=1e-5)
+    with torch.no_grad():
+        s.forward(ids, pos, None, torch.ones(1, 8, dtype=torch.bool))
+        with unfused_lora():
+            s.forward(ids, pos, None, torch.zeros(1, 8, dtype=torch.bool))
+    assert len(peft_calls) == len(list(plain_lora_layers(s.model)))  # the unfused forward only, once per layer
 
 
 def test_ungated_lora_changes_the_model():
