@@ -227,9 +227,9 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
     a power-of-two scaling (alpha / r) the block tokens get exactly ``peft``'s numbers too, up to the
     product's summation order. A forward without block tokens (no gate set, or the adapter switched off by
     :meth:`Adapter.set_active`) runs the base layer alone, as ``peft``'s forward would, without its per-call
-    work (a median ×1.06 per ``ar`` step on a 2-core AVX2 CPU, timed step by step; within that machine's noise
-    end to end). Calls with gradients, autocast, a dtype other than the LoRA
-    weights', several adapters, dropout or a LoRA variant run ``peft``'s forward. Returns the layers routed."""
+    work (a median ×1.06 per ``ar`` step on a 2-core AVX2 CPU, timed step by step; within that machine's
+    noise end to end). Calls with gradients, autocast, a dtype other than the LoRA weights', several
+    adapters, dropout or a LoRA variant run ``peft``'s forward. Returns the layers routed."""
     import torch.nn.functional as F
 
     def gate_column(gate, dtype, scaling):

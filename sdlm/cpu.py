@@ -12,9 +12,10 @@ re-lays out the weight at each call; oneDNN can take the weight once in its own 
 the call is an inference one: gradients off (``torch.no_grad`` / ``torch.inference_mode``), no
 autocast, a CPU input of the weight's dtype. Every other call (training, autocast, another device)
 runs the layer's own forward. The packed copy is made again if the weight changes (an in-place
-update, a new tensor of the same dtype, any optimizer step in the process). The original weights stay where they are, so state dicts,
-saving and training are unaffected; the packed copies take as much memory again as the linear
-weights (``SDLM.load`` packs by default only where they fit in half the memory still available).
+update, a new tensor of the same dtype, any optimizer step in the process). The original weights stay
+where they are, so state dicts, saving and training are unaffected; the packed copies take as much
+memory again as the linear weights (``SDLM.load`` packs by default only where they fit in half the
+memory still available).
 
 The products are the same up to float rounding (another summation order): in float32 the tests
 decode the same tokens as ``transformers`` ``generate`` with and without packing.

@@ -123,7 +123,6 @@ def test_fused_gated_inference_gives_peft_outputs(arch, alpha):
     """The gated LoRA layers' short inference path (sdlm.adapter.fuse_gated_inference) runs instead of
     peft's modules, and gives peft's outputs: exactly the base model's where the gate is 0, the same
     block outputs within rounding where it is 1, for a per-token gate (batch of 2) and an all-block pass."""
-
     s, ad = adapted(arch, alpha=alpha)
     calls = []
     for mod in s.model.modules():
