@@ -494,11 +494,19 @@ def _above_diagonal(m: int, device) -> torch.Tensor:
     return torch.ones(m, m, dtype=torch.bool, device=device).triu_(1)
 
 
+def install_attention(model, name: str, fn) -> None:
+    """Register ``fn`` as ``transformers`` attention ``name`` (with sdpa's 4D masks) and set ``model`` to run it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+
+
 def use_block_attention(model) -> None:
     """Let ``model`` run :func:`block_attention` for forwards given a :class:`BlockLayout` (through
     :meth:`sdlm.model.SDLM.forward`); every other forward runs sdpa, as before."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layout = _current.get()
@@ -530,9 +538,7 @@ def use_block_attention(model) -> None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return block_attention(query, key, value, layout, scale).transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register(BLOCK_ATTENTION, attention)
-    AttentionMaskInterface.register(BLOCK_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(BLOCK_ATTENTION)
+    install_attention(model, BLOCK_ATTENTION, attention)
 
 
 DECODING_ATTENTION = "sdlm_sdpa"
@@ -577,10 +583,5 @@ def use_decoding_attention(model) -> bool:
         return True
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(DECODING_ATTENTION, sdpa_attention)
-    AttentionMaskInterface.register(DECODING_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(DECODING_ATTENTION)
+    install_attention(model, DECODING_ATTENTION, sdpa_attention)
     return True

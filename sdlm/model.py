@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .attention import BlockLayout, CausalSegments, active, sdpa_attention, use_decoding_attention
+from .attention import BlockLayout, CausalSegments, active, install_attention, sdpa_attention, use_decoding_attention
 from .cpu import native
 from .errors import SDLMError
 from .io import atomic_dir
@@ -371,8 +371,6 @@ def use_flex_attention(model) -> None:
     working on the same model.
     """
     from torch.nn.attention.flex_attention import BlockMask
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if not isinstance(attention_mask, BlockMask):
@@ -383,9 +381,7 @@ def use_flex_attention(model) -> None:
                                   enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register(FLEX_ATTENTION, attention)
-    AttentionMaskInterface.register(FLEX_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(FLEX_ATTENTION)
+    install_attention(model, FLEX_ATTENTION, attention)
 
 
 def _flex(device: torch.device):
