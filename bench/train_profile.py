@@ -24,6 +24,10 @@ softmax at 7.5 ms that takes 0.7 ms), so these are the figures to weigh the part
 
     python bench/train_profile.py recipes/smollm2-block-adapter.yaml --no-profiler --phases --steps 3
 
+``--shapes`` (with the profiler) also lists the operators grouped by their inputs' shapes: which matrix
+product or kernel call, of which sizes, takes the time (a slow product of small output and long inner
+dimension, say, shows up there and not in the plain table).
+
 ``--sweep-samples 64 128 256`` (with ``--no-profiler``) times the steps at each of these samples per
 step in turn, in one process: a line each.
 
@@ -62,6 +66,8 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true",
                     help="with --no-profiler: also time the clean pass, the forward with gradients, the LM head + loss "
                          "and the backward pass of each step by the clock")
+    ap.add_argument("--shapes", action="store_true",
+                    help="with the profiler: also list the operators grouped by their inputs' shapes")
     ap.add_argument("--sweep-samples", type=int, nargs="+", metavar="N",
                     help="with --no-profiler: time the steps at each of these samples per step, a line each")
     args = ap.parse_args()
@@ -69,6 +75,8 @@ def main() -> None:
         ap.error("--sweep-samples needs --no-profiler")
     if args.phases and not args.no_profiler:
         ap.error("--phases needs --no-profiler (the profiler's overhead would be in every phase)")
+    if args.shapes and args.no_profiler:
+        ap.error("--shapes needs the profiler (leave out --no-profiler)")
     if args.sweep_samples and min(args.sweep_samples) < 1:
         ap.error("--sweep-samples: samples per step must be >= 1")
 
@@ -89,7 +97,7 @@ def main() -> None:
         return
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     recs, phases = [], []
-    with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof:
+    with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts, record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             with timed_phases(tr.sdlm.device) if args.phases else contextlib.nullcontext({}) as spent:
                 recs.append(tr.train_step())
@@ -98,7 +106,13 @@ def main() -> None:
     if args.phases:
         lines += [phase_line(recs, phases)]
     if not args.no_profiler:
-        lines += ["", prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows)]
+        total = "cuda_time_total" if cuda else "cpu_time_total"
+        lines += ["", prof.key_averages().table(sort_by=total, row_limit=args.rows)]
+        if args.shapes:
+            lines += ["", "by input shapes, most self time first:",
+                      prof.key_averages(group_by_input_shape=True).table(sort_by=f"self_{total}", row_limit=args.rows,
+                                                                         max_name_column_width=40,
+                                                                         max_shapes_column_width=90)]
     if args.flops:
         lines += ["", flop_floor(tr)]
     report = "\n".join(lines)

@@ -916,8 +916,8 @@ def test_padding_in_the_block_part_changes_nothing():
 
 
 def test_train_profile_script(tmp_path):
-    """bench/train_profile.py: the profiled report has the operator table; --no-profiler times the
-    steps alone; --flops adds the matrix-product count and floor; none writes checkpoints."""
+    """bench/train_profile.py: the profiled report has the operator table (and with --shapes the one grouped
+    by input shapes); --no-profiler times the steps alone; --flops adds the matrix-product count and floor; none writes checkpoints."""
     import re
     import subprocess
     import sys
@@ -926,16 +926,21 @@ def test_train_profile_script(tmp_path):
     base = [sys.executable, str(root / "bench" / "train_profile.py"), str(root / "recipes" / "tiny.yaml"),
             "--steps", "1", "--warmup", "0", "--rows", "3", "--set", "retrofit=block-adapter",
             "--set", f"out_dir={tmp_path / 'run'}"]
-    prof = subprocess.run(base + ["--out", str(tmp_path / "prof.txt")], capture_output=True, text=True, cwd=root)
+    prof = subprocess.run(base + ["--shapes", "--rows", "12", "--out", str(tmp_path / "prof.txt")], capture_output=True, text=True,
+                          cwd=root)
     assert prof.returncode == 0, prof.stderr
     report = (tmp_path / "prof.txt").read_text()
     assert "1 profiled steps" in report and "profiler overhead included" in report
     # the operator table (which operators make its top rows depends on the CPU's timing: not asserted)
     assert "# of Calls" in report and "Self CPU time total" in report
+    shapes = report.split("by input shapes, most self time first:")[1]
+    assert "Input Shapes" in shapes and re.search(r"\[\[(\d+, )*\d+\]", shapes), shapes
     timed = subprocess.run(base + ["--no-profiler"], capture_output=True, text=True, cwd=root)
     assert timed.returncode == 0, timed.stderr
     assert "1 timed steps" in timed.stdout and "bf16 weight copies False" in timed.stdout
     assert "trained block tokens/s" in timed.stdout and "aten::" not in timed.stdout
+    no_shapes = subprocess.run(base + ["--no-profiler", "--shapes"], capture_output=True, text=True, cwd=root)
+    assert no_shapes.returncode == 2 and "--shapes needs the profiler" in no_shapes.stderr
     swept = subprocess.run(base + ["--no-profiler", "--sweep-samples", "2", "3"], capture_output=True, text=True, cwd=root)
     assert swept.returncode == 0, swept.stderr
     sizes = re.findall(r"attention blocks \(sdpa kernel auto\), fused LoRA True, (\d+) samples per step", swept.stdout)
