@@ -644,13 +644,15 @@ def test_fused_head_and_loss_give_the_reference_loss_and_grads(arch, chunk):
         two_pass_loss(s, b, 4, distill=0.5, chunk=chunk or 8)
 
 
+@pytest.mark.parametrize("multiple", [1, 16])
 @pytest.mark.parametrize("rows", [None, 2, 3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, monkeypatch):
+def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, multiple, monkeypatch):
     """``linear_ce`` against ``F.cross_entropy(head(h))``: per-target losses, top-1 hits and the gradient of
     any weighting of the losses, at every chunk size, and with the softmax taken a few rows of a chunk at a
     time (``rows``); without a gradient it computes none; under bf16 autocast it matches the autocast
-    reference."""
+    reference. With the head's 50 rows padded with zeros to a multiple of 16 (as to 64 on a GPU), the
+    padding's logits take no part (a zero logit would otherwise be the top one for some targets here)."""
     import torch.nn.functional as F
 
     from sdlm.train import loss as loss_mod
@@ -658,6 +660,7 @@ def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, monkeypatch):
 
     if rows is not None:
         monkeypatch.setattr(loss_mod, "_softmax_rows", lambda device: rows)
+    monkeypatch.setattr(loss_mod, "_row_multiple", lambda device: multiple)
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=bias).requires_grad_(False)
@@ -680,6 +683,8 @@ def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, monkeypatch):
     with torch.no_grad():
         ce, _ = linear_ce(h0, head, y, 4)
     assert torch.allclose(ce, ref_ce, atol=1e-5)
+    padded = getattr(head, "_sdlm_aligned", None)
+    assert (padded is not None and padded[2].shape == (64, 8) and not padded[2][50:].any()) == (multiple > 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = h0.clone().requires_grad_(True)
         ref = F.cross_entropy(head(h).float(), y, reduction="none")

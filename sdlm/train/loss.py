@@ -209,8 +209,8 @@ class _LinearCE(torch.autograd.Function):
     the base frozen)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk, packed_t=None):
-        N = hidden.shape[0]
+    def forward(ctx, hidden, weight, bias, labels, chunk, packed_t=None, vocab=None):
+        N, V = hidden.shape[0], vocab or weight.shape[0]  # rows of ``weight`` past ``vocab``: zero padding
         ce = torch.empty(N, dtype=torch.float32, device=hidden.device)
         hits = torch.empty(N, dtype=torch.float32, device=hidden.device)
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
@@ -224,8 +224,8 @@ class _LinearCE(torch.autograd.Function):
             for j in range(0, n, rows):  # a few rows at a time: they stay in the cache through every pass
                 yj = y[j : j + rows]
                 m, at = len(yj), i + j
-                zj = z[j : j + m]
-                f = zj if zj.dtype == torch.float32 else full[:m].copy_(zj)
+                zj = z[j : j + m, :V]  # the padding's columns stay zero, so the gradient product ignores them
+                f = zj if zj.dtype == torch.float32 else full[:m, :V].copy_(zj)
                 top, arg = f.max(-1)  # the first maximum, as argmax
                 hits[at : at + m] = (arg == yj).float()
                 picked = f.gather(1, yj[:, None])[:, 0]
@@ -247,7 +247,7 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ce, g_hits):
         (grad,) = ctx.saved_tensors
-        return (g_ce[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None, None
+        return (g_ce[:, None] * grad).to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
 def _workspace(weight: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -299,9 +299,37 @@ def linear_ce(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     weight, bias = _cast_weight(head, dtype)
+    vocab = weight.shape[0]
+    weight, bias = _aligned(head, weight, bias)
     packed_t = _packed_transpose(head, weight) if hidden.requires_grad else None
     with torch.autocast(dev, enabled=False):
-        return _LinearCE.apply(hidden.to(dtype), weight, bias, labels.to(hidden.device), chunk, packed_t)
+        return _LinearCE.apply(hidden.to(dtype), weight, bias, labels.to(hidden.device), chunk, packed_t, vocab)
+
+
+def _row_multiple(device: torch.device) -> int:
+    """What :func:`linear_ce` pads the LM head's rows to a multiple of: 64 on a GPU, 1 (no padding) elsewhere.
+
+    A vocabulary with the mask token added is often odd (SmolLM2's 49152 + 1): logits rows of an odd
+    length are misaligned for the GPU's tensor-core kernels, and the two products of the LM head fell
+    back to slow ones there (on an H100, 0.64 and 0.48 ms per 1024 targets; the profile in
+    ``bench/results/train-profile-h100-shapes.txt``)."""
+    return 64 if device.type == "cuda" else 1
+
+
+def _aligned(head: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``weight`` (V, H) and ``bias`` with zero rows appended up to a multiple of :func:`_row_multiple` rows,
+    made once and kept on ``head`` while ``weight`` is unchanged; themselves where V is a multiple already.
+    The padding's logits are zero and :class:`_LinearCE` leaves them out of the softmax."""
+    V, m = weight.shape[0], _row_multiple(weight.device)
+    if V % m == 0:
+        return weight, bias
+    kept = getattr(head, "_sdlm_aligned", None)  # (weight itself, its version, padded weight, padded bias)
+    if kept is None or kept[0] is not weight or kept[1] != (weight._version, m):
+        pad = -V % m
+        padded = torch.cat([weight.detach(), weight.new_zeros(pad, weight.shape[1])])
+        pb = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(pad)])
+        kept = head._sdlm_aligned = (weight, (weight._version, m), padded, pb)
+    return kept[2], kept[3]
 
 
 def _packed_transpose(head: torch.nn.Linear, weight: torch.Tensor) -> torch.Tensor | None:
