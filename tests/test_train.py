@@ -652,7 +652,7 @@ def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, multiple, monkeypatc
     any weighting of the losses, at every chunk size, and with the softmax taken a few rows of a chunk at a
     time (``rows``); without a gradient it computes none; under bf16 autocast it matches the autocast
     reference. With the head's 50 rows padded with zeros to a multiple of 16 (as to 64 on a GPU), the
-    padding's logits take no part (a zero logit would otherwise be the top one for some targets here)."""
+    padding's logits take no part (their zeros in the softmax would change the losses)."""
     import torch.nn.functional as F
 
     from sdlm.train import loss as loss_mod
@@ -922,7 +922,8 @@ def test_padding_in_the_block_part_changes_nothing():
 
 def test_train_profile_script(tmp_path):
     """bench/train_profile.py: the profiled report has the operator table (and with --shapes the one grouped
-    by input shapes); --no-profiler times the steps alone; --flops adds the matrix-product count and floor; none writes checkpoints."""
+    by input shapes); --no-profiler times the steps alone; --flops adds the matrix-product count and
+    floor; none writes checkpoints."""
     import re
     import subprocess
     import sys
@@ -931,8 +932,8 @@ def test_train_profile_script(tmp_path):
     base = [sys.executable, str(root / "bench" / "train_profile.py"), str(root / "recipes" / "tiny.yaml"),
             "--steps", "1", "--warmup", "0", "--rows", "3", "--set", "retrofit=block-adapter",
             "--set", f"out_dir={tmp_path / 'run'}"]
-    prof = subprocess.run(base + ["--shapes", "--rows", "12", "--out", str(tmp_path / "prof.txt")], capture_output=True, text=True,
-                          cwd=root)
+    prof = subprocess.run(base + ["--shapes", "--rows", "12", "--out", str(tmp_path / "prof.txt")],
+                          capture_output=True, text=True, cwd=root)
     assert prof.returncode == 0, prof.stderr
     report = (tmp_path / "prof.txt").read_text()
     assert "1 profiled steps" in report and "profiler overhead included" in report

@@ -311,8 +311,8 @@ def _row_multiple(device: torch.device) -> int:
 
     A vocabulary with the mask token added is often odd (SmolLM2's 49152 + 1): logits rows of an odd
     length are misaligned for the GPU's tensor-core kernels, and the two products of the LM head fell
-    back to slow ones there (on an H100, 0.64 and 0.48 ms per 1024 targets; the profile in
-    ``bench/results/train-profile-h100-shapes.txt``)."""
+    back to slow ones there: on an H100, 0.65 and 0.49 ms per 1024 targets against 0.10 and 0.09 ms
+    padded (``bench/results/lm-head-alignment-h100.txt``)."""
     return 64 if device.type == "cuda" else 1
 
 
