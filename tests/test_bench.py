@@ -132,3 +132,45 @@ def test_draft_threshold_cost_script(tmp_path):
             assert 0 < row["drafts_per_step"] <= n  # every node, but near the length limit
             assert cut["drafts_per_step"] < row["drafts_per_step"]  # a random model's blocks are never that sure
             assert 1.0 <= cut["tokens_per_forward"] <= row["tokens_per_forward"]
+
+
+def test_attention_work_counts_the_scores_the_rule_lets_through():
+    """bench/attention_work.py: for two samples packed in one row, the dense and the seen scores of both
+    passes against the block rule worked out by hand (a block starting at p sees the p clean tokens
+    before it and its own D; a clean token at i sees i + 1), and the padding share; the script runs on a
+    recipe at two row sizes."""
+    import re
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from attention_work import batch_work
+
+    from sdlm.layout import training_layout
+    from sdlm.train.loss import pack
+
+    D, lens, starts = 4, [9, 14], [[2, 5], [1, 6, 10]]
+    layouts = [training_layout(torch.arange(n), torch.ones(n, dtype=torch.bool), s, D, 99)
+               for n, s in zip(lens, starts)]
+    b = pack(layouts, row_tokens=1000)
+    assert b.input_ids.shape[0] == 1  # one row: 23 clean columns, then 5 blocks of 4
+    w = batch_work(b, causal_within_block=False)
+    L, Tb = sum(lens), D * 5
+    assert (w["rows"], w["clean"], w["block"]) == (1, L, Tb)
+    assert w["block dense"] == Tb * (L + Tb) and w["clean dense"] == L * L
+    assert w["block seen"] == sum(D * (p + D) for s in starts for p in s)
+    assert w["clean seen"] == sum(n * (n + 1) // 2 for n in lens)
+    assert w["linear"] == w["real"] == L + Tb
+    causal = batch_work(b, causal_within_block=True)  # a block's token sees the ones up to itself: 1 + 2 + 3 + 4
+    assert causal["block seen"] == sum(D * p + 10 for s in starts for p in s)
+
+    cmd = [sys.executable, str(ROOT / "bench" / "attention_work.py"), str(ROOT / "recipes" / "tiny.yaml"),
+           "--steps", "1", "--samples", "6", "--row-tokens", "64", "400"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    lines = re.findall(r"row_tokens (\d+): (\d+) rows .* (\d+)% seen; clean pass .* (\d+)% seen; .* (\d+)% real",
+                       res.stdout)
+    assert [x[0] for x in lines] == ["64", "400"], res.stdout
+    (_, rows_small, *_), (_, rows_large, *_) = lines
+    assert int(rows_small) > int(rows_large) >= 1  # longer rows hold more samples each
+    assert all(0 < int(v) <= 100 for x in lines for v in x[2:])

@@ -1,0 +1,88 @@
+"""How much of a training step's dense attention is masked out, and how much of its rows is padding,
+for each ``row_tokens`` (the packed layout of ``attention: sdpa`` and ``flex``, where a row holds
+several samples: their clean tokens, padded to the batch's longest clean part, then their blocks).
+
+For the first ``--steps`` steps of a recipe (the samples and block layouts the trainer would draw),
+packed at each ``--row-tokens``, prints per step (means): the rows and their clean and block columns;
+the scores a dense kernel computes in the block pass (block queries over clean then block keys) and in
+the clean pass (clean over clean), and the share of them the block rule lets a query see; and the
+tokens the linear layers run on, with the share that are real tokens rather than padding. No model
+is run: it costs the layout and the masks alone (the base model is loaded for its tokenizer).
+
+    python bench/attention_work.py recipes/smollm2-block-adapter-gpu-stage5.yaml --samples 256 \
+        --row-tokens 512 768 1024 2048
+
+What the counts leave out: kernels work in tiles, so a kernel that skips masked scores (flex
+attention) still computes every tile that holds one visible score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sdlm.cli import parse_overrides  # noqa: E402
+from sdlm.masks import TokenInfo, allowed  # noqa: E402
+from sdlm.train.loss import Packed  # noqa: E402
+from sdlm.train.trainer import StepPrep, TrainConfig, Trainer  # noqa: E402
+
+
+def columns(info: TokenInfo, a: int, b: int) -> TokenInfo:
+    return TokenInfo(info.pos[:, a:b], info.block[:, a:b], info.start[:, a:b],
+                     None if info.seq is None else info.seq[:, a:b])
+
+
+def batch_work(b: Packed, causal_within_block: bool) -> dict[str, float]:
+    """One packed batch's rows, columns, dense and visible scores of both passes, and linear tokens."""
+    B, T = b.input_ids.shape
+    L = b.n_clean
+    clean, blocks = columns(b.info, 0, L), columns(b.info, L, T)
+    seen_block = allowed(blocks, b.info, causal_within_block)  # (B, 1, T - L, T)
+    seen_clean = allowed(clean, clean)
+    return {"rows": B, "clean": L, "block": T - L,
+            "block dense": B * (T - L) * T, "block seen": int(seen_block.sum()),
+            "clean dense": B * L * L, "clean seen": int(seen_clean.sum()),
+            "linear": B * T, "real": b.n_real}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    ap.add_argument("--samples", type=int, help="samples per step (default: the recipe's)")
+    ap.add_argument("--steps", type=int, default=2, help="steps to lay out at each size")
+    ap.add_argument("--row-tokens", type=int, nargs="+", default=[512, 768, 1024, 1536, 2048], metavar="N")
+    args = ap.parse_args()
+    if args.steps < 1 or (args.samples is not None and args.samples < 1) or min(args.row_tokens) < 1:
+        ap.error("--steps, --samples and --row-tokens must be >= 1")
+
+    # the block layouts do not depend on the device or the attention kernel: lay them out on the CPU
+    overrides = {"device": "cpu", "bf16": False, **parse_overrides(args.set)}
+    cfg = TrainConfig.from_yaml(args.recipe, overrides)
+    tr = Trainer(cfg)
+    n = args.samples or cfg.samples_per_step
+    print(f"recipe {args.recipe}: {len(tr.train)} training samples, {n} per step, block size {cfg.block_size}, "
+          f"block density {cfg.block_density}; means over {args.steps} steps", flush=True)
+    for rt in args.row_tokens:
+        tr.cfg.row_tokens = rt
+        prep = StepPrep(tr.cfg, tr.train, tr.sdlm.config.mask_token_id, one_row=False, split=False)
+        causal = bool(tr.sdlm.config.causal_within_block)
+        per_step = []
+        for step in range(args.steps):
+            work = [batch_work(b, causal) for batches, _ in prep.step_work(step, n).micro
+                    for b in batches]
+            per_step.append({k: sum(w[k] for w in work) if k not in ("clean", "block") else max(w[k] for w in work)
+                             for k in work[0]})
+        m = {k: statistics.mean(s[k] for s in per_step) for k in per_step[0]}
+        print(f"row_tokens {rt}: {m['rows']:.0f} rows of {m['clean']:.0f} clean + {m['block']:.0f} block columns; "
+              f"block pass {m['block dense'] / 1e6:.1f}M dense scores, {m['block seen'] / m['block dense']:.0%} seen; "
+              f"clean pass {m['clean dense'] / 1e6:.1f}M, {m['clean seen'] / m['clean dense']:.0%} seen; "
+              f"linear layers on {m['linear'] / 1e3:.1f}k tokens, {m['real'] / m['linear']:.0%} real", flush=True)
+
+
+if __name__ == "__main__":
+    main()
