@@ -4,7 +4,7 @@ several samples: their clean tokens, padded to the batch's longest clean part, t
 
 For the first ``--steps`` steps of a recipe (the samples and block layouts the trainer would draw),
 packed at each ``--row-tokens``, prints per step (means): the rows and their clean and block columns;
-the scores a dense kernel computes in the block pass (block queries over clean then block keys) and in
+the scores a dense kernel computes per head and layer in the block pass (block queries over clean then block keys) and in
 the clean pass (clean over clean), and the share of them the block rule lets a query see; and the
 tokens the linear layers run on, with the share that are real tokens rather than padding. No model
 is run: it costs the layout and the masks alone (the base model is loaded for its tokenizer).
@@ -79,7 +79,8 @@ def main() -> None:
                              for k in work[0]})
         m = {k: statistics.mean(s[k] for s in per_step) for k in per_step[0]}
         print(f"row_tokens {rt}: {m['rows']:.0f} rows of {m['clean']:.0f} clean + {m['block']:.0f} block columns; "
-              f"block pass {m['block dense'] / 1e6:.1f}M dense scores, {m['block seen'] / m['block dense']:.0%} seen; "
+              f"block pass {m['block dense'] / 1e6:.1f}M dense scores per head and layer, "
+              f"{m['block seen'] / m['block dense']:.0%} seen; "
               f"clean pass {m['clean dense'] / 1e6:.1f}M, {m['clean seen'] / m['clean dense']:.0%} seen; "
               f"linear layers on {m['linear'] / 1e3:.1f}k tokens, {m['real'] / m['linear']:.0%} real", flush=True)
 
