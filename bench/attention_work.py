@@ -32,11 +32,12 @@ from sdlm.train.trainer import StepPrep, TrainConfig, Trainer  # noqa: E402
 
 
 def columns(info: TokenInfo, a: int, b: int) -> TokenInfo:
+    """Columns ``a:b`` of a batch's token descriptors."""
     return TokenInfo(info.pos[:, a:b], info.block[:, a:b], info.start[:, a:b],
                      None if info.seq is None else info.seq[:, a:b])
 
 
-def batch_work(b: Packed, causal_within_block: bool) -> dict[str, float]:
+def batch_work(b: Packed, causal_within_block: bool) -> dict[str, int]:
     """One packed batch's rows, columns, dense and visible scores of both passes, and linear tokens."""
     B, T = b.input_ids.shape
     L = b.n_clean
@@ -65,12 +66,12 @@ def main() -> None:
     cfg = TrainConfig.from_yaml(args.recipe, overrides)
     tr = Trainer(cfg)
     n = args.samples or cfg.samples_per_step
+    causal = bool(tr.sdlm.config and tr.sdlm.config.causal_within_block)
     print(f"recipe {args.recipe}: {len(tr.train)} training samples, {n} per step, block size {cfg.block_size}, "
           f"block density {cfg.block_density}; means over {args.steps} steps", flush=True)
     for rt in args.row_tokens:
         tr.cfg.row_tokens = rt
         prep = StepPrep(tr.cfg, tr.train, tr.sdlm.config.mask_token_id, one_row=False, split=False)
-        causal = bool(tr.sdlm.config.causal_within_block)
         per_step = []
         for step in range(args.steps):
             work = [batch_work(b, causal) for batches, _ in prep.step_work(step, n).micro
