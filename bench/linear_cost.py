@@ -6,6 +6,12 @@ with its weights prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight
 
     python bench/linear_cost.py --threads 2
     python bench/linear_cost.py --threads 2 --dtype bfloat16 --prepacked
+
+Several ``--out-features`` are timed one after another. On a GPU (``--device cuda``) this shows what a
+layer's width does to its kernel, e.g. an LM head whose vocabulary is not a multiple of 8 (SmolLM2's
+49152 with the mask token added) against the same head padded:
+
+    python bench/linear_cost.py --device cuda --dtype bfloat16 --tokens 1024 --out-features 49153 49216
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 20, 36, 72])
     ap.add_argument("--in-features", type=int, default=576)
-    ap.add_argument("--out-features", type=int, default=1536)
+    ap.add_argument("--out-features", type=int, nargs="+", default=[1536])
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=200)
@@ -33,29 +40,35 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    w = torch.randn(args.out_features, args.in_features, dtype=dtype)
-    calls = {"F.linear": lambda x: F.linear(x, w)}
-    if args.prepacked:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, max(args.tokens))
-        calls["prepacked"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    print(f"linear {args.in_features} -> {args.out_features}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    for name, call in calls.items():
-        base = None
-        for t in args.tokens:
-            x = torch.randn(t, args.in_features, dtype=dtype)
-            for _ in range(10):
-                call(x)
-            runs = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
+    dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
+    if args.prepacked and dev.type != "cpu":
+        ap.error("--prepacked is for CPUs (oneDNN)")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for out_features in args.out_features:
+        w = torch.randn(out_features, args.in_features, dtype=dtype, device=dev)
+        calls = {"F.linear": lambda x, w=w: F.linear(x, w)}
+        if args.prepacked:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, max(args.tokens))
+            calls["prepacked"] = lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+        where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+        print(f"linear {args.in_features} -> {out_features}, {args.dtype}, {where}, torch {torch.__version__}")
+        for name, call in calls.items():
+            base = None
+            for t in args.tokens:
+                x = torch.randn(t, args.in_features, dtype=dtype, device=dev)
+                for _ in range(10):
                     call(x)
-                runs.append((time.perf_counter() - t0) / args.iters * 1e6)
-            us = statistics.median(runs)
-            base = base or us
-            print(f"{name:9s} T = {t:3d}: {us:7.1f} us  x{us / base:.2f}")
+                runs = []
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(args.iters):
+                        call(x)
+                    sync()
+                    runs.append((time.perf_counter() - t0) / args.iters * 1e6)
+                us = statistics.median(runs)
+                base = base or us
+                print(f"{name:9s} T = {t:3d}: {us:7.1f} us  x{us / base:.2f}")
     return 0
 
 

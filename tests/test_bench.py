@@ -95,6 +95,11 @@ def test_linear_cost_script_dtypes():
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert "bfloat16" in lines[0] and len([x for x in lines if "T =" in x]) == 2 and "x1.00" in lines[1]
+    widths = subprocess.run(cmd + ["--out-features", "50", "64"], capture_output=True, text=True, cwd=ROOT)
+    assert widths.returncode == 0, widths.stderr
+    heads = [x for x in widths.stdout.splitlines() if x.startswith("linear ")]
+    assert [h.split(",")[0] for h in heads] == ["linear 576 -> 50", "linear 576 -> 64"]
+    assert len([x for x in widths.stdout.splitlines() if "T =" in x]) == 4
 
 
 def test_draft_threshold_cost_script(tmp_path):
