@@ -4,8 +4,8 @@ several samples: their clean tokens, padded to the batch's longest clean part, t
 
 For the first ``--steps`` steps of a recipe (the samples and block layouts the trainer would draw),
 packed at each ``--row-tokens``, prints per step (means): the rows and their clean and block columns;
-the scores a dense kernel computes per head and layer in the block pass (block queries over clean then block keys) and in
-the clean pass (clean over clean), and the share of them the block rule lets a query see; and the
+the scores a dense kernel computes per head and layer in the block pass (block queries over clean then
+block keys) and in the clean pass (clean over clean), and the share of them the block rule lets a query see; and the
 tokens the linear layers run on, with the share that are real tokens rather than padding. No model
 is run: it costs the layout and the masks alone (the base model is loaded for its tokenizer).
 
@@ -23,25 +23,21 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sdlm.cli import parse_overrides  # noqa: E402
-from sdlm.masks import TokenInfo, allowed  # noqa: E402
+from sdlm.masks import allowed  # noqa: E402
 from sdlm.train.loss import Packed  # noqa: E402
 from sdlm.train.trainer import StepPrep, TrainConfig, Trainer  # noqa: E402
-
-
-def columns(info: TokenInfo, a: int, b: int) -> TokenInfo:
-    """Columns ``a:b`` of a batch's token descriptors."""
-    return TokenInfo(info.pos[:, a:b], info.block[:, a:b], info.start[:, a:b],
-                     None if info.seq is None else info.seq[:, a:b])
 
 
 def batch_work(b: Packed, causal_within_block: bool) -> dict[str, int]:
     """One packed batch's rows, columns, dense and visible scores of both passes, and linear tokens."""
     B, T = b.input_ids.shape
     L = b.n_clean
-    clean, blocks = columns(b.info, 0, L), columns(b.info, L, T)
+    clean, blocks = b.columns(torch.arange(L)).info, b.columns(torch.arange(L, T)).info
     seen_block = allowed(blocks, b.info, causal_within_block)  # (B, 1, T - L, T)
     seen_clean = allowed(clean, clean)
     return {"rows": B, "clean": L, "block": T - L,

@@ -683,8 +683,8 @@ def test_linear_ce_is_cross_entropy_of_the_head(bias, rows, multiple, monkeypatc
     with torch.no_grad():
         ce, _ = linear_ce(h0, head, y, 4)
     assert torch.allclose(ce, ref_ce, atol=1e-5)
-    padded = getattr(head, "_sdlm_aligned", None)
-    assert (padded is not None and padded[2].shape == (64, 8) and not padded[2][50:].any()) == (multiple > 1)
+    padded = getattr(head, "_sdlm_cast", None)
+    assert (padded is not None and padded[1].shape == (64, 8) and not padded[1][50:].any()) == (multiple > 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = h0.clone().requires_grad_(True)
         ref = F.cross_entropy(head(h).float(), y, reduction="none")

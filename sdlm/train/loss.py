@@ -299,11 +299,10 @@ def linear_ce(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     weight, bias = _cast_weight(head, dtype)
-    vocab = weight.shape[0]
-    weight, bias = _aligned(head, weight, bias)
     packed_t = _packed_transpose(head, weight) if hidden.requires_grad else None
     with torch.autocast(dev, enabled=False):
-        return _LinearCE.apply(hidden.to(dtype), weight, bias, labels.to(hidden.device), chunk, packed_t, vocab)
+        return _LinearCE.apply(hidden.to(dtype), weight, bias, labels.to(hidden.device), chunk, packed_t,
+                               head.weight.shape[0])
 
 
 def _row_multiple(device: torch.device) -> int:
@@ -314,22 +313,6 @@ def _row_multiple(device: torch.device) -> int:
     back to slow ones there: on an H100, 0.65 and 0.49 ms per 1024 targets against 0.10 and 0.09 ms
     padded (``bench/results/lm-head-alignment-h100.txt``)."""
     return 64 if device.type == "cuda" else 1
-
-
-def _aligned(head: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
-    """``weight`` (V, H) and ``bias`` with zero rows appended up to a multiple of :func:`_row_multiple` rows,
-    made once and kept on ``head`` while ``weight`` is unchanged; themselves where V is a multiple already.
-    The padding's logits are zero and :class:`_LinearCE` leaves them out of the softmax."""
-    V, m = weight.shape[0], _row_multiple(weight.device)
-    if V % m == 0:
-        return weight, bias
-    kept = getattr(head, "_sdlm_aligned", None)  # (weight itself, its version, padded weight, padded bias)
-    if kept is None or kept[0] is not weight or kept[1] != (weight._version, m):
-        pad = -V % m
-        padded = torch.cat([weight.detach(), weight.new_zeros(pad, weight.shape[1])])
-        pb = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(pad)])
-        kept = head._sdlm_aligned = (weight, (weight._version, m), padded, pb)
-    return kept[2], kept[3]
 
 
 def _packed_transpose(head: torch.nn.Linear, weight: torch.Tensor) -> torch.Tensor | None:
@@ -354,15 +337,20 @@ def _packed_transpose(head: torch.nn.Linear, weight: torch.Tensor) -> torch.Tens
 
 
 def _cast_weight(head: torch.nn.Linear, dtype: torch.dtype):
-    """``head``'s weight and bias in ``dtype``, cast once and kept on the module while unchanged."""
+    """``head``'s weight and bias in ``dtype``, with zero rows appended up to a multiple of
+    :func:`_row_multiple` rows (their logits are zero, and :class:`_LinearCE` leaves them out of the
+    softmax); made once and kept on the module while unchanged, and ``head``'s own where nothing changes."""
     w = head.weight
-    if w.dtype == dtype:
+    V, m = w.shape[0], _row_multiple(w.device)
+    if w.dtype == dtype and V % m == 0:
         return w, head.bias
-    key = (dtype, w.data_ptr(), w._version)
+    key = (dtype, m, w.data_ptr(), w._version)
     kept = getattr(head, "_sdlm_cast", None)
     if kept is None or kept[0] != key:
-        bias = None if head.bias is None else head.bias.detach().to(dtype)
-        kept = (key, w.detach().to(dtype), bias)
+        pad = -V % m
+        weight = torch.cat([w.detach().to(dtype), w.new_zeros(pad, w.shape[1], dtype=dtype)])
+        bias = None if head.bias is None else torch.cat([head.bias.detach().to(dtype), w.new_zeros(pad, dtype=dtype)])
+        kept = (key, weight, bias)
         head._sdlm_cast = kept
     return kept[1], kept[2]
 
