@@ -33,9 +33,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .context import setting
 from .errors import SDLMError
+from .gathered import Gathered, gathered_attention
 from .masks import SHARED, TokenInfo, additive, allowed
 
 BLOCK_ATTENTION = "sdlm_blocks"
+GATHER_ATTENTION = "sdlm_gather"
 _current: contextvars.ContextVar["BlockLayout | None"] = contextvars.ContextVar("sdlm_block_layout", default=None)
 
 
@@ -128,9 +130,9 @@ def last_layer_idx(model) -> int | None:
 
 def fill_cache(run, layout, last: int | None) -> None:
     """Run ``run()``, a forward over the clean tokens that fills a KV cache under ``layout``. With a
-    :class:`CausalSegments` layout it stops once the keys and values of layer ``last`` are cached (None:
+    :class:`CausalSegments` or :class:`sdlm.gathered.Gathered` layout it stops once the keys and values of layer ``last`` are cached (None:
     the whole forward runs); any other layout (a dense mask, None) runs the whole forward."""
-    if not isinstance(layout, CausalSegments):
+    if not isinstance(layout, (CausalSegments, Gathered)):
         run()
         return
     layout.kv_only_layer = last
@@ -507,38 +509,49 @@ def install_attention(model, name: str, fn) -> None:
 def use_block_attention(model) -> None:
     """Let ``model`` run :func:`block_attention` for forwards given a :class:`BlockLayout` (through
     :meth:`sdlm.model.SDLM.forward`); every other forward runs sdpa, as before."""
+    install_attention(model, BLOCK_ATTENTION, _pattern_attention)
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        layout = _current.get()
-        if layout is None:
-            return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        if dropout:
-            raise SDLMError("block attention runs without attention dropout: set the model's attention_dropout to 0")
-        if isinstance(layout, CausalSegments):  # packed clean parts: causal within each sample
-            kwargs.pop("is_causal", None)
-            grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-            if layout.kv_only_layer is not None and getattr(module, "layer_idx", None) == layout.kv_only_layer:
-                raise KVFilled  # the cache already holds this layer's keys and values (updated before the call)
-            if not grads and key.shape[2] == query.shape[2]:  # a pass over the clean tokens alone, as the step runs
-                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-                return causal_segments_attention(query, key, value, layout, scale), None
-            outs = []
-            for a, b, P in layout.segments():
-                if not P:
-                    outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                                       scaling=scaling, is_causal=True, **kwargs)[0])
-                    continue
-                m = b - a  # after the shared prefix: all of it, then causal within the segment
-                seen = torch.ones(m, P + m, dtype=torch.bool, device=query.device)
-                seen[:, P:] = ~_above_diagonal(m, query.device)
-                k2, v2 = (torch.cat([t[:, :, :P], t[:, :, a:b]], 2) for t in (key, value))
-                outs.append(sdpa_attention_forward(module, query[:, :, a:b], k2, v2, seen[None, None],
-                                                   scaling=scaling, is_causal=False, **kwargs)[0])
-            return torch.cat(outs, 1), None
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return block_attention(query, key, value, layout, scale).transpose(1, 2).contiguous(), None
 
-    install_attention(model, BLOCK_ATTENTION, attention)
+def use_gathered_attention(model) -> None:
+    """Let ``model`` run :func:`sdlm.gathered.gathered_attention` for forwards given a
+    :class:`sdlm.gathered.Gathered` layout (through :meth:`sdlm.model.SDLM.forward`); every other forward
+    runs sdpa, as before. The training step (``attention: gather``) builds those layouts for both passes."""
+    install_attention(model, GATHER_ATTENTION, _pattern_attention)
+
+
+def _pattern_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention of the models set up by :func:`use_block_attention` and :func:`use_gathered_attention`:
+    the training pattern that is active (:func:`active`), else sdpa."""
+    layout = _current.get()
+    if layout is None:
+        return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout:
+        raise SDLMError("block attention runs without attention dropout: set the model's attention_dropout to 0")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(layout, (CausalSegments, Gathered)) and layout.kv_only_layer is not None \
+            and getattr(module, "layer_idx", None) == layout.kv_only_layer:
+        raise KVFilled  # the cache already holds this layer's keys and values (updated before the call)
+    if isinstance(layout, Gathered):
+        return gathered_attention(query, key, value, layout, scale), None
+    if isinstance(layout, CausalSegments):  # packed clean parts: causal within each sample
+        kwargs.pop("is_causal", None)
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        if not grads and key.shape[2] == query.shape[2]:  # a pass over the clean tokens alone, as the step runs
+            return causal_segments_attention(query, key, value, layout, scale), None
+        outs = []
+        for a, b, P in layout.segments():
+            if not P:
+                outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                                   scaling=scaling, is_causal=True, **kwargs)[0])
+                continue
+            m = b - a  # after the shared prefix: all of it, then causal within the segment
+            seen = torch.ones(m, P + m, dtype=torch.bool, device=query.device)
+            seen[:, P:] = ~_above_diagonal(m, query.device)
+            k2, v2 = (torch.cat([t[:, :, :P], t[:, :, a:b]], 2) for t in (key, value))
+            outs.append(sdpa_attention_forward(module, query[:, :, a:b], k2, v2, seen[None, None],
+                                               scaling=scaling, is_causal=False, **kwargs)[0])
+        return torch.cat(outs, 1), None
+    return block_attention(query, key, value, layout, scale).transpose(1, 2).contiguous(), None
 
 
 DECODING_ATTENTION = "sdlm_sdpa"

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from .attention import BlockLayout, CausalSegments, active, install_attention, sdpa_attention, use_decoding_attention
+from .attention import (BlockLayout, CausalSegments, Gathered, active, install_attention, sdpa_attention,
+                        use_decoding_attention)
 from .cpu import native
 from .errors import SDLMError
 from .io import atomic_dir
@@ -304,7 +305,9 @@ class SDLM:
 
         ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it);
         a :class:`sdlm.attention.BlockLayout` or :class:`sdlm.attention.CausalSegments`: a training step's
-        block or clean pass, for a model set up with :func:`sdlm.attention.use_block_attention`.
+        block or clean pass, for a model set up with :func:`sdlm.attention.use_block_attention`; a
+        :class:`sdlm.gathered.Gathered` layout: either pass, for one set up with
+        :func:`sdlm.attention.use_gathered_attention`.
         ``hidden``: return the decoder's last hidden states (B, T, H) instead of logits (the caller
         applies :meth:`lm_head` itself, e.g. in chunks)."""
         dev = self.device
@@ -321,7 +324,7 @@ class SDLM:
         if adapter is not None and adapter.config.kind == "block-adapter":
             adapter.set_active(self.gate is True or bool(self.gate.any()))  # no block token: skip the LoRA work
         pattern = contextlib.nullcontext()
-        if isinstance(mask4d, (BlockLayout, CausalSegments)):  # a training pass's pattern (sdlm.attention)
+        if isinstance(mask4d, (BlockLayout, CausalSegments, Gathered)):  # a training pass's pattern (sdlm.attention)
             # the model passes a 4D mask through untouched; the pattern's attention does not read it
             pattern, mask4d = active(mask4d.to(dev)), torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=dev)
         try:

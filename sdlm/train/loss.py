@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import BLOCK_ATTENTION, block_layout, causal_segments, fill_cache, last_layer_idx
+from ..attention import (BLOCK_ATTENTION, GATHER_ATTENTION, block_layout, causal_segments, fill_cache,
+                         last_layer_idx)
 from ..cpu import _pack, _packed_linear, can_prepack
 from ..errors import SDLMError
+from ..gathered import CHUNK, gathered
 from ..layout import IGNORE, TrainingLayout
 from ..masks import SHARED, TokenInfo, additive, allowed, block_mask
 from ..model import FLEX_ATTENTION, SDLM
@@ -421,11 +423,14 @@ def two_pass_loss(
     slot_weights: list[float] | None = None,
     norm: float | None = None,
     chunk: int | None = None,
+    gather_chunk: int = CHUNK,
 ) -> LossOutput:
     """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
     For a model set up with :func:`sdlm.attention.use_block_attention`, a batch of one-sample rows, or
     one row of several samples without padding, runs block attention in the block pass (and, for the
-    one row, a causal clean pass per sample).
+    one row, a causal clean pass per sample). For one set up with
+    :func:`sdlm.attention.use_gathered_attention`, both passes run gathered attention
+    (:mod:`sdlm.gathered`), ``gather_chunk`` queries per chunk.
 
     ``distill`` > 0 mixes in soft targets: the base model's own next-token
     distribution at the matching clean position (the clean pass computes it
@@ -451,11 +456,14 @@ def two_pass_loss(
     keep = torch.nonzero(has_block.any(0)).flatten()
     kb = has_block[:, keep]
 
-    blocks_attn = getattr(sdlm.model.config, "_attn_implementation", None) == BLOCK_ATTENTION
+    impl = getattr(sdlm.model.config, "_attn_implementation", None)
+    blocks_attn, gather_attn = impl == BLOCK_ATTENTION, impl == GATHER_ATTENTION
     cache = DynamicCache()
     with torch.no_grad():  # the clean pass: base model only (gate 0), it fills the cache
         if _plain_causal(clean.info):
             mask = None
+        elif gather_attn:  # each chunk of clean tokens over the clean keys it sees
+            mask = gathered(clean.info, clean.info, chunk=gather_chunk)
         else:  # several samples in one row: causal within each (block attention's models), else the dense rule
             mask = (causal_segments(clean.info) if blocks_attn else None) or _mask(sdlm, clean.info, clean.info)
         if distill > 0:
@@ -470,7 +478,9 @@ def two_pass_loss(
             fill_cache(lambda: sdlm.forward(clean.input_ids, clean.info.pos, mask, clean.info.is_block, cache,
                                             hidden=True), mask, last_layer_idx(sdlm.model))
     mask = None
-    if blocks_attn:
+    if gather_attn:
+        mask = gathered(blocks.info, TokenInfo.cat([clean.info, blocks.info]), cfg.causal_within_block, gather_chunk)
+    elif blocks_attn:
         mask = block_layout(blocks.info, clean.info, block_size, cfg.causal_within_block, sdlm.dtype)
         if mask is not None:
             mask.clean_needs_grad = False  # the clean KV comes from the pass above, without gradients

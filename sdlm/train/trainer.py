@@ -26,7 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..adapter import AdapterConfig, attach
-from ..attention import use_block_attention
+from ..attention import use_block_attention, use_gathered_attention
 from ..cpu import native_bf16
 from ..errors import SDLMError
 from ..io import atomic_dir
@@ -39,7 +39,7 @@ from .loss import LossOutput, Packed, dense_loss, loss_norm, pack, two_pass_loss
 logger = logging.getLogger(__name__)
 
 RETROFITS = ("block-adapter", "lora", "full")
-ATTENTIONS = ("auto", "sdpa", "blocks", "flex")
+ATTENTIONS = ("auto", "sdpa", "blocks", "flex", "gather")
 SDPA_BACKENDS = ("auto", "pytorch", "efficient", "cudnn", "flash", "math")
 _SDPA_KERNELS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
@@ -176,9 +176,16 @@ class TrainConfig:
     (:mod:`sdlm.attention`), skipping the scores the rule hides between blocks and between samples.
     Other forwards run sdpa. ``flex``: flex attention from the same rule
     (:func:`sdlm.masks.block_mask`), which skips the tiles the rule hides (most of the block part)
-    and builds no dense mask; CUDA only: PyTorch has no CPU backward for flex attention. ``auto``:
+    and builds no dense mask; CUDA only: PyTorch has no CPU backward for flex attention. ``gather``
+    (block-adapter): packed rows as for ``sdpa``, but each pass's real queries run in chunks of
+    ``gather_chunk`` consecutive queries of one sample, each over exactly the keys some query of it may
+    see, in a few batched sdpa calls (:mod:`sdlm.gathered`): the padding, the other samples and most of
+    the masked scores are never computed, with no host call per sample. ``auto``:
     ``blocks`` for the block-adapter on CPU, else ``sdpa`` (on GPUs large padded rows keep the
     device busy, while per-sample attention would add host calls)."""
+    gather_chunk: int = 64
+    """With ``attention: gather``: queries per chunk (16 blocks of 4, or 64 clean tokens). Larger chunks
+    make fewer, larger calls; smaller ones compute fewer masked scores."""
     sdpa_backend: str = "auto"
     """The kernel the step's sdpa calls run (``attention: sdpa``, and the sdpa calls of the others), in
     the training step and the held-out loss, through :func:`torch.nn.attention.sdpa_kernel`. ``auto``:
@@ -225,9 +232,11 @@ class TrainConfig:
         if self.sdpa_backend in ("efficient", "cudnn") and not self.device.startswith("cuda"):
             raise SDLMError(f"sdpa_backend: {self.sdpa_backend} runs on CUDA only: use auto, flash or math on "
                             f"device {self.device}")
-        if self.attention == "blocks" and self.retrofit != "block-adapter":
-            raise SDLMError("attention: blocks is for retrofit: block-adapter (its block pass runs apart from the "
-                            "clean tokens): use attention: sdpa")
+        if self.attention in ("blocks", "gather") and self.retrofit != "block-adapter":
+            raise SDLMError(f"attention: {self.attention} is for retrofit: block-adapter (its block pass runs apart "
+                            "from the clean tokens): use attention: sdpa")
+        if not isinstance(self.gather_chunk, int) or self.gather_chunk < 1:
+            raise SDLMError(f"gather_chunk must be a number of queries >= 1, got {self.gather_chunk!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise SDLMError(f"unknown schedule {self.schedule!r}: use constant, linear or cosine")
         if self.schedule_over not in ("steps", "time"):
@@ -398,6 +407,8 @@ class Trainer:
             use_flex_attention(self.sdlm.model)
         elif self.attention == "blocks":
             use_block_attention(self.sdlm.model)
+        elif self.attention == "gather":
+            use_gathered_attention(self.sdlm.model)
         if cfg.compile:
             compile_regions(self.sdlm.model)
 
@@ -471,7 +482,7 @@ class Trainer:
                 with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     if cfg.retrofit == "block-adapter":
                         out = two_pass_loss(self.sdlm, batch, cfg.block_size, cfg.distill, cfg.slot_weights, norm,
-                                            chunk=cfg.loss_chunk)
+                                            chunk=cfg.loss_chunk, gather_chunk=cfg.gather_chunk)
                     else:
                         out = dense_loss(self.sdlm, batch, cfg.block_size, cfg.ar_loss_weight, cfg.slot_weights)
                 if backward_scale is not None:
