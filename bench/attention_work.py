@@ -14,6 +14,11 @@ is run: it costs the layout and the masks alone (the base model is loaded for it
 
 What the counts leave out: kernels work in tiles, so a kernel that skips masked scores (flex
 attention) still computes every tile that holds one visible score.
+
+``--gather-chunk N ...`` also counts, for ``attention: gather`` with N queries per chunk
+(:mod:`sdlm.gathered`), the scores its sdpa calls compute in each pass (chunks × N × their bucket's
+width, spare query slots and padding keys included) as a share of the dense scores, and its calls per
+layer (buckets).
 """
 
 from __future__ import annotations
@@ -28,22 +33,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sdlm.cli import parse_overrides  # noqa: E402
+from sdlm.gathered import gathered  # noqa: E402
 from sdlm.masks import allowed  # noqa: E402
 from sdlm.train.loss import Packed  # noqa: E402
 from sdlm.train.trainer import StepPrep, TrainConfig, Trainer  # noqa: E402
 
 
-def batch_work(b: Packed, causal_within_block: bool) -> dict[str, int]:
-    """One packed batch's rows, columns, dense and visible scores of both passes, and linear tokens."""
+def batch_work(b: Packed, causal_within_block: bool, chunks: list[int]) -> dict[str, int]:
+    """One packed batch's rows, columns, dense and visible scores of both passes, and linear tokens; for
+    each gathered chunk size, the scores and calls of both passes."""
     B, T = b.input_ids.shape
     L = b.n_clean
     clean, blocks = b.columns(torch.arange(L)).info, b.columns(torch.arange(L, T)).info
     seen_block = allowed(blocks, b.info, causal_within_block)  # (B, 1, T - L, T)
     seen_clean = allowed(clean, clean)
-    return {"rows": B, "clean": L, "block": T - L,
-            "block dense": B * (T - L) * T, "block seen": int(seen_block.sum()),
-            "clean dense": B * L * L, "clean seen": int(seen_clean.sum()),
-            "linear": B * T, "real": b.n_real}
+    out = {"rows": B, "clean": L, "block": T - L,
+           "block dense": B * (T - L) * T, "block seen": int(seen_block.sum()),
+           "clean dense": B * L * L, "clean seen": int(seen_clean.sum()),
+           "linear": B * T, "real": b.n_real}
+    for c in chunks:
+        for name, lay in (("block", gathered(blocks, b.info, causal_within_block, c)), ("clean", gathered(clean, clean,
+                                                                                                          chunk=c))):
+            out[f"{name} gather {c}"] = lay.scores()
+            out[f"{name} calls {c}"] = len(lay.buckets)
+    return out
 
 
 def main() -> None:
@@ -53,9 +66,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, help="samples per step (default: the recipe's)")
     ap.add_argument("--steps", type=int, default=2, help="steps to lay out at each size")
     ap.add_argument("--row-tokens", type=int, nargs="+", default=[512, 768, 1024, 1536, 2048], metavar="N")
+    ap.add_argument("--gather-chunk", type=int, nargs="*", default=[], metavar="N",
+                    help="also count attention: gather's scores with N queries per chunk")
     args = ap.parse_args()
-    if args.steps < 1 or (args.samples is not None and args.samples < 1) or min(args.row_tokens) < 1:
-        ap.error("--steps, --samples and --row-tokens must be >= 1")
+    if args.steps < 1 or (args.samples is not None and args.samples < 1) or min(args.row_tokens) < 1 \
+            or min(args.gather_chunk, default=1) < 1:
+        ap.error("--steps, --samples, --row-tokens and --gather-chunk must be >= 1")
 
     # the block layouts do not depend on the device or the attention kernel: lay them out on the CPU
     overrides = {"device": "cpu", "bf16": False, **parse_overrides(args.set)}
@@ -70,16 +86,21 @@ def main() -> None:
         prep = StepPrep(tr.cfg, tr.train, tr.sdlm.config.mask_token_id, one_row=False, split=False)
         per_step = []
         for step in range(args.steps):
-            work = [batch_work(b, causal) for batches, _ in prep.step_work(step, n).micro
+            work = [batch_work(b, causal, args.gather_chunk) for batches, _ in prep.step_work(step, n).micro
                     for b in batches]
-            per_step.append({k: sum(w[k] for w in work) if k not in ("clean", "block") else max(w[k] for w in work)
-                             for k in work[0]})
+            per_step.append({k: sum(w[k] for w in work) if k not in ("clean", "block") and " calls " not in k
+                             else max(w[k] for w in work) for k in work[0]})
         m = {k: statistics.mean(s[k] for s in per_step) for k in per_step[0]}
         print(f"row_tokens {rt}: {m['rows']:.0f} rows of {m['clean']:.0f} clean + {m['block']:.0f} block columns; "
               f"block pass {m['block dense'] / 1e6:.1f}M dense scores per head and layer, "
               f"{m['block seen'] / m['block dense']:.0%} seen; "
               f"clean pass {m['clean dense'] / 1e6:.1f}M, {m['clean seen'] / m['clean dense']:.0%} seen; "
               f"linear layers on {m['linear'] / 1e3:.1f}k tokens, {m['real'] / m['linear']:.0%} real", flush=True)
+        for c in args.gather_chunk:
+            print(f"  gather, {c} queries per chunk: block pass {m[f'block gather {c}'] / 1e6:.1f}M scores "
+                  f"({m[f'block gather {c}'] / m['block dense']:.0%} of dense), clean pass "
+                  f"{m[f'clean gather {c}'] / 1e6:.1f}M ({m[f'clean gather {c}'] / m['clean dense']:.0%}); sdpa calls "
+                  f"per layer: {m[f'block calls {c}']:.0f} and {m[f'clean calls {c}']:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ layouts.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -131,16 +132,18 @@ def gathered(q: TokenInfo, k: TokenInfo, causal_within_block: bool = False, chun
     ok_q = ok.view(B * Tq, Tk)[q_idx]  # (N, chunk, Tk): each slot's row of the mask
     union = ok_q.any(1)  # (N, Tk): the keys some query of the chunk sees
     counts = union.sum(1)  # (N,)
-    widths = _bucket_widths(counts.tolist(), align, max_buckets)  # host: one sync
-    widths_t = torch.tensor(widths, device=dev)
-    which = torch.searchsorted(widths_t, counts)  # (N,) the narrowest bucket that holds each chunk
+    host_counts = counts.tolist()  # one sync; the buckets are chosen on the host
+    widths = _bucket_widths(host_counts, align, max_buckets)
+    members: list[list[int]] = [[] for _ in widths]
+    for c, x in enumerate(host_counts):  # each chunk to the narrowest bucket that holds it
+        members[bisect.bisect_left(widths, x)].append(c)
     buckets, out_pos = [], torch.empty(N, dtype=torch.long, device=dev)
     done = 0
-    for j, W in enumerate(widths):
-        ids = torch.nonzero(which == j).flatten()
-        n = ids.numel()
+    for W, ids in zip(widths, members):
+        n = len(ids)
         if n == 0:
             continue
+        ids = torch.tensor(ids, device=dev)
         # the seen keys first, in column order (a stable sort of "not seen"), then any others as padding
         cols = torch.sort((~union[ids]).to(torch.uint8), dim=1, stable=True).indices[:, :W]  # (n, W)
         if cols.shape[1] < W:  # fewer key columns than the width: pad with column 0 (masked)
@@ -212,12 +215,15 @@ def gathered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     kf = key.transpose(1, 2).reshape(B * Tk, Hkv, d)  # (B·Tk, Hkv, d)
     vf = value.transpose(1, 2).reshape(B * Tk, Hkv, d)
     outs = []
+    # index_select, not indexing: its backward adds the gradients up with index_add (indexing's backward,
+    # index_put with accumulate, sorts the indices on CUDA), and the indices repeat (spare query slots, and
+    # keys that several chunks see)
     for b in layout.buckets:
         n, W = b.n, b.width
-        q = qf[b.q_idx].view(n, C, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, Hkv, g * C, d)
-        k = kf[b.k_idx].view(n, W, Hkv, d).transpose(1, 2)  # (n, Hkv, W, d)
-        v = vf[b.k_idx].view(n, W, Hkv, d).transpose(1, 2)
+        q = qf.index_select(0, b.q_idx).view(n, C, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, Hkv, g * C, d)
+        k = kf.index_select(0, b.k_idx).view(n, W, Hkv, d).transpose(1, 2)  # (n, Hkv, W, d)
+        v = vf.index_select(0, b.k_idx).view(n, W, Hkv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask(dtype, g, query.device), scale=scaling)
-        outs.append(o.view(n, Hkv, g, C, d).permute(0, 3, 1, 2, 4).reshape(n * C, H, d))
+        outs.append(o.view(n, Hkv, g, C, d).permute(0, 3, 1, 2, 4).reshape(n * C, H, d))  # (n·C, H, d)
     outs.append(query.new_zeros(1, H, d))  # the row padding queries read
-    return torch.cat(outs)[layout.out_idx].view(B, Tq, H, d)
+    return torch.cat(outs).index_select(0, layout.out_idx).view(B, Tq, H, d)

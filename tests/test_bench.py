@@ -159,18 +159,22 @@ def test_attention_work_counts_the_scores_the_rule_lets_through():
                for n, s in zip(lens, starts)]
     b = pack(layouts, row_tokens=1000)
     assert b.input_ids.shape[0] == 1  # one row: 23 clean columns, then 5 blocks of 4
-    w = batch_work(b, causal_within_block=False)
+    w = batch_work(b, causal_within_block=False, chunks=[4])
     L, Tb = sum(lens), D * 5
     assert (w["rows"], w["clean"], w["block"]) == (1, L, Tb)
     assert w["block dense"] == Tb * (L + Tb) and w["clean dense"] == L * L
     assert w["block seen"] == sum(D * (p + D) for s in starts for p in s)
     assert w["clean seen"] == sum(n * (n + 1) // 2 for n in lens)
     assert w["linear"] == w["real"] == L + Tb
-    causal = batch_work(b, causal_within_block=True)  # a block's token sees the ones up to itself: 1 + 2 + 3 + 4
+    # gathered, 4 queries per chunk: each block a chunk over its p clean keys and its own 4 (at most 14), and
+    # clean chunks of 4 tokens of one sample (3 and 4 chunks), every width rounded up to 16: one call each
+    assert (w["block gather 4"], w["block calls 4"]) == (5 * 4 * 16, 1)
+    assert (w["clean gather 4"], w["clean calls 4"]) == (7 * 4 * 16, 1)
+    causal = batch_work(b, causal_within_block=True, chunks=[])  # a block's token sees those up to itself: 1 + ... + 4
     assert causal["block seen"] == sum(D * p + 10 for s in starts for p in s)
 
     cmd = [sys.executable, str(ROOT / "bench" / "attention_work.py"), str(ROOT / "recipes" / "tiny.yaml"),
-           "--steps", "1", "--samples", "6", "--row-tokens", "64", "400"]
+           "--steps", "1", "--samples", "6", "--row-tokens", "64", "400", "--gather-chunk", "8"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     lines = re.findall(r"row_tokens (\d+): (\d+) rows .* (\d+)% seen; clean pass .* (\d+)% seen; .* (\d+)% real",
@@ -179,3 +183,4 @@ def test_attention_work_counts_the_scores_the_rule_lets_through():
     (_, rows_small, *_), (_, rows_large, *_) = lines
     assert int(rows_small) > int(rows_large) >= 1  # longer rows hold more samples each
     assert all(0 < int(v) <= 100 for x in lines for v in x[2:])
+    assert len(re.findall(r"gather, 8 queries per chunk: block pass .* of dense\), clean pass .*; sdpa calls", res.stdout)) == 2

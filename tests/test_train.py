@@ -728,14 +728,17 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
     of samples (one forward, the same losses and weights as sdpa's padded rows and as samples run apart),
     and sdpa for the other retrofits; ``blocks`` needs the block-adapter. bf16 weight copies default on
     for CPUs under bf16 autocast."""
-    from sdlm.attention import BLOCK_ATTENTION
+    from sdlm.attention import BLOCK_ATTENTION, GATHER_ATTENTION
     from sdlm.errors import SDLMError
 
     runs, forwards = {}, {}
-    for name, over in (("auto", {}), ("sdpa", {"attention": "sdpa"}), ("split", {"split_samples": True})):
+    for name, over in (("auto", {}), ("sdpa", {"attention": "sdpa"}), ("split", {"split_samples": True}),
+                       ("gather", {"attention": "gather", "gather_chunk": 8})):
         tr = Trainer(tiny(tmp_path / name, retrofit="block-adapter", steps=2, save_every=0, eval_every=0, **over))
-        assert tr.attention == ("sdpa" if name == "sdpa" else "blocks") and tr.split_samples == (name == "split")
-        assert (tr.sdlm.model.config._attn_implementation == BLOCK_ATTENTION) == (name != "sdpa")
+        assert tr.attention == (name if name in ("sdpa", "gather") else "blocks")
+        assert tr.split_samples == (name == "split")
+        impl = {"sdpa": "sdpa", "gather": GATHER_ATTENTION}.get(name, BLOCK_ATTENTION)
+        assert tr.sdlm.model.config._attn_implementation.endswith(impl)
         calls = []
         # a pre-hook: the clean pass of the one-row step ends inside the decoder, once its KV cache is full
         hook = tr.sdlm.model.get_decoder().register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape),
@@ -745,7 +748,7 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
         forwards[name] = calls
     assert all(shape[0] == 1 for shape in forwards["auto"])  # one row per pass
     assert len(forwards["auto"]) == 2 * 2 and len(forwards["split"]) == 2 * 2 * tr.cfg.samples_per_step
-    for name in ("sdpa", "split"):
+    for name in ("sdpa", "split", "gather"):
         assert runs["auto"][0] == pytest.approx(runs[name][0], abs=1e-5)
         for k, w in runs["auto"][1].items():
             assert torch.allclose(w, runs[name][1][k], atol=1e-5), (name, k)
@@ -753,6 +756,10 @@ def test_trainer_attention_and_bf16_copies_defaults(tmp_path):
     assert tr.attention == "sdpa" and tr.sdlm.model.config._attn_implementation != BLOCK_ATTENTION
     with pytest.raises(SDLMError, match="attention: blocks is for retrofit: block-adapter"):
         tiny(tmp_path / "lora", retrofit="lora", attention="blocks")
+    with pytest.raises(SDLMError, match="attention: gather is for retrofit: block-adapter"):
+        tiny(tmp_path / "lora", retrofit="lora", attention="gather")
+    with pytest.raises(SDLMError, match="gather_chunk must be"):
+        tiny(tmp_path / "chunk0", retrofit="block-adapter", attention="gather", gather_chunk=0)
     tr = Trainer(tiny(tmp_path / "bf16", retrofit="block-adapter", bf16=True))
     assert tr.bf16_base and not tr.bf16_weights  # a bf16 base needs no copies
     assert tr.prep_workers == 0  # on CPUs the step lays out its own batches

@@ -458,12 +458,17 @@ def two_pass_loss(
 
     impl = getattr(sdlm.model.config, "_attn_implementation", None)
     blocks_attn, gather_attn = impl == BLOCK_ATTENTION, impl == GATHER_ATTENTION
+    plain = _plain_causal(clean.info)
+    if gather_attn:  # both layouts before the passes run: their host syncs then wait on no pass
+        clean_gathered = None if plain else gathered(clean.info, clean.info, chunk=gather_chunk)
+        block_gathered = gathered(blocks.info, TokenInfo.cat([clean.info, blocks.info]), cfg.causal_within_block,
+                                  gather_chunk)
     cache = DynamicCache()
     with torch.no_grad():  # the clean pass: base model only (gate 0), it fills the cache
-        if _plain_causal(clean.info):
+        if plain:
             mask = None
         elif gather_attn:  # each chunk of clean tokens over the clean keys it sees
-            mask = gathered(clean.info, clean.info, chunk=gather_chunk)
+            mask = clean_gathered
         else:  # several samples in one row: causal within each (block attention's models), else the dense rule
             mask = (causal_segments(clean.info) if blocks_attn else None) or _mask(sdlm, clean.info, clean.info)
         if distill > 0:
@@ -479,7 +484,7 @@ def two_pass_loss(
                                             hidden=True), mask, last_layer_idx(sdlm.model))
     mask = None
     if gather_attn:
-        mask = gathered(blocks.info, TokenInfo.cat([clean.info, blocks.info]), cfg.causal_within_block, gather_chunk)
+        mask = block_gathered
     elif blocks_attn:
         mask = block_layout(blocks.info, clean.info, block_size, cfg.causal_within_block, sdlm.dtype)
         if mask is not None:
