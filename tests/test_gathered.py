@@ -143,3 +143,33 @@ def test_two_pass_with_gathered_attention_equals_dense(arch):
             assert (x - y).abs().max() <= 1e-4 * x.abs().max()
     with torch.no_grad():
         assert dec.generate([5, 17, 33, 8]).tokens == out_ref
+
+
+def test_gathered_attention_under_bf16_autocast():
+    """Under bf16 autocast, with float32 queries and keys and bf16 values (as rotary embeddings leave them),
+    gathered attention computes in bf16 as sdpa does there: output in bf16, gradients in the inputs' dtypes,
+    all within bf16 rounding of sdpa's under the dense mask."""
+    b, clean, blocks = _packed(seed=4)
+    H, Hkv, d = 4, 2, 16
+    q_info, k_info = blocks.info, TokenInfo.cat([clean.info, blocks.info])
+    B, Tq, Tk = q_info.pos.shape[0], q_info.pos.shape[1], k_info.pos.shape[1]
+    lay = gathered(q_info, k_info, chunk=8)
+    dense = additive(allowed(q_info, k_info), torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    q0, k0 = torch.randn(B, H, Tq, d, generator=g), torch.randn(B, Hkv, Tk, d, generator=g)
+    v0 = torch.randn(B, Hkv, Tk, d, generator=g).bfloat16()
+    real = (q_info.seq != -1)[:, :, None, None].float()
+    w = torch.randn(B, Tq, H, d, generator=g) * real
+    outs = []
+    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.25,
+                                                              enable_gqa=True).transpose(1, 2),
+               lambda q, k, v: gathered_attention(q, k, v, lay, 0.25)):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = fn(q, k, v)
+        (o.float() * w).sum().backward()
+        assert o.dtype == torch.bfloat16 and q.grad.dtype == k.grad.dtype == torch.float32
+        assert v.grad.dtype == torch.bfloat16
+        outs.append((o.float() * real, q.grad, k.grad, v.grad.float()))
+    for a, c in zip(*outs):
+        assert (a - c).norm() <= 2e-2 * c.norm()
