@@ -15,7 +15,7 @@ from sdlm.train.loss import dense_loss, pack, two_pass_loss
 from test_train import adapted
 
 
-def _packed(D=4, seed=0, n_samples=5, row_tokens=60, share_prefix=True):
+def _packed(D=4, seed=0, n_samples=5, row_tokens=60, share_prefix=True, mask_id=300):
     """A packed batch of random samples that begin with the same 6 tokens: several rows, several samples per
     row, a shared prefix, padding in both parts. Returns the batch and its clean and block columns."""
     g = torch.Generator().manual_seed(seed)
@@ -27,7 +27,7 @@ def _packed(D=4, seed=0, n_samples=5, row_tokens=60, share_prefix=True):
         lm = torch.zeros(n, dtype=torch.bool)
         lm[8:] = True
         k = int(torch.randint(1, 6, (1,), generator=g))
-        lays.append(training_layout(ids, lm, sample_block_starts(lm, k, g), D, 300))
+        lays.append(training_layout(ids, lm, sample_block_starts(lm, k, g), D, mask_id))
     b = pack(lays, row_tokens=row_tokens, share_prefix=share_prefix)
     L, T = b.n_clean, b.input_ids.shape[1]
     return b, b.columns(torch.arange(L)), b.columns(torch.arange(L, T))
@@ -173,3 +173,28 @@ def test_gathered_attention_under_bf16_autocast():
         outs.append((o.float() * real, q.grad, k.grad, v.grad.float()))
     for a, c in zip(*outs):
         assert (a - c).norm() <= 2e-2 * c.norm()
+
+
+def test_gathered_clean_pass_stops_after_the_last_layers_keys_and_values():
+    """With gathered attention and hard labels the clean pass is run for its KV cache only, as with block
+    attention: it stops once the last layer's keys and values are cached (that layer's MLP runs in the
+    block pass alone), with the loss of the whole clean pass."""
+    import sdlm.train.loss as loss_mod
+    from sdlm.train.trainer import decoder_layers
+
+    s, ad = adapted("llama")
+    b, _, _ = _packed(seed=6, mask_id=s.config.mask_token_id)
+    use_gathered_attention(s.model)
+    layers = decoder_layers(s.model)
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    stopped = two_pass_loss(s, b, 4, gather_chunk=8)
+    assert calls == [2] * (len(layers) - 1) + [1]
+    whole = loss_mod.fill_cache
+    loss_mod.fill_cache = lambda run, layout, last: whole(run, layout, None)
+    try:
+        full = two_pass_loss(s, b, 4, gather_chunk=8)  # the same step with the whole clean pass run
+    finally:
+        loss_mod.fill_cache = whole
+    assert torch.equal(stopped.loss, full.loss)
