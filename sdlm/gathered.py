@@ -100,23 +100,27 @@ class Gathered:
 def gathered(q: TokenInfo, k: TokenInfo, causal_within_block: bool = False, chunk: int = CHUNK,
              align: int = ALIGN, max_buckets: int = MAX_BUCKETS) -> Gathered:
     """The :class:`Gathered` layout of queries ``q`` (fields (B, Tq)) over keys ``k`` (fields (B, Tk)) of
-    the same rows under the block rule. Queries with ``seq`` -1 (padding) are left out. Made where the
-    fields are (on a GPU, one host sync for the chunks' key counts)."""
+    the same rows under the block rule. Queries with ``seq`` -1 (padding) are left out. With ``seq`` on
+    both sides (packed samples) a chunk's keys are looked for only among its own sample's columns and the
+    row's shared prefix, so the work does not grow with the row's length: a whole micro-batch can be one
+    row. Made where the fields are (on a GPU with a few host syncs, for the sizes of its index tensors)."""
     if chunk < 1 or align < 1 or max_buckets < 1:
         raise SDLMError(f"gathered attention needs chunk, align and max_buckets >= 1 (got {chunk}, {align}, "
                         f"{max_buckets})")
     B, Tq = q.pos.shape
     Tk = k.pos.shape[1]
     dev = q.pos.device
-    ok = allowed(q, k, causal_within_block)  # (B, Tq, Tk)
-    real = (q.seq != -1) if q.seq is not None else torch.ones(B, Tq, dtype=torch.bool, device=dev)
-    flat = torch.nonzero(real.flatten()).flatten()  # (M,) the real query columns, row by row
+    packed = q.seq is not None and k.seq is not None
+    q_seq = q.seq if packed else torch.zeros(B, Tq, dtype=torch.long, device=dev)  # unpacked: a row is one sample
+    k_seq = k.seq if packed else torch.zeros(B, Tk, dtype=torch.long, device=dev)
+    flat = torch.nonzero((q_seq != -1).flatten()).flatten()  # (M,) the real query columns, row by row
     M = flat.numel()
     if M == 0:
         raise SDLMError("gathered attention got no real query (every query column is padding)")
+
     # consecutive queries of one row and one sample form runs; runs are cut into chunks of ``chunk``
-    row = flat // Tq
-    group = row * (Tq + 3) + (q.seq.flatten()[flat] + 2 if q.seq is not None else 0)  # (row, seq), seq >= -2
+    S = Tq + Tk + 3  # more than any seq + 2 (seq >= -2, SHARED): (row, seq) -> row * S + seq + 2
+    group = flat // Tq * S + q_seq.flatten()[flat] + 2
     i = torch.arange(M, device=dev)
     new_run = torch.ones(M, dtype=torch.bool, device=dev)
     new_run[1:] = group[1:] != group[:-1]
@@ -128,10 +132,29 @@ def gathered(q: TokenInfo, k: TokenInfo, causal_within_block: bool = False, chun
     N = first.numel()
     q_idx = first[:, None].repeat(1, chunk)  # (N, chunk): spare slots repeat the first query
     q_idx[cid, slot] = flat
-    chunk_row = first // Tq  # (N,)
-    ok_q = ok.view(B * Tq, Tk)[q_idx]  # (N, chunk, Tk): each slot's row of the mask
-    union = ok_q.any(1)  # (N, Tk): the keys some query of the chunk sees
+
+    # candidate keys of a chunk: its row's shared prefix, then its own sample's key columns (in column order)
+    k_flat = torch.nonzero((k_seq != -1).flatten()).flatten()  # (K,) the real key columns
+    k_group = k_flat // Tk * S + k_seq.flatten()[k_flat] + 2
+    order = torch.sort(k_group, stable=True).indices
+    k_sorted, g_sorted = k_flat[order], k_group[order]  # the keys grouped by (row, seq), each group in column order
+    own = group[new_chunk]  # (N,) each chunk's (row, seq) group
+    shared = first // Tq * S  # (N,) its row's shared prefix (seq SHARED = -2)
+    own_at, own_n = _group_span(g_sorted, own)
+    sh_at, sh_n = _group_span(g_sorted, shared)
+    sh_n = torch.where(own == shared, 0, sh_n)  # a chunk of the prefix itself: its own group is the prefix
+    P, G = (int(x) for x in torch.stack([sh_n.max(), own_n.max()]).tolist())  # one sync
+    j = torch.arange(P + G, device=dev)
+    at = torch.where(j < P, sh_at[:, None] + j, own_at[:, None] + j - P)  # (N, P + G) places in k_sorted
+    cand_ok = torch.where(j < P, j < sh_n[:, None], j - P < own_n[:, None])
+    cand = k_sorted[at.clamp(max=k_sorted.numel() - 1)]  # (N, P + G) flat key columns
+    sub = lambda t, idx: t.flatten()[idx]  # noqa: E731
+    ok = allowed(TokenInfo(sub(q.pos, q_idx), sub(q.block, q_idx), sub(q.start, q_idx), sub(q_seq, q_idx)),
+                 TokenInfo(sub(k.pos, cand), sub(k.block, cand), sub(k.start, cand), sub(k_seq, cand)),
+                 causal_within_block) & cand_ok[:, None, :]  # (N, chunk, P + G): each slot's row of the mask
+    union = ok.any(1)  # (N, P + G): the candidates some query of the chunk sees
     counts = union.sum(1)  # (N,)
+
     host_counts = counts.tolist()  # one sync; the buckets are chosen on the host
     widths = _bucket_widths(host_counts, align, max_buckets)
     members: list[list[int]] = [[] for _ in widths]
@@ -144,19 +167,24 @@ def gathered(q: TokenInfo, k: TokenInfo, causal_within_block: bool = False, chun
         if n == 0:
             continue
         ids = torch.tensor(ids, device=dev)
-        # the seen keys first, in column order (a stable sort of "not seen"), then any others as padding
+        # the seen candidates first, in column order (a stable sort of "not seen"), then others as padding
         cols = torch.sort((~union[ids]).to(torch.uint8), dim=1, stable=True).indices[:, :W]  # (n, W)
-        if cols.shape[1] < W:  # fewer key columns than the width: pad with column 0 (masked)
+        if cols.shape[1] < W:  # fewer candidates than the width: pad with the first (masked)
             cols = torch.cat([cols, cols.new_zeros(n, W - cols.shape[1])], 1)
         valid = torch.arange(W, device=dev)[None] < counts[ids, None]  # (n, W)
-        seen = ok_q[ids].gather(2, cols[:, None, :].expand(n, chunk, W)) & valid[:, None, :]  # (n, chunk, W)
-        k_idx = (chunk_row[ids, None] * Tk + cols).flatten()
-        buckets.append(Bucket(q_idx[ids].flatten(), k_idx, seen, n, W))
+        seen = ok[ids].gather(2, cols[:, None, :].expand(n, chunk, W)) & valid[:, None, :]  # (n, chunk, W)
+        buckets.append(Bucket(q_idx[ids].flatten(), cand[ids].gather(1, cols).flatten(), seen, n, W))
         out_pos[ids] = torch.arange(done, done + n, device=dev)
         done += n
     out_idx = torch.full((B * Tq,), done * chunk, dtype=torch.long, device=dev)
     out_idx[flat] = out_pos[cid] * chunk + slot
     return Gathered(buckets, out_idx, chunk, (B, Tq, Tk))
+
+
+def _group_span(sorted_groups: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of ``groups`` starts in ``sorted_groups`` and how many entries it has there (0 if none)."""
+    at = torch.searchsorted(sorted_groups, groups)
+    return at, torch.searchsorted(sorted_groups, groups, right=True) - at
 
 
 def _bucket_widths(counts: list[int], align: int, max_buckets: int) -> list[int]:

@@ -101,8 +101,9 @@ class TrainConfig:
     max_length: int = 512
     row_tokens: int | None = 1024
     """With ``attention: sdpa``/``flex``: pack several samples (clean + blocks) into rows of up to this many
-    tokens (None: one per row). With ``attention: blocks`` a micro-batch is one row whatever its length
-    (its attention runs per sample, so a row's length costs nothing)."""
+    tokens (None: one per row). With ``attention: blocks`` or ``gather`` a micro-batch is one row whatever
+    its length (its attention runs per sample or per chunk of one sample, so a row's length costs
+    nothing, and one row has no padding and holds a shared prefix once)."""
     share_prefix: bool = True
     """A row of several samples that begin with the same clean tokens (a chat template's default system
     prompt: 24 tokens of every sample of the default corpus) holds them once, and every sample's tokens
@@ -177,10 +178,11 @@ class TrainConfig:
     Other forwards run sdpa. ``flex``: flex attention from the same rule
     (:func:`sdlm.masks.block_mask`), which skips the tiles the rule hides (most of the block part)
     and builds no dense mask; CUDA only: PyTorch has no CPU backward for flex attention. ``gather``
-    (block-adapter): packed rows as for ``sdpa``, but each pass's real queries run in chunks of
+    (block-adapter): a micro-batch's samples in one row, and each pass's queries run in chunks of
     ``gather_chunk`` consecutive queries of one sample, each over exactly the keys some query of it may
-    see, in a few batched sdpa calls (:mod:`sdlm.gathered`): the padding, the other samples and most of
-    the masked scores are never computed, with no host call per sample. ``auto``:
+    see, in a few batched sdpa calls (:mod:`sdlm.gathered`): the other samples and most of the masked
+    scores are never computed, with no host call per sample; a micro-batch is one row, as with
+    ``blocks``, so there is no padding. ``auto``:
     ``blocks`` for the block-adapter on CPU, else ``sdpa`` (on GPUs large padded rows keep the
     device busy, while per-sample attention would add host calls)."""
     gather_chunk: int = 64
@@ -421,7 +423,8 @@ class Trainer:
             raise SDLMError(f"{cfg.data}: {len(examples)} usable samples, not more than heldout={cfg.heldout}")
         self.heldout: list[Example] = examples[: cfg.heldout]
         self.train: list[Example] = examples[cfg.heldout :]
-        self.prep = StepPrep(cfg, self.train, self.sdlm.config.mask_token_id, one_row=self.attention == "blocks",
+        self.prep = StepPrep(cfg, self.train, self.sdlm.config.mask_token_id,
+                             one_row=self.attention in ("blocks", "gather"),
                              split=self.split_samples, rank=self.dist.rank, world=self.dist.world)
         on_gpu = self.sdlm.device.type == "cuda"
         self.prep_workers = cfg.prep_workers if cfg.prep_workers is not None else int(on_gpu)
@@ -816,7 +819,7 @@ class StepPrep:
             layouts.append(training_layout(ex.ids, ex.loss_mask, starts, D, self.mask_token_id))
         parts = [[lay] for lay in layouts] if self.split else [layouts]
         norm = loss_norm(layouts, cfg.slot_weights) if len(parts) > 1 else None
-        # attention: blocks: one row per part, since each sample's attention runs apart anyway
+        # attention: blocks and gather: one row per part, since each sample's attention runs apart anyway
         batches = [pack(p, row_tokens=sum(lay.input_ids.shape[0] for lay in p) if self.one_row else cfg.row_tokens,
                         share_prefix=cfg.share_prefix) for p in parts]
         return batches, norm
