@@ -130,8 +130,9 @@ def last_layer_idx(model) -> int | None:
 
 def fill_cache(run, layout, last: int | None) -> None:
     """Run ``run()``, a forward over the clean tokens that fills a KV cache under ``layout``. With a
-    :class:`CausalSegments` or :class:`sdlm.gathered.Gathered` layout it stops once the keys and values of layer ``last`` are cached (None:
-    the whole forward runs); any other layout (a dense mask, None) runs the whole forward."""
+    :class:`CausalSegments` or :class:`sdlm.gathered.Gathered` layout it stops once the keys and values
+    of layer ``last`` are cached (None: the whole forward runs); any other layout (a dense mask, None)
+    runs the whole forward."""
     if not isinstance(layout, (CausalSegments, Gathered)):
         run()
         return

@@ -178,11 +178,10 @@ class TrainConfig:
     Other forwards run sdpa. ``flex``: flex attention from the same rule
     (:func:`sdlm.masks.block_mask`), which skips the tiles the rule hides (most of the block part)
     and builds no dense mask; CUDA only: PyTorch has no CPU backward for flex attention. ``gather``
-    (block-adapter): a micro-batch's samples in one row, and each pass's queries run in chunks of
-    ``gather_chunk`` consecutive queries of one sample, each over exactly the keys some query of it may
-    see, in a few batched sdpa calls (:mod:`sdlm.gathered`): the other samples and most of the masked
-    scores are never computed, with no host call per sample; a micro-batch is one row, as with
-    ``blocks``, so there is no padding. ``auto``:
+    (block-adapter): a micro-batch runs as one row without padding, as with ``blocks``, and each pass's
+    queries run in chunks of ``gather_chunk`` consecutive queries of one sample, each over exactly the
+    keys some query of it may see, in a few batched sdpa calls (:mod:`sdlm.gathered`): the other samples
+    and most of the masked scores are never computed, with no host call per sample. ``auto``:
     ``blocks`` for the block-adapter on CPU, else ``sdpa`` (on GPUs large padded rows keep the
     device busy, while per-sample attention would add host calls)."""
     gather_chunk: int = 64
@@ -590,7 +589,7 @@ class Trainer:
             raise SDLMError(
                 f"out of device memory in a step of {cfg.samples_per_step} samples in {cfg.grad_accum} micro-batch(es) "
                 f"({first}): raise grad_accum (the same step in smaller parts) or lower samples_per_step"
-                + ("; attention: flex keeps no dense masks" if self.attention == "sdpa" else "")) from None
+                + ("; attention: gather or flex keeps no dense masks" if self.attention == "sdpa" else "")) from None
         if not self.fsdp:  # FSDP reduces (and shards) the gradients in the backward pass
             dist.all_reduce_grads(self.params)
         agg = dist.all_reduce_metrics(agg)
