@@ -87,6 +87,24 @@ def test_block_attention_cost_script():
     assert re.search(r"chunked products +forward +[\d.]+ ms", res.stdout)
 
 
+def test_gathered_attention_cost_script():
+    """bench/gathered_attention_cost.py on the tiny recipe: both attentions timed for both passes, at two
+    chunk sizes, and gathered attention's block pass agreeing with sdpa's dense mask over the one row."""
+    import re
+
+    cmd = [sys.executable, str(ROOT / "bench" / "gathered_attention_cost.py"), str(ROOT / "recipes" / "tiny.yaml"),
+           "--samples", "6", "--dtype", "float32", "--chunks", "8", "64", "--repeats", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"sdpa, dense masks: block pass forward \+ backward [\d.]+ ms, clean pass forward [\d.]+ ms",
+                     res.stdout), res.stdout
+    lines = re.findall(r"gather, (\d+) queries per chunk: block pass forward \+ backward [\d.]+ ms \((\d+) calls\), "
+                       r"clean pass forward [\d.]+ ms \((\d+) calls\); .* largest difference from sdpa ([\d.e+-]+)",
+                       res.stdout)
+    assert [x[0] for x in lines] == ["8", "64"], res.stdout
+    assert all(1 <= int(x[1]) <= 6 and 1 <= int(x[2]) <= 6 and float(x[3]) < 1e-5 for x in lines)
+
+
 def test_linear_cost_script_dtypes():
     """bench/linear_cost.py: a line per token count in the asked dtype, ratios to one token."""
     cmd = [sys.executable, str(ROOT / "bench" / "linear_cost.py"), "--tokens", "1", "4", "--repeats", "1",
