@@ -1,5 +1,7 @@
 """Block attention (sdlm.attention): the same attention as sdpa with the dense block-rule mask."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from sdlm.layout import sample_block_starts, training_layout
 from sdlm.masks import TokenInfo, additive, allowed
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
 
-from test_train import adapted
+from test_train import adapted, loss_and_grads
 
 
 def _rows(D, specs, seed=0):
@@ -194,12 +196,7 @@ def test_two_pass_with_block_attention_equals_dense(arch):
     with torch.no_grad():
         out_ref = dec.generate([5, 17, 33, 8]).tokens
 
-    def run(fn, b):
-        for p in ad.lora_parameters().values():
-            p.grad = None
-        o = fn(s, b, 4)
-        o.loss.backward()
-        return o, [p.grad.clone() for p in ad.lora_parameters().values()]
+    run = functools.partial(loss_and_grads, s, ad)
 
     batches = [pack([lays[0]]), pack(lays, row_tokens=None), pack(lays, row_tokens=10_000)]
     assert batches[2].input_ids.shape[0] == 1
@@ -293,12 +290,7 @@ def test_two_pass_with_a_shared_prefix_equals_unshared(arch):
         lm[prompt:] = True
         lays.append(training_layout(ids, lm, sample_block_starts(lm, k, g), 4, s.config.mask_token_id))
 
-    def run(fn, b, **kw):
-        for p in ad.lora_parameters().values():
-            p.grad = None
-        o = fn(s, b, 4, **kw)
-        o.loss.backward()
-        return o, [p.grad.clone() for p in ad.lora_parameters().values()]
+    run = functools.partial(loss_and_grads, s, ad)
 
     plain, shared = pack(lays, row_tokens=10_000), pack(lays, row_tokens=10_000, share_prefix=True)
     assert shared.n_clean == plain.n_clean - 2 * 11  # the prefix once instead of three times

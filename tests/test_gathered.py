@@ -1,6 +1,8 @@
 """Gathered attention (sdlm.gathered): the same attention as sdpa with the dense block-rule mask, over
 only the keys each chunk of queries sees."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from sdlm.layout import sample_block_starts, training_layout
 from sdlm.masks import TokenInfo, additive, allowed
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
 
-from test_train import adapted
+from test_train import adapted, loss_and_grads
 
 
 def _packed(D=4, seed=0, n_samples=5, row_tokens=60, share_prefix=True, mask_id=300):
@@ -121,12 +123,7 @@ def test_two_pass_with_gathered_attention_equals_dense(arch):
     with torch.no_grad():
         out_ref = dec.generate([5, 17, 33, 8]).tokens
 
-    def run(fn, b, **kw):
-        for p in ad.lora_parameters().values():
-            p.grad = None
-        o = fn(s, b, 4, **kw)
-        o.loss.backward()
-        return o, [p.grad.clone() for p in ad.lora_parameters().values()]
+    run = functools.partial(loss_and_grads, s, ad)
 
     batches = [pack(lays, row_tokens=60, share_prefix=True), pack(lays, row_tokens=None), pack(lays[:1])]
     assert batches[0].input_ids.shape[0] >= 2

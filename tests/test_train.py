@@ -31,6 +31,15 @@ def adapted(arch="llama", kind="block-adapter", seed=0, alpha=32.0):
     return s, ad
 
 
+def loss_and_grads(s, ad, fn, batch, **kw):
+    """``fn(s, batch, 4, **kw)`` (a loss of block size 4) and the LoRA gradients of its backward pass."""
+    for p in ad.lora_parameters().values():
+        p.grad = None
+    o = fn(s, batch, 4, **kw)
+    o.loss.backward()
+    return o, [p.grad.clone() for p in ad.lora_parameters().values()]
+
+
 def batch(s, D=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     lays = []
