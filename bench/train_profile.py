@@ -97,7 +97,8 @@ def main() -> None:
         return
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     recs, phases = [], []
-    with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts, record_shapes=args.shapes) as prof:
+    profiler = None if args.no_profiler else torch.profiler.profile(activities=acts, record_shapes=args.shapes)
+    with profiler or contextlib.nullcontext() as prof:
         for _ in range(args.steps):
             with timed_phases(tr.sdlm.device) if args.phases else contextlib.nullcontext({}) as spent:
                 recs.append(tr.train_step())

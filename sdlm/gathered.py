@@ -64,14 +64,16 @@ class Bucket:
     n: int
     width: int
     masks: dict = field(default_factory=dict, repr=False)
-    """(dtype, g, device) -> the (n, 1, g·chunk, width) additive mask, made once for every layer of the pass."""
+    """(dtype, g) -> the (n, 1, g·chunk, width) additive mask, made once for every layer of the pass."""
 
-    def mask(self, dtype: torch.dtype, g: int, device: torch.device) -> torch.Tensor:
-        key = (dtype, g, device)
+    def mask(self, dtype: torch.dtype, g: int) -> torch.Tensor:
+        """The additive mask of the bucket's stacked rows (g query heads of ``chunk`` rows each), on the
+        device of the layout."""
+        key = (dtype, g)
         if key not in self.masks:
             C = self.seen.shape[1]
-            m = torch.zeros(self.n, 1, g, C, self.width, dtype=dtype, device=device)  # (n, 1, g, C, W)
-            m.masked_fill_(~self.seen.to(device)[:, None, None], torch.finfo(dtype).min)
+            m = torch.zeros(self.n, 1, g, C, self.width, dtype=dtype, device=self.seen.device)  # (n, 1, g, C, W)
+            m.masked_fill_(~self.seen[:, None, None], torch.finfo(dtype).min)
             self.masks[key] = m.view(self.n, 1, g * C, self.width)
         return self.masks[key]
 
@@ -253,7 +255,7 @@ def gathered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         q = qf.index_select(0, b.q_idx).view(n, C, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, Hkv, g * C, d)
         k = kf.index_select(0, b.k_idx).view(n, W, Hkv, d).transpose(1, 2)  # (n, Hkv, W, d)
         v = vf.index_select(0, b.k_idx).view(n, W, Hkv, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask(dtype, g, query.device), scale=scaling)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask(dtype, g), scale=scaling)
         outs.append(o.view(n, Hkv, g, C, d).permute(0, 3, 1, 2, 4).reshape(n * C, H, d))  # (n·C, H, d)
     outs.append(query.new_zeros(1, H, d))  # the row padding queries read
     return torch.cat(outs).index_select(0, layout.out_idx).view(B, Tq, H, d)
