@@ -33,7 +33,7 @@ import torch
 
 from .accept import cut_at_eos
 from .decode import Decoder, Generation
-from .masks import TokenInfo, additive, allowed
+from .masks import TokenInfo, allowed
 
 
 @dataclass
@@ -157,7 +157,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
             if st.visible is not None:  # a draft tree: each row hides the nodes of other branches
                 cols = columns[b].to(dev)
                 ok[b, cols[:, None], S + cols[None, :]] &= st.visible.to(dev)
-        mask = additive(ok, sdlm.dtype)  # (B, 1, T, S+T)
+        mask = sdlm.masks(ok, q.pos.to(dev), keys.pos.to(dev))  # (B, 1, T, S+T), or one per kind of layer
         need = torch.unique(torch.cat(read))  # sorted: the LM head runs on these columns only
         if sdlm._takes_logits_to_keep:
             logits = sdlm.forward(ids, pos, mask, q.is_block, cache, need.to(dev))

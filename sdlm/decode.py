@@ -32,7 +32,7 @@ from .accept import confident_prefix, confident_run, cut_at_eos, greedy_accept, 
 from .errors import SDLMError
 from .kvcache import new_cache
 from .layout import StepLayout, ar_step, confidence_step, speculative_step
-from .model import SDLM
+from .model import SDLM, decoder_of
 from .sampling import Sampler, confidence
 
 logger = logging.getLogger(__name__)
@@ -530,7 +530,7 @@ def _plain_head(sdlm: SDLM) -> bool:
         sdlm.lm_head()
     except SDLMError:
         return False
-    return callable(getattr(sdlm.model, "get_decoder", None))
+    return decoder_of(sdlm.model) is not None
 
 
 @dataclass

@@ -24,6 +24,11 @@ The rule, for query ``q`` and key ``k``:
 
 Training (:mod:`sdlm.layout`), every decoding mode (:mod:`sdlm.decode`) and the
 tests build their masks from :func:`allowed`, so the views cannot drift apart.
+
+A model whose layers see only part of the past (a sliding window, as in Mistral, Gemma 2 and 3,
+Phi-3 or Qwen2 with windows; chunked attention, as in Llama 4) applies its :class:`Window` on top
+of the rule, on the same positions, for every kind of token: :func:`layer_masks` gives the mask
+each kind of layer takes.
 """
 
 from __future__ import annotations
@@ -122,6 +127,90 @@ def _rule(q_pos, q_block, q_start, k_pos, k_block, causal_within_block, q_seq=No
     if q_seq is not None:
         ok = ok & ((q_seq == k_seq) | ((k_seq == SHARED) & (q_seq >= 0)))
     return ok
+
+
+@dataclass(frozen=True)
+class Window:
+    """How far back a kind of attention layer sees, on top of the rule (the masks ``transformers`` builds
+    for it, on positions instead of cache indices, which are the same for committed tokens).
+
+    ``sliding`` W: a query at position ``q`` sees keys at ``k > q - W`` (itself and the W - 1 before it).
+    ``chunk`` C: a query sees keys in its own chunk of C positions, ``k // C == q // C``.
+    """
+
+    sliding: int | None = None
+    chunk: int | None = None
+
+    def binds(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+        """Whether the window may hide a key the rule shows, for queries at ``q_pos`` over keys at ``k_pos``
+        (any shapes). False means the rule's mask alone is this layer's mask."""
+        if q_pos.numel() == 0 or k_pos.numel() == 0:
+            return False
+        top = int(q_pos.max())
+        if self.sliding is not None and top - int(k_pos.min()) >= self.sliding:
+            return True
+        return self.chunk is not None and top >= self.chunk  # positions start at 0: all in chunk 0 otherwise
+
+    def keep(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(..., Tq, Tk) boolean: True where the window lets a query at ``q_pos`` (..., Tq) see a key at
+        ``k_pos`` (..., Tk)."""
+        q, k = q_pos[..., :, None], k_pos[..., None, :]
+        ok = torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q_pos.device)
+        if self.sliding is not None:
+            ok &= k > q - self.sliding
+        if self.chunk is not None:
+            ok &= torch.div(k, self.chunk, rounding_mode="floor") == torch.div(q, self.chunk, rounding_mode="floor")
+        return ok
+
+
+@dataclass(frozen=True)
+class LayerWindows:
+    """The windows of a model's kinds of attention layers, and how the model takes their masks.
+
+    ``windows`` maps a ``transformers`` layer type (``full_attention``, ``sliding_attention``,
+    ``chunked_attention``) to its window (None: the whole past). ``keyed``: the model takes a dict of
+    masks by layer type (models whose config lists ``layer_types``); otherwise one mask for every layer,
+    under the key ``None``.
+    """
+
+    windows: dict
+    keyed: bool = False
+
+    @property
+    def smallest(self) -> int | None:
+        """The shortest reach of any layer in positions (a window's or a chunk's size), None if every
+        layer sees the whole past."""
+        sizes = [n for w in self.windows.values() if w is not None for n in (w.sliding, w.chunk) if n is not None]
+        return min(sizes) if sizes else None
+
+    def binding(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+        """Whether any layer's window may hide a key the rule shows, for these positions."""
+        return any(w is not None and w.binds(q_pos, k_pos) for w in self.windows.values())
+
+
+FULL = LayerWindows({None: None})
+"""Every layer sees the whole past (most models): the rule's mask is every layer's mask."""
+
+
+def layer_masks(ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, windows: LayerWindows,
+                dtype: torch.dtype):
+    """The additive masks a model's layers take (see :func:`additive`) for the rule's boolean ``ok``
+    (..., Tq, Tk) of queries at ``q_pos`` (..., Tq) over keys at ``k_pos`` (..., Tk): one mask where no
+    layer's window hides anything more for these positions (every layer takes it as given, keyed or
+    not), else one per kind of layer (a dict by layer type for a keyed model)."""
+    binding = {kind: w for kind, w in windows.windows.items() if w is not None and w.binds(q_pos, k_pos)}
+    if not binding:
+        return additive(ok, dtype)
+    made: dict[Window | None, torch.Tensor] = {}
+
+    def mask(w: Window | None) -> torch.Tensor:
+        if w not in made:
+            made[w] = additive(ok if w is None else ok & w.keep(q_pos, k_pos), dtype)
+        return made[w]
+
+    if not windows.keyed:
+        return mask(binding[None])
+    return {kind: mask(binding.get(kind)) for kind in windows.windows}
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

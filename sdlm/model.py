@@ -25,7 +25,7 @@ from .errors import SDLMError
 from .io import atomic_dir
 from .kvcache import GrowingLayer
 from .layout import StepLayout
-from .masks import TokenInfo, additive, allowed
+from .masks import FULL, LayerWindows, TokenInfo, Window, allowed, layer_masks
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,46 @@ class SDLMConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+_WINDOW_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+_ALIBI_MODELS = ("bloom", "mpt")
+
+
+def layer_windows(config) -> LayerWindows:
+    """The windows of a ``transformers`` model's attention layers, read from its config as ``transformers``
+    itself reads it when it builds a model's masks: a config with ``layer_types`` takes a mask per layer
+    type; otherwise a ``sliding_window`` (or an ``attention_chunk_size``) applies to every layer."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sliding, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        kinds = {"full_attention": None, "sliding_attention": Window(sliding=sliding) if sliding else None,
+                 "chunked_attention": Window(chunk=chunk) if chunk else None}
+        return LayerWindows({t: kinds[t] for t in dict.fromkeys(types) if t in kinds}, keyed=True)
+    if sliding is not None:
+        return LayerWindows({None: Window(sliding=sliding)})
+    if chunk is not None:
+        return LayerWindows({None: Window(chunk=chunk)})
+    return FULL
+
+
+def check_supported(model) -> None:
+    """Refuse, with the reason, a model SDLM cannot run exactly: block tokens are extra tokens of the same
+    forward that the model's attention hides from the clean ones by a mask over position ids. Layers that
+    carry a recurrent state (state-space, linear-attention or convolution layers) would pass the block
+    tokens into the clean tokens' state, and ALiBi models take no position ids."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kind = type(model).__name__
+    others = sorted(set(getattr(config, "layer_types", None) or ()) - set(_WINDOW_KINDS))
+    if getattr(model, "_is_stateful", False) or others:
+        what = f" ({', '.join(others)} layers)" if others else ""
+        raise SDLMError(f"{kind} has layers with a recurrent state{what}: SDLM needs attention in every layer "
+                        "(a mask keeps block tokens out of the clean tokens' past); use a transformer model")
+    if getattr(config, "model_type", None) in _ALIBI_MODELS or getattr(config, "alibi", False):
+        raise SDLMError(f"{kind} uses ALiBi attention biases, which it derives from a padding mask, not from "
+                        "position ids: SDLM places block tokens by position id; use a model with rotary or "
+                        "learned positions")
+
+
 def _crop(cache, n_remove: int) -> None:
     """Remove the last ``n_remove`` entries of a transformers cache.
 
@@ -74,6 +114,23 @@ def _crop(cache, n_remove: int) -> None:
     """
     if n_remove > 0:
         cache.crop(-n_remove)
+
+
+def decoder_of(model):
+    """The decoder stack of a causal LM (the module that returns ``last_hidden_state``), or None.
+    ``get_decoder`` falls back to the model itself where the stack is not under the attribute its class names
+    (``Llama4ForCausalLM`` keeps it as ``model``); then the usual ``model`` attribute is taken."""
+    dec = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    if dec is None or dec is model:
+        dec = getattr(model, "model", None)
+    return dec if isinstance(dec, torch.nn.Module) else None
+
+
+def _to(mask, device):
+    """A mask, or a dict of them by layer type, on ``device``."""
+    if isinstance(mask, dict):
+        return {k: v.to(device) for k, v in mask.items()}
+    return None if mask is None else mask.to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,6 +172,8 @@ class SDLM:
         # (B, T) bool, True on block tokens, or True: every token is one; read by gated adapters
         self.gate: torch.Tensor | bool | None = None
         self.gate_columns: dict = {}  # values derived from the gate, kept for one forward (sdlm.adapter)
+        check_supported(model)
+        self.windows = layer_windows(model.config)  # sliding-window or chunked layers, if any
         use_decoding_attention(model)  # sdpa without copying grouped keys and values per query head
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
@@ -296,14 +355,21 @@ class SDLM:
         ok = allowed(step.info, keys, causal_within_block)
         if step.visible is not None:  # a draft tree: nodes of other branches are hidden
             ok[..., cached_len:] &= step.visible
-        return additive(ok, self.dtype)  # (1, 1, T, cached+T)
+        return self.masks(ok, step.info.pos, keys.pos)  # (1, 1, T, cached+T), or one per kind of layer
+
+    def masks(self, ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype | None = None):
+        """The attention mask(s) this model's layers take for the rule's boolean ``ok`` (..., Tq, Tk), queries
+        at ``q_pos`` (..., Tq) over keys at ``k_pos`` (..., Tk): :func:`sdlm.masks.layer_masks` with this
+        model's windows (one additive mask unless a sliding window or chunk hides more)."""
+        return layer_masks(ok, q_pos, k_pos, self.windows, dtype or self.dtype)
 
     def forward(self, input_ids, position_ids, mask4d, gate, cache=None, logits_to_keep: int | torch.Tensor = 0,
                 hidden: bool = False):
         """The one call into the HF model. ``gate`` (B, T) marks block tokens for gated adapters;
         ``True``: every token is a block token (the adapter runs without a gate multiply).
 
-        ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it);
+        ``mask4d`` None: plain causal attention over the cache and the new tokens (the model builds it); a
+        4D mask, or a dict of them by layer type (:meth:`masks`);
         a :class:`sdlm.attention.BlockLayout` or :class:`sdlm.attention.CausalSegments`: a training step's
         block or clean pass, for a model set up with :func:`sdlm.attention.use_block_attention`; a
         :class:`sdlm.gathered.Gathered` layout: either pass, for one set up with
@@ -314,7 +380,7 @@ class SDLM:
         kwargs = {}
         model, cache_kwarg = self.model, self._cache_kwarg
         if hidden:
-            model = self.model.get_decoder()
+            model = decoder_of(self.model)
             cache_kwarg = _cache_kwarg(model)
         elif self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
@@ -332,7 +398,7 @@ class SDLM:
                 out = model(
                     input_ids=input_ids.to(dev),
                     position_ids=position_ids.to(dev),
-                    attention_mask=None if mask4d is None else mask4d.to(dev),
+                    attention_mask=_to(mask4d, dev),
                     use_cache=cache is not None,
                     **{cache_kwarg: cache},
                     **kwargs,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .errors import SDLMError
-from .masks import TokenInfo, additive, allowed
+from .masks import TokenInfo, allowed
 from .model import SDLM
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def _block_logits(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, c
         return
     clean = TokenInfo.clean(torch.arange(n))
     cache = DynamicCache()
-    mask = additive(allowed(clean, clean), sdlm.dtype)
+    mask = sdlm.masks(allowed(clean, clean), clean.pos, clean.pos)
     sdlm.forward(ids[None], clean.pos[None], mask, clean.is_block[None], cache, 1)
     for c in range(0, len(starts), chunk):
         ps = torch.tensor(starts[c : c + chunk])
@@ -74,7 +74,7 @@ def _block_logits(sdlm: SDLM, seq: Sequence[int], first: int, block_size: int, c
         block_ids[:, 0] = ids[ps]
         info = TokenInfo(pos, bid, start)
         keys = TokenInfo.cat([clean, info])
-        mask = additive(allowed(info, keys, sdlm.config.causal_within_block), sdlm.dtype)
+        mask = sdlm.masks(allowed(info, keys, sdlm.config.causal_within_block), info.pos, keys.pos)
         keep = torch.arange(k * D)
         logits = sdlm.forward(block_ids.flatten()[None], pos[None], mask, info.is_block[None], cache, keep)[0]
         SDLM.crop(cache, k * D)

@@ -26,7 +26,7 @@ from ..cpu import _pack, _packed_linear, can_prepack
 from ..errors import SDLMError
 from ..gathered import CHUNK, gathered
 from ..layout import IGNORE, TrainingLayout
-from ..masks import SHARED, TokenInfo, additive, allowed, block_mask
+from ..masks import SHARED, TokenInfo, allowed, block_mask
 from ..model import FLEX_ATTENTION, SDLM
 from .fused import transpose_agrees
 
@@ -459,6 +459,8 @@ def two_pass_loss(
     impl = getattr(sdlm.model.config, "_attn_implementation", None)
     blocks_attn, gather_attn = impl == BLOCK_ATTENTION, impl == GATHER_ATTENTION
     plain = _plain_causal(clean.info)
+    if gather_attn or blocks_attn:
+        _no_window(sdlm, batch.info, "gather" if gather_attn else "blocks")
     if gather_attn:  # both layouts before the passes run: their host syncs then wait on no pass
         clean_gathered = None if plain else gathered(clean.info, clean.info, chunk=gather_chunk)
         block_gathered = gathered(blocks.info, TokenInfo.cat([clean.info, blocks.info]), cfg.causal_within_block,
@@ -517,16 +519,26 @@ def two_pass_loss(
     return LossOutput(loss, block_loss.detach(), None, sl, sc, sn, int(kb.sum()))
 
 
+def _no_window(sdlm: SDLM, info: TokenInfo, attention: str) -> None:
+    """Refuse a batch whose samples reach past a layer's sliding window or chunk: ``attention`` applies the
+    rule alone (the dense ``sdpa`` masks apply the windows too)."""
+    if sdlm.windows.binding(info.pos, info.pos):
+        raise SDLMError(f"this model's layers see at most {sdlm.windows.smallest} positions back, and attention: "
+                        f"{attention} does not apply that window; samples reach position {int(info.pos.max())}: "
+                        f"use attention: sdpa, or keep max_length + block_size within {sdlm.windows.smallest}")
+
+
 def _mask(sdlm: SDLM, q: TokenInfo, k: TokenInfo, causal_within_block: bool = False):
     """The attention mask of queries ``q`` over keys ``k``: a flex-attention block mask when the model
     runs flex attention (:func:`sdlm.model.use_flex_attention`), else the dense additive (B, 1, Tq, Tk) one,
     in the autocast dtype under autocast."""
     if getattr(sdlm.model.config, "_attn_implementation", None) == FLEX_ATTENTION:
+        _no_window(sdlm, k, "flex")
         return block_mask(q, k, causal_within_block)
     # under autocast sdpa runs in the autocast dtype: a mask made in it is not cast again in every layer
     kind = sdlm.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else sdlm.dtype
-    return additive(allowed(q, k, causal_within_block), dtype)
+    return sdlm.masks(allowed(q, k, causal_within_block), q.pos, k.pos, dtype)
 
 
 def _plain_causal(info: TokenInfo) -> bool:

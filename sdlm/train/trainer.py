@@ -183,7 +183,9 @@ class TrainConfig:
     keys some query of it may see, in a few batched sdpa calls (:mod:`sdlm.gathered`): the other samples
     and most of the masked scores are never computed, with no host call per sample. ``auto``:
     ``blocks`` for the block-adapter on CPU, else ``sdpa`` (on GPUs large padded rows keep the
-    device busy, while per-sample attention would add host calls)."""
+    device busy, while per-sample attention would add host calls); ``sdpa`` also for a model with
+    sliding-window or chunked layers whose window is shorter than ``max_length + block_size``, since
+    only the dense masks apply windows (``blocks``, ``flex`` and ``gather`` refuse such a batch)."""
     gather_chunk: int = 64
     """With ``attention: gather``: queries per chunk (16 blocks of 4, or 64 clean tokens). Larger chunks
     make fewer, larger calls; smaller ones compute fewer masked scores."""
@@ -457,6 +459,9 @@ class Trainer:
         """The attention the step runs (``auto`` resolved)."""
         if self.cfg.attention != "auto":
             return self.cfg.attention
+        reach = self.sdlm.windows.smallest  # a sliding window or chunk only the dense masks apply
+        if reach is not None and self.cfg.max_length + self.cfg.block_size > reach:
+            return "sdpa"
         return "blocks" if self.cfg.retrofit == "block-adapter" and self.sdlm.device.type == "cpu" else "sdpa"
 
     @property

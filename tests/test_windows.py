@@ -1,0 +1,199 @@
+"""Models whose layers see only part of the past (sliding windows, chunked attention), and models SDLM
+refuses. Every lossless mode must still write ``transformers``' own greedy output once the context is longer
+than the window, and the training layout must still give the decoder's logits.
+
+The tiny models have a window of 6 positions, so prompts of 5 to 14 tokens and 24 new ones cross it many
+times; each case checks first that the window changes the model's own output (else it would test nothing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from conftest import hf_greedy, random_prompt, use_oracle_drafts
+from sdlm.adapter import AdapterConfig, attach
+from sdlm.attention import use_block_attention, use_gathered_attention
+from sdlm.batched import generate_batch
+from sdlm.decode import Decoder, GenerationConfig
+from sdlm.errors import SDLMError
+from sdlm.layout import TrainingLayout, ar_step, sample_block_starts, speculative_step, training_layout
+from sdlm.masks import FULL, LayerWindows, TokenInfo, Window, additive, allowed, layer_masks
+from sdlm.model import SDLM
+from sdlm.tpf import tokens_per_forward
+from sdlm.train.loss import dense_loss, pack, two_pass_loss
+from sdlm.zoo import byte_tokenizer
+
+W = 6
+SLIDING, FULL_ATTN, CHUNKED = "sliding_attention", "full_attention", "chunked_attention"
+# (architecture, config settings, the windows SDLM must read from them)
+CASES = {
+    "mistral": ({"sliding_window": W}, LayerWindows({None: Window(sliding=W)})),
+    "qwen2": ({"use_sliding_window": True, "sliding_window": W, "max_window_layers": 0, "layer_types": [SLIDING] * 2},
+              LayerWindows({SLIDING: Window(sliding=W)}, keyed=True)),
+    "cohere2": ({"sliding_window": W, "layer_types": [SLIDING, FULL_ATTN]},
+                LayerWindows({SLIDING: Window(sliding=W), FULL_ATTN: None}, keyed=True)),
+    "llama4_text": ({"attention_chunk_size": W, "layer_types": [CHUNKED, FULL_ATTN], "num_local_experts": 2,
+                     "intermediate_size_mlp": 128}, LayerWindows({CHUNKED: Window(chunk=W), FULL_ATTN: None}, keyed=True)),
+}
+PROMPTS = [(100, 5), (101, 14)]  # (seed, length)
+N_NEW = 24
+
+
+def tiny(arch: str, attn: str = "sdpa", **settings):
+    """A tiny random model of ``arch`` (the sizes of :func:`sdlm.zoo.random_model`) with config ``settings``."""
+    tok = byte_tokenizer()
+    config = CONFIG_MAPPING[arch](
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, max_position_embeddings=512, initializer_range=0.1,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def windowed(arch: str, window: int = W) -> SDLM:
+    settings = dict(CASES[arch][0])
+    for key in ("sliding_window", "attention_chunk_size"):
+        if key in settings:
+            settings[key] = window
+    s = SDLM(*tiny(arch, **settings), None, name=f"windowed:{arch}")
+    s.retrofit(block_size=4)
+    return s
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_windows_are_read_from_the_config(arch):
+    s = windowed(arch)
+    assert s.windows == CASES[arch][1]
+    assert s.windows.smallest == W
+    assert SDLM(*tiny("llama"), None).windows == FULL and FULL.smallest is None
+
+
+def test_layer_masks_apply_each_window_only_where_it_hides_something():
+    info = TokenInfo.clean(torch.arange(10))
+    ok = allowed(info, info)
+    rule = additive(ok, torch.float32)
+    lw = LayerWindows({SLIDING: Window(sliding=4), FULL_ATTN: None, CHUNKED: Window(chunk=3)}, keyed=True)
+    # positions 0..2: no window hides anything yet, so every layer takes the rule's mask
+    few = TokenInfo.clean(torch.arange(3))
+    assert torch.equal(layer_masks(allowed(few, few), few.pos, few.pos, lw, torch.float32),
+                       additive(allowed(few, few), torch.float32))
+    masks = layer_masks(ok, info.pos, info.pos, lw, torch.float32)
+    assert set(masks) == {SLIDING, FULL_ATTN, CHUNKED} and torch.equal(masks[FULL_ATTN], rule)
+    q, k = info.pos[:, None], info.pos[None, :]
+    assert torch.equal(masks[SLIDING], additive(ok & (k > q - 4), torch.float32))
+    assert torch.equal(masks[CHUNKED], additive(ok & (k // 3 == q // 3), torch.float32))
+    # a model that takes one mask gets its one window's mask
+    single = layer_masks(ok, info.pos, info.pos, LayerWindows({None: Window(sliding=4)}), torch.float32)
+    assert torch.equal(single, masks[SLIDING])
+    # block tokens: the window counts from the block token's own position
+    blk = TokenInfo(torch.tensor([7, 8, 9]), torch.zeros(3, dtype=torch.long), torch.full((3,), 7))
+    keys = TokenInfo.cat([TokenInfo.clean(torch.arange(7)), blk])
+    got = Window(sliding=4).keep(blk.pos, keys.pos) & allowed(blk, keys)
+    assert got[2].nonzero().flatten().tolist() == [6, 7, 8, 9]  # slot 2 at position 9: keys at 6 .. 9
+
+
+def test_dropping_the_window_breaks_equality_with_generate():
+    """The teeth of the tests below: with the window's masks left out, the decoder no longer writes the
+    model's output past the window."""
+    s = windowed("mistral")
+    prompt = random_prompt(101, 14)
+    want = hf_greedy(s, prompt, N_NEW)
+    assert hf_greedy(windowed("mistral", window=512), prompt, N_NEW) != want  # the window matters here
+    s.windows = FULL
+    assert Decoder(s, GenerationConfig(mode="ar", block_size=4, max_new_tokens=N_NEW)).generate(prompt).tokens != want
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_lossless_modes_equal_generate_past_the_window(arch, monkeypatch):
+    s = windowed(arch)
+    wide = windowed(arch, window=512)
+    prompts = [random_prompt(seed, n) for seed, n in PROMPTS]
+    wants = [hf_greedy(s, p, N_NEW) for p in prompts]
+    assert any(hf_greedy(wide, p, N_NEW) != w for p, w in zip(prompts, wants))  # the window changes the output
+    for mode in ("ar", "speculative"):
+        dec = Decoder(s, GenerationConfig(mode=mode, block_size=4, max_new_tokens=N_NEW))
+        assert [dec.generate(p).tokens for p in prompts] == wants
+        assert [g.tokens for g in generate_batch(dec, prompts)] == wants  # batched, left-padded
+    for p, want in zip(prompts, wants):  # drafts accepted in runs of every length: the cache is cropped
+        for tree in (None, "3,2,1"):
+            with monkeypatch.context() as m:
+                use_oracle_drafts(s, m, p + want)
+                g = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=N_NEW, tree=tree,
+                                                draft_threshold=0.0)).generate(p)
+            assert g.tokens == want
+            assert g.forwards < g.new_tokens
+
+
+@pytest.mark.parametrize("arch", ["mistral", "cohere2"])
+def test_training_layout_equals_the_decoder_past_the_window(arch):
+    """The same block, in the training layout (one dense forward, the model's window masks) and in a cached
+    speculative step far past the window, gives the same logits; the clean tokens give the causal model's."""
+    s = windowed(arch)
+    x = random_prompt(7, 20)
+    n, k, D = 16, 2, 4
+    cache = DynamicCache()
+    s.step_logits(ar_step(x[:12], 0), cache, 0)  # 12 clean tokens in the cache
+    step = speculative_step(x[12:n], 12, x[n : n + k], D, s.config.mask_token_id)
+    got = s.step_logits(step, cache, 12)
+    with torch.no_grad():
+        plain = s.model(torch.tensor([x[: n + k]])).logits[0]
+    torch.testing.assert_close(got[: k + 1], plain[n - 1 : n + k], atol=1e-4, rtol=0)
+    lay = training_layout(torch.tensor(x[: n + k]), torch.ones(n + k, dtype=torch.bool), list(range(n - 1, n + k)),
+                          D, s.config.mask_token_id)
+    mask = s.masks(allowed(lay.info, lay.info), lay.info.pos, lay.info.pos)
+    assert isinstance(mask, dict) == (arch == "cohere2")
+    with torch.no_grad():
+        train = s.forward(lay.input_ids[None], lay.info.pos[None], mask, lay.info.is_block[None])[0]
+    torch.testing.assert_close(train[: n + k], plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[k + 1 :], train[n + k :], atol=1e-4, rtol=0)
+
+
+def _batch(s, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lays: list[TrainingLayout] = []
+    for n in lengths:
+        ids = torch.randint(0, 250, (n,), generator=g)
+        lm = torch.zeros(n, dtype=torch.bool)
+        lm[3:] = True
+        lays.append(training_layout(ids, lm, sample_block_starts(lm, 3, g), 4, s.config.mask_token_id))
+    return pack(lays)
+
+
+def test_fast_training_attention_refuses_samples_past_the_window_and_is_exact_within():
+    s = windowed("cohere2", window=24)
+    attach(s, AdapterConfig(kind="block-adapter", r=4))
+    long, short = _batch(s, (30, 17)), _batch(s, (15, 12))
+    ref_short, ref_long = dense_loss(s, short, 4).loss, two_pass_loss(s, long, 4).loss
+    assert torch.allclose(ref_long, dense_loss(s, long, 4).loss, atol=1e-5)  # the dense masks apply the window
+    for use in (use_block_attention, use_gathered_attention):
+        use(s.model)
+        with pytest.raises(SDLMError, match="attention: sdpa"):
+            two_pass_loss(s, long, 4)
+        assert torch.allclose(two_pass_loss(s, short, 4).loss, ref_short, atol=1e-5)
+
+
+def test_one_forward_count_equals_the_decoder_past_the_window():
+    s = windowed("cohere2")
+    for seed, n in PROMPTS:
+        prompt = random_prompt(seed, n)
+        dec = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=N_NEW, draft_threshold=0.0))
+        g = dec.generate(prompt)
+        t = tokens_per_forward(s, prompt, g.tokens, 4, max_new_tokens=N_NEW, draft_threshold=0.0)
+        assert (t.new_tokens, t.forwards) == (g.new_tokens, g.forwards)
+        assert t.offered == [st.proposed for st in list(dec.stream(prompt))[1:]]
+
+
+@pytest.mark.parametrize("arch, settings, reason", [
+    ("lfm2", {"layer_types": ["conv", "full_attention"]}, r"recurrent state \(conv layers\)"),
+    ("mamba", {"state_size": 8}, "recurrent state"),
+    ("bloom", {}, "ALiBi"),
+])
+def test_models_sdlm_cannot_run_exactly_are_refused(arch, settings, reason):
+    model, tok = tiny(arch, attn="eager", **settings)
+    with pytest.raises(SDLMError, match=reason):
+        SDLM(model, tok, None)
