@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import DynamicCache
 
-from conftest import hf_greedy, random_prompt, use_oracle_drafts
+from conftest import hf_greedy, random_prompt, tiny, use_oracle_drafts
 from sdlm.adapter import AdapterConfig, attach
 from sdlm.attention import use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
@@ -24,7 +23,6 @@ from sdlm.masks import FULL, LayerWindows, TokenInfo, Window, additive, allowed,
 from sdlm.model import SDLM
 from sdlm.tpf import tokens_per_forward
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
-from sdlm.zoo import byte_tokenizer
 
 W = 6
 SLIDING, FULL_ATTN, CHUNKED = "sliding_attention", "full_attention", "chunked_attention"
@@ -40,19 +38,6 @@ CASES = {
 }
 PROMPTS = [(100, 5), (101, 14)]  # (seed, length)
 N_NEW = 24
-
-
-def tiny(arch: str, attn: str = "sdpa", **settings):
-    """A tiny random model of ``arch`` (the sizes of :func:`sdlm.zoo.random_model`) with config ``settings``."""
-    tok = byte_tokenizer()
-    config = CONFIG_MAPPING[arch](
-        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=128, max_position_embeddings=512, initializer_range=0.1,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **settings)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-    return model.eval(), tok
 
 
 def windowed(arch: str, window: int = W) -> SDLM:
