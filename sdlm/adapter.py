@@ -171,11 +171,20 @@ def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
 
 
 def _linear_names(model) -> list[str]:
-    """Names of the linear layers inside the decoder blocks (never the LM head)."""
+    """Names of the linear layers inside the decoder blocks (never the LM head): ``nn.Linear`` and the
+    ``Conv1D`` of GPT-2-style models, under the model's list of decoder blocks, whatever its name
+    (``layers``, GPT-2's ``h``, ...)."""
+    from transformers.pytorch_utils import Conv1D
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = getattr(config, "num_hidden_layers", None)
+    blocks = [name for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers]
     out_emb = model.get_output_embeddings()
     names = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not out_emb and ".layers." in f".{name}":
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) and mod is not out_emb and (
+                any(name.startswith(f"{b}.") for b in blocks) or ".layers." in f".{name}"):
             names.add(name.split(".")[-1])
     if not names:
         raise SDLMError("found no linear layers to adapt: give target_modules explicitly in the recipe")
@@ -189,6 +198,8 @@ def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
             return out  # all block tokens: multiplying by 1 would only cost time
         if gate is None:
             return out * 0  # no gate set: the adapter is off (plain calls give the base model)
+        if gate.shape != out.shape[:-1]:  # a layer that runs its tokens flattened (OPT's MLP): the same order
+            gate = gate.reshape(out.shape[:-1])
         return out * gate[..., None].to(out.dtype)
 
     for name, mod in sdlm.model.named_modules():

@@ -410,7 +410,7 @@ def _stacked(x: torch.Tensor, Hkv: int, D: int) -> torch.Tensor:
     block by block, the D rows of each of its g query heads."""
     B, H, n, d = x.shape
     K, g = n // D, H // Hkv
-    return x.reshape(B, Hkv, g, K, D, d).transpose(2, 3).reshape(B * Hkv, K * g * D, d)
+    return x.reshape(B, Hkv, g, K, D, d).transpose(2, 3).reshape(B * Hkv, K * g * D, d).contiguous()
 
 
 def _extended_bias(p: BlockPart, B: int, Hkv: int, g: int, D: int, dtype: torch.dtype) -> torch.Tensor:

@@ -381,6 +381,9 @@ class SDLM:
         model, cache_kwarg = self.model, self._cache_kwarg
         if hidden:
             model = decoder_of(self.model)
+            if model is None:
+                raise SDLMError(f"{type(self.model).__name__} exposes no decoder stack (get_decoder() or .model): "
+                                "its final hidden states cannot be read apart from its logits")
             cache_kwarg = _cache_kwarg(model)
         elif self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep

@@ -1,7 +1,12 @@
-"""Lossless decoding on architectures beyond the Llama / Qwen2 pair the other tests use: tiny random models of
-each, with drafts accepted in runs of every length (oracle drafts), must write ``transformers``' own greedy
-output in modes ``ar`` and ``speculative`` (chain and tree), one prompt at a time and batched. Windows are in
-``test_windows.py``.
+"""Architectures beyond the Llama / Qwen2 pair the other tests use, as tiny random models of each.
+
+- Lossless decoding: with drafts accepted in runs of every length (oracle drafts), modes ``ar`` and
+  ``speculative`` (chain and tree) write ``transformers``' own greedy output, one prompt at a time and batched.
+- The block-gated adapter: it finds the model's linear layers (``nn.Linear`` or GPT-2's ``Conv1D``, under
+  whatever the decoder blocks are called), leaves the model's own output untouched, and its two-pass
+  training loss equals the dense reference under every training attention.
+
+Windows are in ``test_windows.py``.
 """
 
 from __future__ import annotations
@@ -9,10 +14,19 @@ from __future__ import annotations
 import pytest
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+import functools
+
+import torch
+
 from conftest import hf_greedy, random_prompt, tiny, use_oracle_drafts
+from sdlm.adapter import AdapterConfig, attach
+from sdlm.attention import use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
 from sdlm.decode import Decoder, GenerationConfig
+from sdlm.layout import sample_block_starts, training_layout
 from sdlm.model import SDLM
+from sdlm.train.loss import dense_loss, pack, two_pass_loss
+from test_train import loss_and_grads
 
 ARCHITECTURES = {  # architecture -> config settings for a tiny model of it
     "qwen3": {}, "mistral": {}, "phi": {}, "phi3": {}, "olmo": {}, "olmo2": {}, "stablelm": {}, "granite": {},
@@ -29,8 +43,7 @@ PROMPTS = [(100, 5), (101, 14)]  # (seed, length)
 N_NEW = 20
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_lossless_decoding_equals_generate(arch, monkeypatch):
+def retrofitted(arch: str) -> SDLM:
     if arch not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {arch}")
     try:
@@ -41,6 +54,12 @@ def test_lossless_decoding_equals_generate(arch, monkeypatch):
         model, tok = tiny(arch, attn="eager", **ARCHITECTURES[arch])
     s = SDLM(model, tok, None, name=f"random:{arch}")
     s.retrofit(block_size=4)
+    return s
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_lossless_decoding_equals_generate(arch, monkeypatch):
+    s = retrofitted(arch)
     prompts = [random_prompt(seed, n) for seed, n in PROMPTS]
     wants = [hf_greedy(s, p, N_NEW) for p in prompts]
     assert any(len(set(w)) > 2 for w in wants)  # not a model stuck on one token, where equality says little
@@ -56,3 +75,37 @@ def test_lossless_decoding_equals_generate(arch, monkeypatch):
                                                 draft_threshold=0.0)).generate(p)
             assert g.tokens == want, tree
             assert g.forwards < g.new_tokens or len(want) < 3  # several tokens per forward
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_block_adapter_keeps_the_model_and_trains_exactly(arch):
+    s = retrofitted(arch)
+    prompts = [random_prompt(seed, n) for seed, n in PROMPTS]
+    wants = [hf_greedy(s, p, N_NEW) for p in prompts]  # the bare model's own output
+    ad = attach(s, AdapterConfig(kind="block-adapter", r=4))
+    n_blocks = s.model.config.get_text_config().num_hidden_layers
+    assert len(ad.lora_parameters()) >= 2 * 2 * n_blocks  # A and B of at least two linear layers per block
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so that the gate has something to switch off
+        for p in ad.lora_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    for mode in ("ar", "speculative"):
+        dec = Decoder(s, GenerationConfig(mode=mode, block_size=4, max_new_tokens=N_NEW))
+        assert [dec.generate(p).tokens for p in prompts] == wants, mode
+    lays = []
+    for n in (17, 30, 24):
+        ids = torch.randint(0, 250, (n,), generator=g)
+        lm = torch.zeros(n, dtype=torch.bool)
+        lm[6:] = True
+        lays.append(training_layout(ids, lm, sample_block_starts(lm, 5, g), 4, s.config.mask_token_id))
+    batches = [pack(lays), pack(lays, row_tokens=None), pack(lays[:1])]  # rows of one sample; one row; one sample
+    run = functools.partial(loss_and_grads, s, ad)
+    refs = [run(dense_loss, b) for b in batches]
+    checks = [(run(two_pass_loss, b), r) for b, r in zip(batches, refs)]
+    for use in (use_block_attention, use_gathered_attention):
+        use(s.model)
+        checks += [(run(two_pass_loss, b), r) for b, r in zip(batches, refs)]
+    for (o, go), (r, gr) in checks:
+        assert torch.allclose(r.loss, o.loss, atol=1e-5)
+        for x, y in zip(gr, go):  # float32, summed in other orders
+            assert (x - y).abs().max() <= 1e-3 * x.abs().max()

@@ -8,6 +8,8 @@ times; each case checks first that the window changes the model's own output (el
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -23,6 +25,7 @@ from sdlm.masks import FULL, LayerWindows, TokenInfo, Window, additive, allowed,
 from sdlm.model import SDLM
 from sdlm.tpf import tokens_per_forward
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
+from sdlm.train.trainer import Trainer
 
 W = 6
 SLIDING, FULL_ATTN, CHUNKED = "sliding_attention", "full_attention", "chunked_attention"
@@ -140,6 +143,15 @@ def test_training_layout_equals_the_decoder_past_the_window(arch):
         train = s.forward(lay.input_ids[None], lay.info.pos[None], mask, lay.info.is_block[None])[0]
     torch.testing.assert_close(train[: n + k], plain, atol=1e-4, rtol=0)
     torch.testing.assert_close(got[k + 1 :], train[n + k :], atol=1e-4, rtol=0)
+
+
+def test_trainer_picks_dense_masks_for_samples_longer_than_a_window():
+    s = windowed("cohere2", window=64)
+    pick = lambda max_length, attention="auto": Trainer.attention.fget(  # noqa: E731
+        SimpleNamespace(sdlm=s, cfg=SimpleNamespace(attention=attention, max_length=max_length, block_size=4,
+                                                    retrofit="block-adapter")))
+    assert pick(60) == "blocks" and pick(61) == "sdpa"  # the CPU default, until samples reach past the window
+    assert pick(512, "gather") == "gather"  # asked for: the batch is refused if it reaches past the window
 
 
 def _batch(s, lengths, seed=0):
