@@ -41,7 +41,7 @@ def make_sdlm(arch: str = "llama", seed: int = 0, block_size: int = 4, retrofit:
     return sdlm
 
 
-def tiny(arch: str, attn: str = "sdpa", **settings):
+def tiny_model(arch: str, attn: str = "sdpa", **settings):
     """A tiny random model of any ``transformers`` architecture ``arch`` (the sizes of
     :func:`sdlm.zoo.random_model`, the byte tokenizer), config ``settings`` on top."""
     from transformers import AutoModelForCausalLM

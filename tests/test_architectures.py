@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from conftest import hf_greedy, random_prompt, tiny, use_oracle_drafts
+from conftest import hf_greedy, random_prompt, tiny_model, use_oracle_drafts
 from sdlm.adapter import AdapterConfig, attach
 from sdlm.attention import use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
@@ -47,11 +47,11 @@ def retrofitted(arch: str) -> SDLM:
     if arch not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {arch}")
     try:
-        model, tok = tiny(arch, **ARCHITECTURES[arch])
+        model, tok = tiny_model(arch, **ARCHITECTURES[arch])
     except ValueError as e:  # no sdpa for it in this transformers (GPT-J, CodeGen in 5.17): eager attention
         if "does not support an attention implementation" not in str(e):
             raise
-        model, tok = tiny(arch, attn="eager", **ARCHITECTURES[arch])
+        model, tok = tiny_model(arch, attn="eager", **ARCHITECTURES[arch])
     s = SDLM(model, tok, None, name=f"random:{arch}")
     s.retrofit(block_size=4)
     return s
