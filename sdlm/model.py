@@ -215,6 +215,7 @@ class SDLM:
             return load_adapter(name, dtype=dtype, device=device, prepack=False)
 
         model, tokenizer = load_base(name, dtype=dtype, device=device)
+        check_supported(model)  # before any advice on retrofitting it
         raw = getattr(model.config, CONFIG_KEY, None)
         config = None
         if raw:

@@ -100,6 +100,17 @@ def test_unreadable_checkpoint(capsys, tmp_path):
     assert code == 2 and "cannot read" in err and "Traceback" not in err
 
 
+def test_a_model_sdlm_cannot_run_exactly_is_refused_in_one_line(capsys, tmp_path):
+    from conftest import tiny_model
+
+    model, tok = tiny_model("lfm2", attn="eager", layer_types=["conv", "full_attention"])
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path), "--no-chat")
+    assert code == 2 and "recurrent state (conv layers)" in err and "Traceback" not in err
+    assert "retrofit" not in err  # refused before any advice on retrofitting it
+
+
 def test_console_script_exit_code():
     p = subprocess.run([sys.executable, "-m", "sdlm.cli", "generate", "hi", "--threshold", "7"], capture_output=True, text=True)
     assert p.returncode == 2
