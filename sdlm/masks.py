@@ -197,7 +197,8 @@ def layer_masks(ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, wind
     """The additive masks a model's layers take (see :func:`additive`) for the rule's boolean ``ok``
     (..., Tq, Tk) of queries at ``q_pos`` (..., Tq) over keys at ``k_pos`` (..., Tk): one mask where no
     layer's window hides anything more for these positions (every layer takes it as given, keyed or
-    not), else one per kind of layer (a dict by layer type for a keyed model)."""
+    not) or where every layer's is the same, else one per kind of layer (a dict by layer type for a keyed
+    model)."""
     binding = {kind: w for kind, w in windows.windows.items() if w is not None and w.binds(q_pos, k_pos)}
     if not binding:
         return additive(ok, dtype)
@@ -210,7 +211,8 @@ def layer_masks(ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, wind
 
     if not windows.keyed:
         return mask(binding[None])
-    return {kind: mask(binding.get(kind)) for kind in windows.windows}
+    masks = {kind: mask(binding.get(kind)) for kind in windows.windows}
+    return masks if len(made) > 1 else made[next(iter(made))]  # one mask for all: as a tensor, which every model takes
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -82,9 +82,11 @@ def test_layer_masks_apply_each_window_only_where_it_hides_something():
     q, k = info.pos[:, None], info.pos[None, :]
     assert torch.equal(masks[SLIDING], additive(ok & (k > q - 4), torch.float32))
     assert torch.equal(masks[CHUNKED], additive(ok & (k // 3 == q // 3), torch.float32))
-    # a model that takes one mask gets its one window's mask
+    # a model that takes one mask gets its one window's mask; so does a keyed one whose layers all have it
     single = layer_masks(ok, info.pos, info.pos, LayerWindows({None: Window(sliding=4)}), torch.float32)
     assert torch.equal(single, masks[SLIDING])
+    alike = layer_masks(ok, info.pos, info.pos, LayerWindows({SLIDING: Window(sliding=4)}, keyed=True), torch.float32)
+    assert torch.equal(alike, masks[SLIDING])
     # block tokens: the window counts from the block token's own position
     blk = TokenInfo(torch.tensor([7, 8, 9]), torch.zeros(3, dtype=torch.long), torch.full((3,), 7))
     keys = TokenInfo.cat([TokenInfo.clean(torch.arange(7)), blk])
