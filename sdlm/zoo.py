@@ -38,7 +38,21 @@ from sdlm.errors import SDLMError
 
 logger = logging.getLogger(__name__)
 
-RANDOM_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
+RANDOM_SETTINGS: dict[str, dict] = {
+    "llama": {}, "qwen2": {}, "qwen3": {}, "mistral": {}, "phi": {}, "phi3": {}, "olmo": {}, "olmo2": {},
+    "stablelm": {}, "granite": {}, "cohere": {"logit_scale": 1.0}, "starcoder2": {}, "glm": {}, "helium": {}, "smollm3": {},
+    "gpt2": {}, "gpt_bigcode": {}, "gpt_neox": {"rotary_pct": 0.5}, "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                  "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+}
+"""The architectures ``random:<arch>`` builds (lossless decoding and the block adapter are tested on each,
+``tests/test_architectures.py``), with the config settings a tiny model of each needs beyond the common
+ones of :func:`random_model` (Cohere's logits unscaled, so that they are peaked as the others' are)."""
+RANDOM_ARCHS: tuple[str, ...] = tuple(RANDOM_SETTINGS)
 
 SMOLLM2 = "smollm2-135m-instruct"
 BUILTIN_MODELS: dict[str, str] = {
@@ -128,20 +142,24 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def random_model(
-    arch: str, seed: int = 0, dtype: torch.dtype = torch.float32
+    arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "sdpa", **settings
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A tiny random-weight causal LM of ``arch`` with :func:`byte_tokenizer`, in eval mode.
+    """A tiny random-weight causal LM of ``arch`` with :func:`byte_tokenizer`, in eval mode: 2 layers, hidden
+    size 64, 4 query and 2 key/value heads of 16, vocabulary 259.
 
-    The same ``arch`` and ``seed`` give bitwise-identical weights; the global torch RNG is
+    ``arch``: one of :data:`RANDOM_ARCHS`, or any other ``transformers`` model type given the config
+    ``settings`` it needs (they also override the defaults: ``sliding_window=6``, ...). ``attn``: the
+    attention implementation; ``eager`` for a model that has no sdpa one in this ``transformers``.
+    The same ``arch``, ``seed`` and settings give bitwise-identical weights; the global torch RNG is
     left untouched. Weights are drawn in float32 and then cast, so a bf16 model is exactly
     the cast of the float32 one.
     """
-    if arch not in RANDOM_ARCHS:
+    if arch not in CONFIG_MAPPING:
         raise SDLMError(
             f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} (e.g. 'random:llama')"
         )
     tok = byte_tokenizer()
-    config = CONFIG_MAPPING[arch](
+    common = dict(
         vocab_size=len(tok),
         hidden_size=64,
         num_hidden_layers=2,
@@ -156,9 +174,16 @@ def random_model(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    config = CONFIG_MAPPING[arch](**{**common, **RANDOM_SETTINGS.get(arch, {}), **settings})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+        except ValueError as e:  # no sdpa for it in this transformers (GPT-J and CodeGen in 5.17, BLOOM, ...)
+            if attn != "sdpa" or "does not support an attention implementation" not in str(e):
+                raise
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model.to(dtype).eval(), tok
 
 
@@ -327,6 +352,9 @@ def load_base(
     logger.info("loading model %s", name)
     if name.startswith("random:"):
         arch, seed = _parse_random(name)
+        if arch not in RANDOM_ARCHS:
+            raise SDLMError(
+                f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} (e.g. 'random:llama')")
         model, tok = random_model(arch, seed=seed, dtype=dtype)
     elif name in BUILTIN_MODELS:
         model, tok = _load_folder(smollm2_folder(), dtype)

@@ -41,25 +41,6 @@ def make_sdlm(arch: str = "llama", seed: int = 0, block_size: int = 4, retrofit:
     return sdlm
 
 
-def tiny_model(arch: str, attn: str = "sdpa", **settings):
-    """A tiny random model of any ``transformers`` architecture ``arch`` (the sizes of
-    :func:`sdlm.zoo.random_model`, the byte tokenizer), config ``settings`` on top."""
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from sdlm.zoo import byte_tokenizer
-
-    tok = byte_tokenizer()
-    kw = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=16, intermediate_size=128, max_position_embeddings=512, initializer_range=0.1,
-              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = CONFIG_MAPPING[arch](**{**kw, **settings})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-    return model.eval(), tok
-
-
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

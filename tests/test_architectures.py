@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from conftest import hf_greedy, random_prompt, tiny_model, use_oracle_drafts
+from conftest import hf_greedy, random_prompt, use_oracle_drafts
 from sdlm.adapter import AdapterConfig, attach
 from sdlm.attention import use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
@@ -26,19 +26,10 @@ from sdlm.decode import Decoder, GenerationConfig
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.model import SDLM
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
+from sdlm.zoo import RANDOM_ARCHS, random_model
 from test_train import loss_and_grads
 
-ARCHITECTURES = {  # architecture -> config settings for a tiny model of it
-    "qwen3": {}, "mistral": {}, "phi": {}, "phi3": {}, "olmo": {}, "olmo2": {}, "stablelm": {}, "granite": {},
-    "cohere": {}, "starcoder2": {}, "glm": {}, "helium": {}, "smollm3": {},
-    "gpt2": {}, "gpt_bigcode": {}, "gpt_neox": {"rotary_pct": 0.5}, "gptj": {"rotary_dim": 8},
-    "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen2_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
-                  "shared_expert_intermediate_size": 32},
-    "qwen3_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
-    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-}
+ARCHITECTURES = [a for a in RANDOM_ARCHS if a not in ("llama", "qwen2")]  # those two: everywhere else
 PROMPTS = [(100, 5), (101, 14)]  # (seed, length)
 N_NEW = 20
 
@@ -46,18 +37,12 @@ N_NEW = 20
 def retrofitted(arch: str) -> SDLM:
     if arch not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {arch}")
-    try:
-        model, tok = tiny_model(arch, **ARCHITECTURES[arch])
-    except ValueError as e:  # no sdpa for it in this transformers (GPT-J, CodeGen in 5.17): eager attention
-        if "does not support an attention implementation" not in str(e):
-            raise
-        model, tok = tiny_model(arch, attn="eager", **ARCHITECTURES[arch])
-    s = SDLM(model, tok, None, name=f"random:{arch}")
+    s = SDLM(*random_model(arch), None, name=f"random:{arch}")
     s.retrofit(block_size=4)
     return s
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_lossless_decoding_equals_generate(arch, monkeypatch):
     s = retrofitted(arch)
     prompts = [random_prompt(seed, n) for seed, n in PROMPTS]
@@ -77,7 +62,7 @@ def test_lossless_decoding_equals_generate(arch, monkeypatch):
             assert g.forwards < g.new_tokens or len(want) < 3  # several tokens per forward
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_block_adapter_keeps_the_model_and_trains_exactly(arch):
     s = retrofitted(arch)
     prompts = [random_prompt(seed, n) for seed, n in PROMPTS]

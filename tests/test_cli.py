@@ -101,9 +101,9 @@ def test_unreadable_checkpoint(capsys, tmp_path):
 
 
 def test_a_model_sdlm_cannot_run_exactly_is_refused_in_one_line(capsys, tmp_path):
-    from conftest import tiny_model
+    from sdlm.zoo import random_model
 
-    model, tok = tiny_model("lfm2", attn="eager", layer_types=["conv", "full_attention"])
+    model, tok = random_model("lfm2", attn="eager", layer_types=["conv", "full_attention"])
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path), "--no-chat")

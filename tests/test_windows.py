@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import hf_greedy, random_prompt, tiny_model, use_oracle_drafts
+from conftest import hf_greedy, random_prompt, use_oracle_drafts
 from sdlm.adapter import AdapterConfig, attach
 from sdlm.attention import use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
@@ -26,6 +26,7 @@ from sdlm.model import SDLM
 from sdlm.tpf import tokens_per_forward
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
 from sdlm.train.trainer import Trainer
+from sdlm.zoo import random_model
 
 W = 6
 SLIDING, FULL_ATTN, CHUNKED = "sliding_attention", "full_attention", "chunked_attention"
@@ -55,7 +56,7 @@ def windowed(arch: str, window: int = W) -> SDLM:
     for key in ("sliding_window", "attention_chunk_size"):
         if key in settings:
             settings[key] = window
-    s = SDLM(*tiny_model(arch, **settings), None, name=f"windowed:{arch}")
+    s = SDLM(*random_model(arch, **settings), None, name=f"windowed:{arch}")
     s.retrofit(block_size=4)
     return s
 
@@ -65,7 +66,7 @@ def test_windows_are_read_from_the_config(arch):
     s = windowed(arch)
     assert s.windows == CASES[arch][1]
     assert s.windows.smallest == W
-    assert SDLM(*tiny_model("llama"), None).windows == FULL and FULL.smallest is None
+    assert SDLM(*random_model("llama"), None).windows == FULL and FULL.smallest is None
 
 
 def test_layer_masks_apply_each_window_only_where_it_hides_something():
@@ -200,6 +201,6 @@ def test_one_forward_count_equals_the_decoder_past_the_window():
     ("bloom", {}, "ALiBi"),
 ])
 def test_models_sdlm_cannot_run_exactly_are_refused(arch, settings, reason):
-    model, tok = tiny_model(arch, attn="eager", **settings)
+    model, tok = random_model(arch, attn="eager", **settings)
     with pytest.raises(SDLMError, match=reason):
         SDLM(model, tok, None)
