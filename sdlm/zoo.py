@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 RANDOM_SETTINGS: dict[str, dict] = {
     "llama": {}, "qwen2": {}, "qwen3": {}, "mistral": {}, "phi": {}, "phi3": {}, "olmo": {}, "olmo2": {},
-    "stablelm": {}, "granite": {}, "cohere": {"logit_scale": 1.0}, "starcoder2": {}, "glm": {}, "helium": {}, "smollm3": {},
+    "stablelm": {}, "granite": {}, "cohere": {"logit_scale": 1.0}, "starcoder2": {}, "glm": {}, "helium": {},
+    "smollm3": {},
     "gpt2": {}, "gpt_bigcode": {}, "gpt_neox": {"rotary_pct": 0.5}, "gptj": {"rotary_dim": 8},
     "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},

@@ -11,12 +11,11 @@ Windows are in ``test_windows.py``.
 
 from __future__ import annotations
 
-import pytest
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
 import functools
 
+import pytest
 import torch
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from conftest import hf_greedy, random_prompt, use_oracle_drafts
 from sdlm.adapter import AdapterConfig, attach
@@ -83,7 +82,9 @@ def test_block_adapter_keeps_the_model_and_trains_exactly(arch):
         lm = torch.zeros(n, dtype=torch.bool)
         lm[6:] = True
         lays.append(training_layout(ids, lm, sample_block_starts(lm, 5, g), 4, s.config.mask_token_id))
-    batches = [pack(lays), pack(lays, row_tokens=None), pack(lays[:1])]  # rows of one sample; one row; one sample
+    # a row per sample; one row of all three (as the CPU trainer packs a micro-batch); one sample
+    batches = [pack(lays), pack(lays, row_tokens=1000), pack(lays[:1])]
+    assert [b.input_ids.shape[0] for b in batches] == [3, 1, 1]
     run = functools.partial(loss_and_grads, s, ad)
     refs = [run(dense_loss, b) for b in batches]
     checks = [(run(two_pass_loss, b), r) for b, r in zip(batches, refs)]
