@@ -23,7 +23,7 @@ from sdlm.errors import SDLMError
 from sdlm.layout import TrainingLayout, ar_step, sample_block_starts, speculative_step, training_layout
 from sdlm.masks import FULL, LayerWindows, TokenInfo, Window, additive, allowed, layer_masks
 from sdlm.model import SDLM
-from sdlm.tpf import tokens_per_forward
+from sdlm.tpf import block_drafts, tokens_per_forward
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
 from sdlm.train.trainer import Trainer
 from sdlm.zoo import random_model
@@ -186,6 +186,19 @@ def test_fast_training_attention_refuses_samples_past_the_window_and_is_exact_wi
 
 def test_one_forward_count_equals_the_decoder_past_the_window():
     s = windowed("cohere2")
+    # its blocks are the training layout's (the model's window masks), and not those of the rule alone
+    x, first, D = random_prompt(7, 20), 2, 4
+    starts = list(range(first, len(x) - 1))
+    lay = training_layout(torch.tensor(x), torch.ones(len(x), dtype=torch.bool), starts, D, s.config.mask_token_id)
+    with torch.no_grad():
+        train = s.forward(lay.input_ids[None], lay.info.pos[None],
+                          s.masks(allowed(lay.info, lay.info), lay.info.pos, lay.info.pos), lay.info.is_block[None])[0]
+    train = train[len(x) :].view(len(starts), D, -1)
+    train[..., s.config.mask_token_id] = float("-inf")
+    assert torch.equal(block_drafts(s, x, first, D), train.argmax(-1))
+    windows, s.windows = s.windows, FULL
+    assert not torch.equal(block_drafts(s, x, first, D), train.argmax(-1))
+    s.windows = windows
     for seed, n in PROMPTS:
         prompt = random_prompt(seed, n)
         dec = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=N_NEW, draft_threshold=0.0))
