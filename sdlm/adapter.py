@@ -176,8 +176,7 @@ def _linear_names(model) -> list[str]:
     (``layers``, GPT-2's ``h``, ...)."""
     from transformers.pytorch_utils import Conv1D
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n_layers = getattr(config, "num_hidden_layers", None)
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     blocks = [name for name, mod in model.named_modules()
               if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers]
     out_emb = model.get_output_embeddings()

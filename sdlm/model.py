@@ -73,7 +73,7 @@ def layer_windows(config) -> LayerWindows:
     """The windows of a ``transformers`` model's attention layers, read from its config as ``transformers``
     itself reads it when it builds a model's masks: a config with ``layer_types`` takes a mask per layer
     type; otherwise a ``sliding_window`` (or an ``attention_chunk_size``) applies to every layer."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = config.get_text_config()
     sliding, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
     types = getattr(config, "layer_types", None)
     if types is not None:
@@ -92,7 +92,7 @@ def check_supported(model) -> None:
     forward that the model's attention hides from the clean ones by a mask over position ids. Layers that
     carry a recurrent state (state-space, linear-attention or convolution layers) would pass the block
     tokens into the clean tokens' state, and ALiBi models take no position ids."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     kind = type(model).__name__
     others = sorted(set(getattr(config, "layer_types", None) or ()) - set(_WINDOW_KINDS))
     if getattr(model, "_is_stateful", False) or others:
@@ -215,7 +215,6 @@ class SDLM:
             return load_adapter(name, dtype=dtype, device=device, prepack=False)
 
         model, tokenizer = load_base(name, dtype=dtype, device=device)
-        check_supported(model)  # before any advice on retrofitting it
         raw = getattr(model.config, CONFIG_KEY, None)
         config = None
         if raw:
@@ -227,12 +226,13 @@ class SDLM:
                     f"{config.mask_token!r} with id {config.mask_token_id}, but the tokenizer gives id {tok_id}; "
                     "save the model and tokenizer together with `sdlm retrofit` or SDLM.save"
                 )
-        elif not quiet:
+        sdlm = cls(model, tokenizer, config, name)  # refuses a model it cannot run before any advice below
+        if config is None and not quiet:
             logger.warning(
                 "%s has no SDLM settings (it has not been retrofitted): modes 'ar' and 'speculative' work "
                 "at about one token per forward; retrofit and train it for speed", name
             )
-        return cls(model, tokenizer, config, name)
+        return sdlm
 
     def prepack(self) -> int:
         """Run the model's linear layers on oneDNN-packed copies of their weights in inference calls on a

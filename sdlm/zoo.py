@@ -156,9 +156,7 @@ def random_model(
     the cast of the float32 one.
     """
     if arch not in CONFIG_MAPPING:
-        raise SDLMError(
-            f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} (e.g. 'random:llama')"
-        )
+        raise _unknown_random(arch)
     tok = byte_tokenizer()
     common = dict(
         vocab_size=len(tok),
@@ -201,7 +199,14 @@ def _parse_random(name: str) -> tuple[str, int]:
             seed = int(parts[2])
         except ValueError:
             raise SDLMError(f"bad seed in '{name}': the seed must be an integer, e.g. 'random:{parts[1]}:0'") from None
+    if parts[1] not in RANDOM_ARCHS:
+        raise _unknown_random(parts[1])
     return parts[1], seed
+
+
+def _unknown_random(arch: str) -> SDLMError:
+    return SDLMError(f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} "
+                     "(e.g. 'random:llama')")
 
 
 # --------------------------------------------------------------------------- builtin SmolLM2
@@ -353,9 +358,6 @@ def load_base(
     logger.info("loading model %s", name)
     if name.startswith("random:"):
         arch, seed = _parse_random(name)
-        if arch not in RANDOM_ARCHS:
-            raise SDLMError(
-                f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} (e.g. 'random:llama')")
         model, tok = random_model(arch, seed=seed, dtype=dtype)
     elif name in BUILTIN_MODELS:
         model, tok = _load_folder(smollm2_folder(), dtype)
