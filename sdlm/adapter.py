@@ -19,6 +19,7 @@ embedding row). The artifact is a small folder:
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -139,23 +140,9 @@ class Adapter:
 
 def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
     """Inject LoRA layers into ``sdlm.model`` in place and install the gate."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     if sdlm.config is None:
         raise SDLMError("the model has no mask token yet: call retrofit() before attaching an adapter")
-    targets = config.target_modules
-    if targets == "all-linear":
-        # "all-linear" is resolved by peft's wrapper only; inject_adapter_in_model needs names
-        targets = _linear_names(sdlm.model)
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=targets,
-        layers_to_transform=config.layers,
-        bias="none",
-    )
-    inject_adapter_in_model(lora, sdlm.model)
+    _inject_lora(sdlm.model, target_layers(sdlm.model, config.target_modules, config.layers), config)
     for p in sdlm.model.parameters():
         p.requires_grad_(False)
     adapter = Adapter(sdlm, config)
@@ -170,24 +157,141 @@ def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
     return adapter
 
 
-def _linear_names(model) -> list[str]:
-    """Names of the linear layers inside the decoder blocks (never the LM head): ``nn.Linear`` and the
-    ``Conv1D`` of GPT-2-style models, under the model's list of decoder blocks, whatever its name
-    (``layers``, GPT-2's ``h``, ...)."""
+def decoder_blocks(model) -> list[tuple[str, torch.nn.ModuleList]]:
+    """The model's lists of decoder blocks, whatever they are called (``layers``, GPT-2's ``h``, ...): every
+    ``ModuleList`` with one entry per hidden layer, with its name."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    return [(name, mod) for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers]
+
+
+def target_layers(model, targets: list[str] | str = "all-linear", layers: list[int] | None = None) -> list[str]:
+    """The full names of the linear layers an adapter goes on: inside a decoder block (``layers``: only
+    those blocks, by index), matching ``targets`` (``all-linear``; a list of names, each the layer's own
+    name or a dotted tail of its full name, as ``peft`` matches them; or a regular expression over full
+    names), never the LM head.
+
+    Only layers that run one row per token are candidates, since the gate switches the adapter per
+    token: ``nn.Linear`` (or a subclass whose call returns one tensor, as a linear layer does; a
+    mixture's router that returns its routing does not) and GPT-2's ``Conv1D``, but not those inside a
+    list within a block (the experts of a mixture held as separate layers, each of which sees only its
+    routed tokens). A mixture's experts held as fused tensors are not linear layers, so they are never
+    adapted: their update could not be switched per token."""
+    import re
+
     from transformers.pytorch_utils import Conv1D
 
-    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    blocks = [name for name, mod in model.named_modules()
-              if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers]
+    blocks = [name for name, _ in decoder_blocks(model)]
     out_emb = model.get_output_embeddings()
-    names = set()
+    found, names = [], set()
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, Conv1D)) and mod is not out_emb and (
-                any(name.startswith(f"{b}.") for b in blocks) or ".layers." in f".{name}"):
-            names.add(name.split(".")[-1])
+        if not isinstance(mod, (torch.nn.Linear, Conv1D)) or mod is out_emb:
+            continue
+        where = _in_block(name, blocks)
+        if where is None or any(part.isdigit() for part in where[1].split(".")):
+            continue  # outside the decoder blocks, or in a list within one (a mixture's experts)
+        if not _one_row_per_token(mod):
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+        if layers is not None and where[0] not in layers:
+            continue
+        if targets == "all-linear" or (isinstance(targets, str) and re.fullmatch(targets, name)) or (
+                not isinstance(targets, str) and any(name == t or name.endswith(f".{t}") for t in targets)):
+            found.append(name)
+    found = _per_token(model, found)
+    if not found:
+        what = "linear layers to adapt" if targets == "all-linear" else f"linear layers matching {targets!r}"
+        where = f" in layers {layers}" if layers is not None else ""
+        raise SDLMError(f"found no {what}{where} inside the decoder blocks"
+                        + (f" (their names: {', '.join(sorted(names))})" if names else "")
+                        + ": give target_modules (lora_targets in a recipe) that name linear layers")
+    return found
+
+
+def _in_block(name: str, blocks: list[str]) -> tuple[int, str] | None:
+    """``name`` as (block index, path inside the block) if it lies inside one of the block lists ``blocks``
+    (without any: a ``layers.<i>`` in its name), else None."""
+    import re
+
+    for b in blocks:
+        if name.startswith(f"{b}."):
+            index, _, path = name[len(b) + 1:].partition(".")
+            return (int(index), path) if index.isdigit() and path else None
+    if not blocks and (m := re.fullmatch(r"(?:.*\.)?layers\.(\d+)\.(.+)", name)):
+        return int(m.group(1)), m.group(2)
+    return None
+
+
+def _per_token(model, names: list[str]) -> list[str]:
+    """Those of the layers ``names`` that a cached forward of 2 tokens calls on 2 rows. A layer that runs on
+    the cached entries as well (DeepSeek's ``kv_b_proj``, which expands the cached latents of multi-head
+    latent attention at every forward) is left out: the cached entries' rows are not the forward's tokens."""
+    from transformers import DynamicCache
+
+    from .model import _cache_kwarg
+
     if not names:
-        raise SDLMError("found no linear layers to adapt: give target_modules explicitly in the recipe")
-    return sorted(names)
+        return names
+    rows: dict[str, tuple[int, ...]] = {}
+
+    def record(name, module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        rows[name] = tuple(x.shape[:-1])
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(record, n), with_kwargs=True)
+               for n in names]
+    dev = next(model.parameters()).device
+    ids = torch.arange(1, 6, device=dev)[None] % model.config.get_text_config().vocab_size
+    cache = DynamicCache()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :3], position_ids=torch.arange(3, device=dev)[None], use_cache=True,
+                  **{_cache_kwarg(model): cache})
+            rows.clear()
+            model(input_ids=ids[:, 3:], position_ids=torch.arange(3, 5, device=dev)[None], use_cache=True,
+                  **{_cache_kwarg(model): cache})
+    finally:
+        for h in handles:
+            h.remove()
+    kept = [n for n in names if rows.get(n) in ((1, 2), (2,))]
+    if len(kept) < len(names):
+        logger.info("not adapted (their rows are not the forward's tokens): %s",
+                    ", ".join(n for n in names if n not in kept))
+    return kept
+
+
+def _one_row_per_token(mod) -> bool:
+    """Whether a linear layer's call gives one output row per input row, as ``nn.Linear``'s does: a
+    subclass with a call of its own (a router that returns its routing as well) is tried on one row."""
+    from transformers.pytorch_utils import Conv1D
+
+    if type(mod) in (torch.nn.Linear, Conv1D) or type(mod).forward is torch.nn.Linear.forward:
+        return True
+    w = mod.weight
+    if w.device.type == "meta":
+        return False
+    try:
+        with torch.no_grad():
+            y = mod(torch.zeros(1, mod.in_features, dtype=w.dtype, device=w.device))
+    except Exception:  # noqa: BLE001 - a layer that cannot take a plain row is no candidate
+        return False
+    return isinstance(y, torch.Tensor) and tuple(y.shape) == (1, mod.out_features)
+
+
+def _inject_lora(model, names: list[str], config: AdapterConfig) -> None:
+    """Put ``peft`` LoRA layers on exactly the layers ``names``. ``peft`` is handed only those layers, in a
+    container of their own: given the model, ``peft`` (0.18+ under transformers 5) would also map the names
+    of a mixture's old per-expert layers (``gate_proj``, ``up_proj``, ``down_proj``) onto its fused expert
+    tensors and drop them from the linear targets, and an update on those tensors reaches every token."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    held = torch.nn.ModuleDict({f"t{i}": model.get_submodule(n) for i, n in enumerate(names)})
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(held.keys()), bias="none")
+    inject_adapter_in_model(lora, held)
+    for i, name in enumerate(names):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, held[f"t{i}"])
 
 
 def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
@@ -198,11 +302,17 @@ def _install_gate(sdlm: SDLM, adapter: Adapter) -> None:
         if gate is None:
             return out * 0  # no gate set: the adapter is off (plain calls give the base model)
         if gate.shape != out.shape[:-1]:  # a layer that runs its tokens flattened (OPT's MLP): the same order
+            if gate.numel() != out[..., 0].numel():
+                raise SDLMError(f"the adapter's layer {names.get(module, '?')} does not run one row per token of the "
+                                f"forward ({tuple(out.shape[:-1])} rows for {tuple(gate.shape)} tokens), so its "
+                                "update cannot be switched per token: leave it out of target_modules (lora_targets)")
             gate = gate.reshape(out.shape[:-1])
         return out * gate[..., None].to(out.dtype)
 
+    names = {}
     for name, mod in sdlm.model.named_modules():
         if name.endswith("lora_B.default") or (name.endswith("lora_B") and isinstance(mod, torch.nn.Linear)):
+            names[mod] = name.split(".lora_B")[0]
             adapter._handles.append(mod.register_forward_hook(gate_hook))
 
 

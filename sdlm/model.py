@@ -67,6 +67,11 @@ class SDLMConfig:
 
 _WINDOW_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 _ALIBI_MODELS = ("bloom", "mpt")
+_TOKEN_MIXING = {
+    "gpt_neo": "its local attention layers apply their window by place in the forward, not by position id",
+    "doge": "its feed-forward routing mixes the router outputs of different tokens of a forward",
+}
+"""Models whose layers tie a token's output to where the other tokens of the forward stand, with the reason."""
 
 
 def layer_windows(config) -> LayerWindows:
@@ -91,18 +96,22 @@ def check_supported(model) -> None:
     """Refuse, with the reason, a model SDLM cannot run exactly: block tokens are extra tokens of the same
     forward that the model's attention hides from the clean ones by a mask over position ids. Layers that
     carry a recurrent state (state-space, linear-attention or convolution layers) would pass the block
-    tokens into the clean tokens' state, and ALiBi models take no position ids."""
+    tokens into the clean tokens' state, ALiBi models take no position ids, and some models tie a token's
+    output to the other tokens' places in the forward (:data:`_TOKEN_MIXING`)."""
     config = model.config.get_text_config()
-    kind = type(model).__name__
+    kind, model_type = type(model).__name__, getattr(config, "model_type", None)
     others = sorted(set(getattr(config, "layer_types", None) or ()) - set(_WINDOW_KINDS))
     if getattr(model, "_is_stateful", False) or others:
         what = f" ({', '.join(others)} layers)" if others else ""
         raise SDLMError(f"{kind} has layers with a recurrent state{what}: SDLM needs attention in every layer "
                         "(a mask keeps block tokens out of the clean tokens' past); use a transformer model")
-    if getattr(config, "model_type", None) in _ALIBI_MODELS or getattr(config, "alibi", False):
+    if model_type in _ALIBI_MODELS or getattr(config, "alibi", False):
         raise SDLMError(f"{kind} uses ALiBi attention biases, which it derives from a padding mask, not from "
                         "position ids: SDLM places block tokens by position id; use a model with rotary or "
                         "learned positions")
+    if model_type in _TOKEN_MIXING and (model_type != "gpt_neo" or "local" in getattr(config, "attention_layers", ())):
+        raise SDLMError(f"{kind} cannot run SDLM exactly: {_TOKEN_MIXING[model_type]}, so the block tokens "
+                        "appended to a forward would change the clean tokens' outputs")
 
 
 def _crop(cache, n_remove: int) -> None:

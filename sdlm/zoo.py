@@ -38,17 +38,40 @@ from sdlm.errors import SDLMError
 
 logger = logging.getLogger(__name__)
 
+_MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+            num_key_value_heads=4)  # every head gets its own keys from the shared latent
+
 RANDOM_SETTINGS: dict[str, dict] = {
-    "llama": {}, "qwen2": {}, "qwen3": {}, "mistral": {}, "phi": {}, "phi3": {}, "olmo": {}, "olmo2": {},
-    "stablelm": {}, "granite": {}, "cohere": {"logit_scale": 1.0}, "starcoder2": {}, "glm": {}, "helium": {},
-    "smollm3": {},
+    "llama": {}, "qwen2": {}, "qwen3": {}, "mistral": {}, "ministral": {}, "phi": {}, "phi3": {}, "olmo": {},
+    "olmo2": {}, "stablelm": {}, "granite": {}, "cohere": {"logit_scale": 1.0}, "starcoder2": {}, "glm": {},
+    "glm4": {}, "helium": {}, "smollm3": {}, "exaone4": {}, "nemotron": {}, "persimmon": {}, "apertus": {},
+    "arcee": {}, "bitnet": {}, "hunyuan_v1_dense": {}, "seed_oss": {}, "nanochat": {}, "diffllama": {},
     "gpt2": {}, "gpt_bigcode": {}, "gpt_neox": {"rotary_pct": 0.5}, "gptj": {"rotary_dim": 8},
-    "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64}, "xglm": {},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
+    # multi-head latent attention (the cache holds compressed latents), with a mixture of experts
+    "deepseek_v2": dict(_MLA, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, n_group=1, topk_group=1),
+    "deepseek_v3": dict(_MLA, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, n_group=1, topk_group=1),
+    # mixtures of experts
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
                   "shared_expert_intermediate_size": 32},
     "qwen3_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "flex_olmo": {"num_experts": 4, "num_experts_per_tok": 2},
+    "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                 "first_k_dense_replace": 1},
+    "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+              "first_k_dense_replace": 1, "n_shared_experts": 1},
+    "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
+    "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": 2},
+    "afmoe": {}, "minimax_m2": {}, "llama4_text": {},
+    "jetmoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 32},
 }
 """The architectures ``random:<arch>`` builds (lossless decoding and the block adapter are tested on each,
 ``tests/test_architectures.py``), with the config settings a tiny model of each needs beyond the common
@@ -173,7 +196,9 @@ def random_model(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    config = CONFIG_MAPPING[arch](**{**common, **RANDOM_SETTINGS.get(arch, {}), **settings})
+    cls = CONFIG_MAPPING[arch]
+    common = {k: v for k, v in common.items() if not isinstance(getattr(cls, k, None), property)}  # derived there
+    config = cls(**{**common, **RANDOM_SETTINGS.get(arch, {}), **settings})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

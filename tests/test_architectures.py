@@ -22,6 +22,7 @@ from sdlm.adapter import AdapterConfig, attach
 from sdlm.attention import use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
 from sdlm.decode import Decoder, GenerationConfig
+from sdlm.errors import SDLMError
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.model import SDLM
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
@@ -95,3 +96,43 @@ def test_block_adapter_keeps_the_model_and_trains_exactly(arch):
         assert torch.allclose(r.loss, o.loss, atol=1e-5)
         for x, y in zip(gr, go):  # float32, summed in other orders
             assert (x - y).abs().max() <= 1e-3 * x.abs().max()
+
+
+def _adapted(s: SDLM) -> set[str]:
+    return {n for n, m in s.model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+
+@pytest.mark.parametrize("arch, adapted, left_out", [
+    # peft maps the names of a mixture's old per-expert layers onto its fused expert tensors, whose update would
+    # reach every token, and drops the same names from the linear layers: the dense MLP and the shared experts
+    ("glm4_moe", ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.shared_experts.down_proj"],
+     ["model.layers.1.mlp.experts"]),
+    # multi-head latent attention expands the cached latents at every forward: kv_b_proj's rows are the keys
+    ("deepseek_v3", ["model.layers.1.self_attn.kv_a_proj_with_mqa", "model.layers.1.mlp.shared_experts.up_proj"],
+     ["model.layers.1.self_attn.kv_b_proj", "model.layers.1.mlp.experts"]),
+    # routers that are linear layers returning their routing as well
+    ("phimoe", ["model.layers.1.self_attn.o_proj"], ["model.layers.1.mlp.router"]),
+    ("llama4_text", ["model.layers.1.feed_forward.shared_expert.gate_proj"], ["model.layers.1.feed_forward.router"]),
+])
+def test_the_adapter_goes_on_the_linear_layers_that_run_one_row_per_token(arch, adapted, left_out):
+    s = retrofitted(arch)
+    attach(s, AdapterConfig(kind="block-adapter", r=4))
+    got = _adapted(s)
+    assert set(adapted) <= got
+    assert not set(left_out) & got
+    assert not any(type(m).__name__ == "ParamWrapper" for m in s.model.modules())  # no update on a whole tensor
+
+
+def test_adapter_targets_and_layers_select_exactly_and_a_wrong_name_is_refused(monkeypatch):
+    s = retrofitted("glm4_moe")
+    attach(s, AdapterConfig(kind="block-adapter", r=4, target_modules=["q_proj", "mlp.gate_proj"], layers=[0]))
+    assert _adapted(s) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj"}
+    s = retrofitted("deepseek_v3")
+    with pytest.raises(SDLMError, match=r"no linear layers matching \['kv_b_proj'\].*their names: .*q_proj"):
+        attach(s, AdapterConfig(kind="block-adapter", r=4, target_modules=["kv_b_proj"]))
+    # were such a layer adapted all the same, the first mixed forward says which layer and what to do
+    monkeypatch.setattr("sdlm.adapter._per_token", lambda model, names: names)
+    attach(s, AdapterConfig(kind="block-adapter", r=4, target_modules=["kv_b_proj"]))
+    p = random_prompt(100, 5)
+    with pytest.raises(SDLMError, match=r"kv_b_proj does not run one row per token.*leave it out"):
+        Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=4)).generate(p)

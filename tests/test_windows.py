@@ -212,6 +212,8 @@ def test_one_forward_count_equals_the_decoder_past_the_window():
     ("lfm2", {"layer_types": ["conv", "full_attention"]}, r"recurrent state \(conv layers\)"),
     ("mamba", {"state_size": 8}, "recurrent state"),
     ("bloom", {}, "ALiBi"),
+    ("gpt_neo", {"attention_types": [[["global", "local"], 1]], "window_size": 6}, "window by place in the forward"),
+    ("doge", {}, "routing mixes"),
 ])
 def test_models_sdlm_cannot_run_exactly_are_refused(arch, settings, reason):
     model, tok = random_model(arch, attn="eager", **settings)
