@@ -497,10 +497,26 @@ def _above_diagonal(m: int, device) -> torch.Tensor:
     return torch.ones(m, m, dtype=torch.bool, device=device).triu_(1)
 
 
+def not_plain_attention(model) -> str | None:
+    """What in ``model``'s attention goes beyond softmax(scores + mask) @ values, the attention that this
+    module's functions (and flex attention) compute, or None: soft-capped scores (Gemma 2) or attention
+    sinks (gpt-oss). Such a model keeps its own attention, under dense masks."""
+    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None):
+        return "soft-caps its attention scores (attn_logit_softcapping)"
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        return "has attention sinks"
+    return None
+
+
 def install_attention(model, name: str, fn) -> None:
-    """Register ``fn`` as ``transformers`` attention ``name`` (with sdpa's 4D masks) and set ``model`` to run it."""
+    """Register ``fn`` as ``transformers`` attention ``name`` (with sdpa's 4D masks) and set ``model`` to run it.
+    A model whose attention is more than plain softmax attention (:func:`not_plain_attention`) is refused."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if (why := not_plain_attention(model)) is not None:
+        raise SDLMError(f"{type(model).__name__} {why}, which the {name} attention does not compute: train it "
+                        "with attention: sdpa (dense masks through the model's own attention)")
 
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, sdpa_mask)

@@ -46,6 +46,10 @@ RANDOM_SETTINGS: dict[str, dict] = {
     "olmo2": {}, "stablelm": {}, "granite": {}, "cohere": {"logit_scale": 1.0}, "starcoder2": {}, "glm": {},
     "glm4": {}, "helium": {}, "smollm3": {}, "exaone4": {}, "nemotron": {}, "persimmon": {}, "apertus": {},
     "arcee": {}, "bitnet": {}, "hunyuan_v1_dense": {}, "seed_oss": {}, "nanochat": {}, "diffllama": {},
+    # Gemma's scaled embeddings and norms: the weight scale at which a tiny random one writes varied tokens
+    "gemma": {"initializer_range": 1.0}, "vaultgemma": {"initializer_range": 1.0},
+    "gemma2": {"initializer_range": 0.5, "tie_word_embeddings": False},
+    "gemma3_text": {"initializer_range": 0.2, "tie_word_embeddings": False},
     "gpt2": {}, "gpt_bigcode": {}, "gpt_neox": {"rotary_pct": 0.5}, "gptj": {"rotary_dim": 8},
     "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64}, "xglm": {},
     "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
@@ -69,6 +73,7 @@ RANDOM_SETTINGS: dict[str, dict] = {
     "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
     "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": 2},
     "afmoe": {}, "minimax_m2": {}, "llama4_text": {},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2},  # attention sinks
     "jetmoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 32},

@@ -12,6 +12,7 @@ Windows are in ``test_windows.py``.
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,13 +20,14 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from conftest import hf_greedy, random_prompt, use_oracle_drafts
 from sdlm.adapter import AdapterConfig, attach
-from sdlm.attention import use_block_attention, use_gathered_attention
+from sdlm.attention import not_plain_attention, use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.errors import SDLMError
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.model import SDLM
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
+from sdlm.train.trainer import Trainer
 from sdlm.zoo import RANDOM_ARCHS, random_model
 from test_train import loss_and_grads
 
@@ -90,6 +92,10 @@ def test_block_adapter_keeps_the_model_and_trains_exactly(arch):
     refs = [run(dense_loss, b) for b in batches]
     checks = [(run(two_pass_loss, b), r) for b, r in zip(batches, refs)]
     for use in (use_block_attention, use_gathered_attention):
+        if not_plain_attention(s.model) is not None:  # soft-capping or sinks: only the model's own attention has them
+            with pytest.raises(SDLMError, match="attention: sdpa"):
+                use(s.model)
+            continue
         use(s.model)
         checks += [(run(two_pass_loss, b), r) for b, r in zip(batches, refs)]
     for (o, go), (r, gr) in checks:
@@ -136,3 +142,11 @@ def test_adapter_targets_and_layers_select_exactly_and_a_wrong_name_is_refused(m
     p = random_prompt(100, 5)
     with pytest.raises(SDLMError, match=r"kv_b_proj does not run one row per token.*leave it out"):
         Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=4)).generate(p)
+
+
+@pytest.mark.parametrize("arch, plain", [("gpt_oss", False), ("gemma2", False), ("gemma3_text", True), ("llama", True)])
+def test_trainer_keeps_the_model_s_own_attention_where_it_is_more_than_softmax(arch, plain):
+    s = retrofitted(arch)  # gpt-oss: attention sinks; Gemma 2: soft-capped scores
+    pick = Trainer.attention.fget(SimpleNamespace(sdlm=s, cfg=SimpleNamespace(
+        attention="auto", max_length=64, block_size=4, retrofit="block-adapter")))
+    assert pick == ("blocks" if plain else "sdpa")  # the CPU default where blocks compute the model's attention

@@ -44,6 +44,10 @@ CASES = {
     "gpt_oss": ({"sliding_window": W, "layer_types": [SLIDING, FULL_ATTN], "num_local_experts": 4,
                  "num_experts_per_tok": 2, "attn": "eager"},  # attention sinks; no sdpa for it in transformers
                 LayerWindows({SLIDING: Window(sliding=W), FULL_ATTN: None}, keyed=True)),
+    "gemma2": ({"sliding_window": W, "layer_types": [SLIDING, FULL_ATTN]},
+               LayerWindows({SLIDING: Window(sliding=W), FULL_ATTN: None}, keyed=True)),
+    "gemma3_text": ({"sliding_window": W, "layer_types": [SLIDING, FULL_ATTN]},
+                    LayerWindows({SLIDING: Window(sliding=W), FULL_ATTN: None}, keyed=True)),
     "llama4_text": ({"attention_chunk_size": W, "layer_types": [CHUNKED, FULL_ATTN], "num_local_experts": 2,
                      "intermediate_size_mlp": 128}, LayerWindows({CHUNKED: Window(chunk=W), FULL_ATTN: None}, keyed=True)),
 }

@@ -26,7 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..adapter import AdapterConfig, attach
-from ..attention import use_block_attention, use_gathered_attention
+from ..attention import not_plain_attention, use_block_attention, use_gathered_attention
 from ..cpu import native_bf16
 from ..errors import SDLMError
 from ..io import atomic_dir
@@ -461,6 +461,8 @@ class Trainer:
             return self.cfg.attention
         reach = self.sdlm.windows.smallest  # a sliding window or chunk only the dense masks apply
         if reach is not None and self.cfg.max_length + self.cfg.block_size > reach:
+            return "sdpa"
+        if not_plain_attention(self.sdlm.model) is not None:  # soft-capping, sinks: the model's own attention
             return "sdpa"
         return "blocks" if self.cfg.retrofit == "block-adapter" and self.sdlm.device.type == "cpu" else "sdpa"
 
