@@ -142,6 +142,8 @@ def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
     """Inject LoRA layers into ``sdlm.model`` in place and install the gate."""
     if sdlm.config is None:
         raise SDLMError("the model has no mask token yet: call retrofit() before attaching an adapter")
+    if getattr(sdlm, "adapter", None) is not None or any(hasattr(m, "lora_A") for m in sdlm.model.modules()):
+        raise SDLMError("the model already has an adapter: attach one to a fresh copy of the base model")
     _inject_lora(sdlm.model, target_layers(sdlm.model, config.target_modules, config.layers), config)
     for p in sdlm.model.parameters():
         p.requires_grad_(False)

@@ -608,10 +608,10 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 
 def use_decoding_attention(model) -> bool:
     """Run ``model``'s attention through :func:`sdpa_attention` if it runs ``transformers``' sdpa (the default
-    of most models). Returns whether it does now."""
+    of most models) and plain softmax attention (:func:`not_plain_attention`). Returns whether it does now."""
     if getattr(model.config, "_attn_implementation", None) == DECODING_ATTENTION:
         return True
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not_plain_attention(model) is not None:
+        return False  # its own (transformers 5.17 runs Gemma 2, soft-capping and all, under sdpa)
     install_attention(model, DECODING_ATTENTION, sdpa_attention)
     return True

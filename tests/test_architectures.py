@@ -133,6 +133,8 @@ def test_adapter_targets_and_layers_select_exactly_and_a_wrong_name_is_refused(m
     s = retrofitted("glm4_moe")
     attach(s, AdapterConfig(kind="block-adapter", r=4, target_modules=["q_proj", "mlp.gate_proj"], layers=[0]))
     assert _adapted(s) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj"}
+    with pytest.raises(SDLMError, match="already has an adapter"):
+        attach(s, AdapterConfig(kind="block-adapter", r=4))
     s = retrofitted("deepseek_v3")
     with pytest.raises(SDLMError, match=r"no linear layers matching \['kv_b_proj'\].*their names: .*q_proj"):
         attach(s, AdapterConfig(kind="block-adapter", r=4, target_modules=["kv_b_proj"]))
