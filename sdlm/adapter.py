@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -179,8 +180,6 @@ def target_layers(model, targets: list[str] | str = "all-linear", layers: list[i
     list within a block (the experts of a mixture held as separate layers, each of which sees only its
     routed tokens). A mixture's experts held as fused tensors are not linear layers, so they are never
     adapted: their update could not be switched per token."""
-    import re
-
     from transformers.pytorch_utils import Conv1D
 
     blocks = [name for name, _ in decoder_blocks(model)]
@@ -213,8 +212,6 @@ def target_layers(model, targets: list[str] | str = "all-linear", layers: list[i
 def _in_block(name: str, blocks: list[str]) -> tuple[int, str] | None:
     """``name`` as (block index, path inside the block) if it lies inside one of the block lists ``blocks``
     (without any: a ``layers.<i>`` in its name), else None."""
-    import re
-
     for b in blocks:
         if name.startswith(f"{b}."):
             index, _, path = name[len(b) + 1:].partition(".")

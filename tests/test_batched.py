@@ -6,7 +6,6 @@ early are all exercised. Speculative output is also checked against ``transforme
 """
 
 import pytest
-import torch
 
 from sdlm.batched import generate_batch
 from sdlm.decode import Decoder, GenerationConfig
