@@ -66,6 +66,7 @@ class SDLMConfig:
 
 
 _WINDOW_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+_RECURRENT_KINDS = ("linear_attention", "conv", "mamba", "hybrid", "recurrent")
 _ALIBI_MODELS = ("bloom", "mpt")
 _TOKEN_MIXING = {
     "gpt_neo": "its local attention layers apply their window by place in the forward, not by position id",
@@ -101,10 +102,15 @@ def check_supported(model) -> None:
     config = model.config.get_text_config()
     kind, model_type = type(model).__name__, getattr(config, "model_type", None)
     others = sorted(set(getattr(config, "layer_types", None) or ()) - set(_WINDOW_KINDS))
-    if getattr(model, "_is_stateful", False) or others:
-        what = f" ({', '.join(others)} layers)" if others else ""
+    recurrent = [t for t in others if t in _RECURRENT_KINDS]
+    if getattr(model, "_is_stateful", False) or recurrent:
+        what = f" ({', '.join(recurrent)} layers)" if recurrent else ""
         raise SDLMError(f"{kind} has layers with a recurrent state{what}: SDLM needs attention in every layer "
                         "(a mask keeps block tokens out of the clean tokens' past); use a transformer model")
+    if others:
+        raise SDLMError(f"{kind} has {', '.join(others)} layers, attention that selects or compresses its keys "
+                        "itself, beyond the mask over positions that keeps block tokens out of the clean tokens' "
+                        "past: SDLM runs models whose layers are full, sliding-window or chunked attention")
     if model_type in _ALIBI_MODELS or getattr(config, "alibi", False):
         raise SDLMError(f"{kind} uses ALiBi attention biases, which it derives from a padding mask, not from "
                         "position ids: SDLM places block tokens by position id; use a model with rotary or "

@@ -218,6 +218,9 @@ def test_one_forward_count_equals_the_decoder_past_the_window():
     ("bloom", {}, "ALiBi"),
     ("gpt_neo", {"attention_types": [[["global", "local"], 1]], "window_size": 6}, "window by place in the forward"),
     ("doge", {}, "routing mixes"),
+    ("deepseek_v32", {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                      "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4},  # a learned key selection
+     r"(indexed_attention|deepseek_sparse_attention) layers, attention that selects"),
 ])
 def test_models_sdlm_cannot_run_exactly_are_refused(arch, settings, reason):
     model, tok = random_model(arch, attn="eager", **settings)
