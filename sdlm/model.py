@@ -98,9 +98,15 @@ def check_supported(model) -> None:
     forward that the model's attention hides from the clean ones by a mask over position ids. Layers that
     carry a recurrent state (state-space, linear-attention or convolution layers) would pass the block
     tokens into the clean tokens' state, ALiBi models take no position ids, and some models tie a token's
-    output to the other tokens' places in the forward (:data:`_TOKEN_MIXING`)."""
+    output to the other tokens' places in the forward (:data:`_TOKEN_MIXING`). The causal-LM heads of
+    encoder (BERT-style) and encoder-decoder architectures are not decoder-only LMs either."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
     config = model.config.get_text_config()
     kind, model_type = type(model).__name__, getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise SDLMError(f"{kind} is the causal-LM head of {model_type}, an encoder or encoder-decoder architecture "
+                        "(its attention and positions are not a decoder-only LM's): SDLM runs decoder-only causal LMs")
     others = sorted(set(getattr(config, "layer_types", None) or ()) - set(_WINDOW_KINDS))
     recurrent = [t for t in others if t in _RECURRENT_KINDS]
     if getattr(model, "_is_stateful", False) or recurrent:
