@@ -249,6 +249,9 @@ def _per_token(model, names: list[str]) -> list[str]:
             rows.clear()
             model(input_ids=ids[:, 3:], position_ids=torch.arange(3, 5, device=dev)[None], use_cache=True,
                   **{_cache_kwarg(model): cache})
+    except Exception as e:  # noqa: BLE001 - decoding would fail the same way: say where
+        raise SDLMError(f"{type(model).__name__} failed a cached forward of 5 tokens, which attaching an adapter "
+                        f"runs to find its per-token layers: {type(e).__name__}: {e}") from e
     finally:
         for h in handles:
             h.remove()

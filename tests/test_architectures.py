@@ -152,3 +152,14 @@ def test_trainer_keeps_the_model_s_own_attention_where_it_is_more_than_softmax(a
     pick = Trainer.attention.fget(SimpleNamespace(sdlm=s, cfg=SimpleNamespace(
         attention="auto", max_length=64, block_size=4, retrofit="block-adapter")))
     assert pick == ("blocks" if plain else "sdpa")  # the CPU default where blocks compute the model's attention
+
+
+def test_a_model_that_fails_the_adapter_s_probe_forward_gets_a_clear_error(monkeypatch):
+    s = retrofitted("mixtral")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no cache here")
+
+    monkeypatch.setattr(s.model, "forward", broken)
+    with pytest.raises(SDLMError, match="failed a cached forward of 5 tokens.*no cache here"):
+        attach(s, AdapterConfig(kind="block-adapter", r=4))
