@@ -114,9 +114,9 @@ def check_supported(model) -> None:
         raise SDLMError(f"{kind} has layers with a recurrent state{what}: SDLM needs attention in every layer "
                         "(a mask keeps block tokens out of the clean tokens' past); use a transformer model")
     if others:
-        raise SDLMError(f"{kind} has {', '.join(others)} layers, attention that selects or compresses its keys "
-                        "itself, beyond the mask over positions that keeps block tokens out of the clean tokens' "
-                        "past: SDLM runs models whose layers are full, sliding-window or chunked attention")
+        raise SDLMError(f"{kind} has {', '.join(others)} layers: SDLM runs models whose layers are all full, "
+                        "sliding-window or chunked attention, which its mask over positions confines (attention that "
+                        "selects or compresses its keys itself is not confined by it)")
     if model_type in _ALIBI_MODELS or getattr(config, "alibi", False):
         raise SDLMError(f"{kind} uses ALiBi attention biases, which it derives from a padding mask, not from "
                         "position ids: SDLM places block tokens by position id; use a model with rotary or "

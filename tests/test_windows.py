@@ -220,7 +220,7 @@ def test_one_forward_count_equals_the_decoder_past_the_window():
     ("doge", {}, "routing mixes"),
     ("deepseek_v32", {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
                       "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4},  # a learned key selection
-     r"(indexed_attention|deepseek_sparse_attention) layers, attention that selects"),
+     r"(indexed_attention|deepseek_sparse_attention) layers: SDLM runs models whose layers are all full"),
     ("roberta", {"is_decoder": True}, "encoder or encoder-decoder"),  # ar was right there, speculative was not
     ("bart", {}, "encoder or encoder-decoder"),
 ])
