@@ -100,11 +100,13 @@ def check_supported(model) -> None:
     tokens into the clean tokens' state, ALiBi models take no position ids, and some models tie a token's
     output to the other tokens' places in the forward (:data:`_TOKEN_MIXING`). The causal-LM heads of
     encoder (BERT-style) and encoder-decoder architectures are not decoder-only LMs either."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
 
     config = model.config.get_text_config()
     kind, model_type = type(model).__name__, getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    encoders = {**modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                **modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
+    if getattr(config, "is_encoder_decoder", False) or model_type in encoders:
         raise SDLMError(f"{kind} is the causal-LM head of {model_type}, an encoder or encoder-decoder architecture "
                         "(its attention and positions are not a decoder-only LM's): SDLM runs decoder-only causal LMs")
     others = sorted(set(getattr(config, "layer_types", None) or ()) - set(_WINDOW_KINDS))

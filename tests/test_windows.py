@@ -223,6 +223,7 @@ def test_one_forward_count_equals_the_decoder_past_the_window():
      r"(indexed_attention|deepseek_sparse_attention) layers: SDLM runs models whose layers are all full"),
     ("roberta", {"is_decoder": True}, "encoder or encoder-decoder"),  # ar was right there, speculative was not
     ("bart", {}, "encoder or encoder-decoder"),
+    ("marian", {"decoder_layers": 2, "decoder_attention_heads": 4}, "encoder or encoder-decoder"),
 ])
 def test_models_sdlm_cannot_run_exactly_are_refused(arch, settings, reason):
     model, tok = random_model(arch, attn="eager", **settings)
