@@ -140,13 +140,15 @@ def _crop(cache, n_remove: int) -> None:
 
 
 def decoder_of(model):
-    """The decoder stack of a causal LM (the module that returns ``last_hidden_state``), or None.
-    ``get_decoder`` falls back to the model itself where the stack is not under the attribute its class names
-    (``Llama4ForCausalLM`` keeps it as ``model``); then the usual ``model`` attribute is taken."""
-    dec = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-    if dec is None or dec is model:
-        dec = getattr(model, "model", None)
-    return dec if isinstance(dec, torch.nn.Module) else None
+    """The decoder stack of a causal LM (the module that returns ``last_hidden_state``), or None: the first
+    module that takes ``input_ids`` of ``get_decoder()`` (which falls back to the model itself where the stack
+    is not under the attribute its class names: ``Llama4ForCausalLM`` keeps it as ``model``; and which gives
+    ModernBERT-decoder's output layer, named ``decoder`` as in BERT's heads), ``base_model`` and ``model``."""
+    get = getattr(model, "get_decoder", None)
+    for dec in (get() if callable(get) else None, getattr(model, "base_model", None), getattr(model, "model", None)):
+        if isinstance(dec, torch.nn.Module) and dec is not model and "input_ids" in inspect.signature(dec.forward).parameters:
+            return dec
+    return None
 
 
 def _to(mask, device):
@@ -195,6 +197,7 @@ class SDLM:
         # (B, T) bool, True on block tokens, or True: every token is one; read by gated adapters
         self.gate: torch.Tensor | bool | None = None
         self.gate_columns: dict = {}  # values derived from the gate, kept for one forward (sdlm.adapter)
+        self._head_gives_logits: bool | None = None  # the output layer on the final hidden states gives the logits
         check_supported(model)
         self.windows = layer_windows(model.config)  # sliding-window or chunked layers, if any
         use_decoding_attention(model)  # sdpa without copying grouped keys and values per query head
@@ -442,7 +445,33 @@ class SDLM:
             if getattr(cfg, key, None) not in (None, 1, 1.0):
                 raise SDLMError(f"{type(self.model).__name__} post-processes its logits ({key}): "
                                 "its LM head alone does not give them")
-        return self.model.get_output_embeddings()
+        head = self.model.get_output_embeddings()
+        if self._head_gives_logits is None:
+            self._head_gives_logits = head is not None and self._logits_are(head)
+        if not self._head_gives_logits:
+            raise SDLMError(f"{type(self.model).__name__}'s logits are not its output layer applied to its decoder's "
+                            "final hidden states (its head transforms them first)")
+        return head
+
+    @torch.no_grad()
+    def _logits_are(self, head: torch.nn.Module) -> bool:
+        """Whether ``head`` on the decoder's final hidden states gives the model's logits, on 3 tokens (a head
+        that transforms the hidden states first, as ModernBERT-decoder's does, gives others)."""
+        dec = decoder_of(self.model)
+        if dec is None:
+            return False
+        dev, training = self.device, self.model.training
+        ids = torch.arange(1, 4, device=dev)[None] % self.model.config.get_text_config().vocab_size
+        pos = torch.arange(3, device=dev)[None]
+        self.model.eval()
+        try:
+            logits = self.model(input_ids=ids, position_ids=pos).logits.float()
+            mine = head(dec(input_ids=ids, position_ids=pos).last_hidden_state).float()
+        except Exception:  # noqa: BLE001 - a model these calls do not fit: its logits come from its own forward
+            return False
+        finally:
+            self.model.train(training)
+        return torch.allclose(mine, logits, rtol=1e-2, atol=1e-3 * float(logits.abs().max()))
 
     @staticmethod
     def crop(cache, n_remove: int) -> None:

@@ -53,6 +53,7 @@ RANDOM_SETTINGS: dict[str, dict] = {
     "gpt2": {}, "gpt_bigcode": {}, "gpt_neox": {"rotary_pct": 0.5}, "gptj": {"rotary_dim": 8},
     "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64}, "xglm": {},
     "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
+    "modernbert-decoder": {},  # an LM head that transforms the final hidden states before its output layer
     # multi-head latent attention (the cache holds compressed latents), with a mixture of experts
     "deepseek_v2": dict(_MLA, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
                         moe_intermediate_size=32, n_group=1, topk_group=1),
