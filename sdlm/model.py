@@ -146,9 +146,13 @@ def decoder_of(model):
     ModernBERT-decoder's output layer, named ``decoder`` as in BERT's heads), ``base_model`` and ``model``."""
     get = getattr(model, "get_decoder", None)
     for dec in (get() if callable(get) else None, getattr(model, "base_model", None), getattr(model, "model", None)):
-        if isinstance(dec, torch.nn.Module) and dec is not model and "input_ids" in inspect.signature(dec.forward).parameters:
+        if isinstance(dec, torch.nn.Module) and dec is not model and "input_ids" in _parameters(dec.forward):
             return dec
     return None
+
+
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
 
 
 def _to(mask, device):
