@@ -128,6 +128,27 @@ def check_supported(model) -> None:
                         "appended to a forward would change the clean tokens' outputs")
 
 
+@torch.no_grad()
+def check_positions(model) -> None:
+    """Refuse a model that ignores the position ids it is given (TrOCR counts its positions from its cache
+    length): block tokens, a batch's padded rows and a draft tree's nodes stand at positions other than
+    their places in the forward. Two forwards of 3 tokens whose last position differs must differ; a model
+    these calls do not fit is left to fail where it is used."""
+    dev, training = next(model.parameters()).device, model.training
+    ids = torch.arange(1, 4, device=dev)[None] % model.config.get_text_config().vocab_size
+    model.eval()
+    try:
+        a, b = (model(input_ids=ids, position_ids=torch.tensor([[0, 1, last]], device=dev)).logits[0, -1]
+                for last in (2, 7))
+    except Exception:  # noqa: BLE001 - cannot tell
+        return
+    finally:
+        model.train(training)
+    if torch.equal(a, b):
+        raise SDLMError(f"{type(model).__name__} ignores the position ids it is given (its output at a token does not "
+                        "change with the token's position id): SDLM places block tokens by position id")
+
+
 def _crop(cache, n_remove: int) -> None:
     """Remove the last ``n_remove`` entries of a transformers cache.
 
@@ -203,6 +224,7 @@ class SDLM:
         self.gate_columns: dict = {}  # values derived from the gate, kept for one forward (sdlm.adapter)
         self._head_gives_logits: bool | None = None  # the output layer on the final hidden states gives the logits
         check_supported(model)
+        check_positions(model)
         self.windows = layer_windows(model.config)  # sliding-window or chunked layers, if any
         use_decoding_attention(model)  # sdpa without copying grouped keys and values per query head
         params = inspect.signature(model.forward).parameters

@@ -224,6 +224,8 @@ def test_one_forward_count_equals_the_decoder_past_the_window():
     ("roberta", {"is_decoder": True}, "encoder or encoder-decoder"),  # ar was right there, speculative was not
     ("bart", {}, "encoder or encoder-decoder"),
     ("marian", {"decoder_layers": 2, "decoder_attention_heads": 4}, "encoder or encoder-decoder"),
+    ("trocr", {"decoder_layers": 2, "decoder_attention_heads": 4, "d_model": 64},  # batched and trees went wrong
+     "ignores the position ids"),
 ])
 def test_models_sdlm_cannot_run_exactly_are_refused(arch, settings, reason):
     model, tok = random_model(arch, attn="eager", **settings)
