@@ -126,6 +126,10 @@ def check_supported(model) -> None:
     if model_type in _TOKEN_MIXING and (model_type != "gpt_neo" or "local" in getattr(config, "attention_layers", ())):
         raise SDLMError(f"{kind} cannot run SDLM exactly: {_TOKEN_MIXING[model_type]}, so the block tokens "
                         "appended to a forward would change the clean tokens' outputs")
+    takes = _parameters(type(model).forward)
+    if not {"cache", "past_key_values"} & takes or "position_ids" not in takes:
+        raise SDLMError(f"{kind} takes no {'KV cache' if 'position_ids' in takes else 'position ids'} in its forward: "
+                        "SDLM decodes with a KV cache and places block tokens by position id")
 
 
 @torch.no_grad()

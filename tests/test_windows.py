@@ -225,9 +225,19 @@ def test_one_forward_count_equals_the_decoder_past_the_window():
     ("bart", {}, "encoder or encoder-decoder"),
     ("marian", {"decoder_layers": 2, "decoder_attention_heads": 4}, "encoder or encoder-decoder"),
     ("trocr", {"decoder_layers": 2, "decoder_attention_heads": 4, "d_model": 64},  # batched and trees went wrong
-     "ignores the position ids"),
+     "takes no position ids"),
+    ("openai-gpt", {"n_layer": 2, "n_head": 4, "n_embd": 64}, "takes no KV cache"),
 ])
 def test_models_sdlm_cannot_run_exactly_are_refused(arch, settings, reason):
     model, tok = random_model(arch, attn="eager", **settings)
     with pytest.raises(SDLMError, match=reason):
+        SDLM(model, tok, None)
+
+
+def test_a_model_that_ignores_its_position_ids_is_refused(monkeypatch):
+    model, tok = random_model("llama")
+    SDLM(model, tok, None)  # takes them
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, position_ids=None, **k: forward(*a, **k))  # counts them itself
+    with pytest.raises(SDLMError, match="ignores the position ids it is given"):
         SDLM(model, tok, None)
