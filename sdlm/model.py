@@ -226,9 +226,10 @@ class SDLM:
         # (B, T) bool, True on block tokens, or True: every token is one; read by gated adapters
         self.gate: torch.Tensor | bool | None = None
         self.gate_columns: dict = {}  # values derived from the gate, kept for one forward (sdlm.adapter)
-        self._head_gives_logits: bool | None = None  # the output layer on the final hidden states gives the logits
         check_supported(model)
         check_positions(model)
+        head = model.get_output_embeddings()  # checked here, before a trainer shards or transforms the model:
+        self._head_gives_logits = head is not None and self._logits_are(head)  # the head on the hidden states
         self.windows = layer_windows(model.config)  # sliding-window or chunked layers, if any
         use_decoding_attention(model)  # sdpa without copying grouped keys and values per query head
         params = inspect.signature(model.forward).parameters
@@ -469,19 +470,17 @@ class SDLM:
 
     def lm_head(self) -> torch.nn.Module:
         """The output layer that turns :meth:`forward`'s hidden states into logits, for models whose
-        logits are exactly that layer's output (no final soft-capping or logit scale)."""
+        logits are exactly that layer's output (no final soft-capping or logit scale, no transform before it:
+        checked on 3 tokens when the SDLM is made, before a trainer shards or transforms the model)."""
         cfg = self.model.config
         for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
             if getattr(cfg, key, None) not in (None, 1, 1.0):
                 raise SDLMError(f"{type(self.model).__name__} post-processes its logits ({key}): "
                                 "its LM head alone does not give them")
-        head = self.model.get_output_embeddings()
-        if self._head_gives_logits is None:
-            self._head_gives_logits = head is not None and self._logits_are(head)
         if not self._head_gives_logits:
             raise SDLMError(f"{type(self.model).__name__}'s logits are not its output layer applied to its decoder's "
                             "final hidden states (its head transforms them first)")
-        return head
+        return self.model.get_output_embeddings()
 
     @torch.no_grad()
     def _logits_are(self, head: torch.nn.Module) -> bool:

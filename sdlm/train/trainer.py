@@ -34,7 +34,7 @@ from ..layout import sample_block_starts, training_layout
 from ..model import SDLM, use_flex_attention
 from .data import Example, build_examples, read_records
 from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears, rope_fusion, shared_weights
-from .loss import LossOutput, Packed, dense_loss, fusable_head, loss_norm, pack, two_pass_loss
+from .loss import LossOutput, Packed, dense_loss, loss_norm, pack, two_pass_loss
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +385,6 @@ class Trainer:
                 logger.warning("this CPU has no native bf16 instructions (avx512_bf16 or amx_bf16): the step runs in "
                                "float32, slower than with bf16 autocast on a CPU that has them (bf16: false in the "
                                "recipe, or --set bf16=false, says so and silences this)")
-        fusable_head(self.sdlm)  # checks once whether the head gives the logits, before the model is transformed
         want = cfg.bf16_base if cfg.bf16_base is not None else on_cpu
         self.bf16_base = bool(self.bf16 and want and cfg.retrofit != "full")
         self._base16 = FrozenBF16(self.sdlm.model) if self.bf16_base else None
