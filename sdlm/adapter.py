@@ -143,7 +143,7 @@ def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
     """Inject LoRA layers into ``sdlm.model`` in place and install the gate."""
     if sdlm.config is None:
         raise SDLMError("the model has no mask token yet: call retrofit() before attaching an adapter")
-    if getattr(sdlm, "adapter", None) is not None or any(hasattr(m, "lora_A") for m in sdlm.model.modules()):
+    if sdlm.adapter is not None or any(hasattr(m, "lora_A") for m in sdlm.model.modules()):
         raise SDLMError("the model already has an adapter: attach one to a fresh copy of the base model")
     _inject_lora(sdlm.model, target_layers(sdlm.model, config.target_modules, config.layers), config)
     for p in sdlm.model.parameters():
@@ -227,7 +227,7 @@ def _per_token(model, names: list[str]) -> list[str]:
     latent attention at every forward) is left out: the cached entries' rows are not the forward's tokens."""
     from transformers import DynamicCache
 
-    from .model import _cache_kwarg
+    from .model import _cache_kwarg, probe_ids
 
     if not names:
         return names
@@ -239,8 +239,8 @@ def _per_token(model, names: list[str]) -> list[str]:
 
     handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(record, n), with_kwargs=True)
                for n in names]
-    dev = next(model.parameters()).device
-    ids = torch.arange(1, 6, device=dev)[None] % model.config.get_text_config().vocab_size
+    ids = probe_ids(model, 5)
+    dev = ids.device
     cache = DynamicCache()
     try:
         with torch.no_grad():

@@ -132,22 +132,37 @@ def check_supported(model) -> None:
                         "SDLM decodes with a KV cache and places block tokens by position id")
 
 
+def probe_ids(model, n: int) -> torch.Tensor:
+    """(1, n) token ids 1 .. n (within the vocabulary) on ``model``'s device, for the small forwards that
+    check what a model does."""
+    dev = next(model.parameters()).device
+    return torch.arange(1, n + 1, device=dev)[None] % model.config.get_text_config().vocab_size
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """``model`` in eval mode inside (no dropout), in its own mode again after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 @torch.no_grad()
 def check_positions(model) -> None:
     """Refuse a model that ignores the position ids it is given (TrOCR counts its positions from its cache
     length): block tokens, a batch's padded rows and a draft tree's nodes stand at positions other than
     their places in the forward. Two forwards of 3 tokens whose last position differs must differ; a model
     these calls do not fit is left to fail where it is used."""
-    dev, training = next(model.parameters()).device, model.training
-    ids = torch.arange(1, 4, device=dev)[None] % model.config.get_text_config().vocab_size
-    model.eval()
+    ids = probe_ids(model, 3)
     try:
-        a, b = (model(input_ids=ids, position_ids=torch.tensor([[0, 1, last]], device=dev)).logits[0, -1]
-                for last in (2, 7))
+        with evaluating(model):
+            a, b = (model(input_ids=ids, position_ids=torch.tensor([[0, 1, last]], device=ids.device)).logits[0, -1]
+                    for last in (2, 7))
     except Exception:  # noqa: BLE001 - cannot tell
         return
-    finally:
-        model.train(training)
     if torch.equal(a, b):
         raise SDLMError(f"{type(model).__name__} ignores the position ids it is given (its output at a token does not "
                         "change with the token's position id): SDLM places block tokens by position id")
@@ -489,17 +504,14 @@ class SDLM:
         dec = decoder_of(self.model)
         if dec is None:
             return False
-        dev, training = self.device, self.model.training
-        ids = torch.arange(1, 4, device=dev)[None] % self.model.config.get_text_config().vocab_size
-        pos = torch.arange(3, device=dev)[None]
-        self.model.eval()
+        ids = probe_ids(self.model, 3)
+        pos = torch.arange(3, device=ids.device)[None]
         try:
-            logits = self.model(input_ids=ids, position_ids=pos).logits.float()
-            mine = head(dec(input_ids=ids, position_ids=pos).last_hidden_state).float()
+            with evaluating(self.model):
+                logits = self.model(input_ids=ids, position_ids=pos).logits.float()
+                mine = head(dec(input_ids=ids, position_ids=pos).last_hidden_state).float()
         except Exception:  # noqa: BLE001 - a model these calls do not fit: its logits come from its own forward
             return False
-        finally:
-            self.model.train(training)
         return torch.allclose(mine, logits, rtol=1e-2, atol=1e-3 * float(logits.abs().max()))
 
     @staticmethod
