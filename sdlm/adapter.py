@@ -176,9 +176,9 @@ def target_layers(model, targets: list[str] | str = "all-linear", layers: list[i
 
     Only layers that run one row per token are candidates, since the gate switches the adapter per
     token: ``nn.Linear`` (or a subclass whose call returns one tensor, as a linear layer does; a
-    mixture's router that returns its routing does not) and GPT-2's ``Conv1D``, but not those inside a
-    list within a block (the experts of a mixture held as separate layers, each of which sees only its
-    routed tokens). A mixture's experts held as fused tensors are not linear layers, so they are never
+    mixture's router that returns its routing does not) and GPT-2's ``Conv1D``, but not the experts of a
+    mixture held as separate layers (in a list named for experts: each sees only its routed tokens), and
+    not a layer that a cached forward calls on other rows than its tokens. A mixture's experts held as fused tensors are not linear layers, so they are never
     adapted: their update could not be switched per token."""
     from transformers.pytorch_utils import Conv1D
 
@@ -189,8 +189,8 @@ def target_layers(model, targets: list[str] | str = "all-linear", layers: list[i
         if not isinstance(mod, (torch.nn.Linear, Conv1D)) or mod is out_emb:
             continue
         where = _in_block(name, blocks)
-        if where is None or any(part.isdigit() for part in where[1].split(".")):
-            continue  # outside the decoder blocks, or in a list within one (a mixture's experts)
+        if where is None or _in_expert_list(where[1]):
+            continue  # outside the decoder blocks, or one of a mixture's experts held as separate layers
         if not _one_row_per_token(mod):
             continue
         names.add(name.rsplit(".", 1)[-1])
@@ -221,21 +221,30 @@ def _in_block(name: str, blocks: list[str]) -> tuple[int, str] | None:
     return None
 
 
+def _in_expert_list(path: str) -> bool:
+    """Whether ``path`` (inside a decoder block) lies in a list of a mixture's experts held as separate
+    layers (``mlp.experts.3.w1``): a list entry under a name that says ``expert``. Other lists within a
+    block hold sublayers that run on every token (LongCat-Flash's two attentions and two MLPs per block)."""
+    parts = path.split(".")
+    return any(part.isdigit() and i > 0 and "expert" in parts[i - 1].lower() for i, part in enumerate(parts))
+
+
 def _per_token(model, names: list[str]) -> list[str]:
-    """Those of the layers ``names`` that a cached forward of 2 tokens calls on 2 rows. A layer that runs on
-    the cached entries as well (DeepSeek's ``kv_b_proj``, which expands the cached latents of multi-head
-    latent attention at every forward) is left out: the cached entries' rows are not the forward's tokens."""
+    """Those of the layers ``names`` that a cached forward of 2 tokens calls, on 2 rows at every call. A layer
+    that runs on the cached entries as well (DeepSeek's ``kv_b_proj``, which expands the cached latents of
+    multi-head latent attention at every forward) is left out: the cached entries' rows are not the forward's
+    tokens."""
     from transformers import DynamicCache
 
     from .model import _cache_kwarg, probe_ids
 
     if not names:
         return names
-    rows: dict[str, tuple[int, ...]] = {}
+    rows: dict[str, set[tuple[int, ...]]] = {}
 
     def record(name, module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
-        rows[name] = tuple(x.shape[:-1])
+        rows.setdefault(name, set()).add(tuple(x.shape[:-1]))
 
     handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(record, n), with_kwargs=True)
                for n in names]
@@ -255,7 +264,7 @@ def _per_token(model, names: list[str]) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    kept = [n for n in names if rows.get(n) in ((1, 2), (2,))]
+    kept = [n for n in names if rows.get(n) and rows[n] <= {(1, 2), (2,)}]  # every call on the 2 tokens
     if len(kept) < len(names):
         logger.info("not adapted (their rows are not the forward's tokens): %s",
                     ", ".join(n for n in names if n not in kept))

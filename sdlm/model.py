@@ -98,7 +98,8 @@ def check_supported(model) -> None:
     forward that the model's attention hides from the clean ones by a mask over position ids. Layers that
     carry a recurrent state (state-space, linear-attention or convolution layers) would pass the block
     tokens into the clean tokens' state, ALiBi models take no position ids, and some models tie a token's
-    output to the other tokens' places in the forward (:data:`_TOKEN_MIXING`). The causal-LM heads of
+    output to the other tokens' places in the forward (:data:`_TOKEN_MIXING`). A looped model (Dory) keeps
+    a cache per loop that only a cache built from its config holds. The causal-LM heads of
     encoder (BERT-style) and encoder-decoder architectures are not decoder-only LMs either."""
     from transformers.models.auto import modeling_auto
 
@@ -126,6 +127,10 @@ def check_supported(model) -> None:
     if model_type in _TOKEN_MIXING and (model_type != "gpt_neo" or "local" in getattr(config, "attention_layers", ())):
         raise SDLMError(f"{kind} cannot run SDLM exactly: {_TOKEN_MIXING[model_type]}, so the block tokens "
                         "appended to a forward would change the clean tokens' outputs")
+    if (loops := getattr(config, "n_recurrent_loops", None) or 1) > 1:  # Dory
+        raise SDLMError(f"{kind} runs its recurrent layers {loops} times per forward, with a KV cache per loop that "
+                        "it adds to a cache built from its config: SDLM decodes with a cache of its own, which does "
+                        "not set up those loops' entries; use a model that runs each of its layers once per forward")
     takes = _parameters(type(model).forward)
     if not {"cache", "past_key_values"} & takes or "position_ids" not in takes:
         raise SDLMError(f"{kind} takes no {'KV cache' if 'position_ids' in takes else 'position ids'} in its forward: "

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 _MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
             num_key_value_heads=4)  # every head gets its own keys from the shared latent
 
+_MLA_Q = dict(_MLA, q_lora_rank=32)  # queries through a low-rank projection too
+
 RANDOM_SETTINGS: dict[str, dict] = {
     "llama": {}, "qwen2": {}, "qwen3": {}, "mistral": {}, "ministral": {}, "phi": {}, "phi3": {}, "olmo": {},
     "olmo2": {}, "stablelm": {}, "granite": {}, "cohere": {"logit_scale": 1.0}, "starcoder2": {}, "glm": {},
@@ -50,6 +52,11 @@ RANDOM_SETTINGS: dict[str, dict] = {
     "gemma": {"initializer_range": 1.0}, "vaultgemma": {"initializer_range": 1.0},
     "gemma2": {"initializer_range": 0.5, "tie_word_embeddings": False},
     "gemma3_text": {"initializer_range": 0.2, "tie_word_embeddings": False},
+    # Gemma 3 as its multimodal checkpoints load (the LM of Gemma3ForConditionalGeneration, with a vision tower)
+    "gemma3": {"text_config": {"tie_word_embeddings": False}, "tie_word_embeddings": False, "initializer_range": 0.2,
+               "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+               "mm_tokens_per_image": 4},
     "gpt2": {}, "gpt_bigcode": {}, "gpt_neox": {"rotary_pct": 0.5}, "gptj": {"rotary_dim": 8},
     "codegen": {"rotary_dim": 8, "n_ctx": 512}, "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64}, "xglm": {},
     "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
@@ -59,6 +66,15 @@ RANDOM_SETTINGS: dict[str, dict] = {
                         moe_intermediate_size=32, n_group=1, topk_group=1),
     "deepseek_v3": dict(_MLA, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
                         moe_intermediate_size=32, n_group=1, topk_group=1),
+    "sarvam_mla": dict(_MLA, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, n_group=1, topk_group=1),
+    "glm4_moe_lite": dict(_MLA_Q, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          mlp_layer_types=["dense", "sparse"]),
+    "minicpm3": dict(_MLA_Q, head_dim=16, tie_word_embeddings=False),  # tied, a tiny one writes one token
+    "youtu": dict(_MLA_Q, tie_word_embeddings=False),
+    # two attentions and two MLPs per block (lists of sublayers that run on every token), and a mixture
+    "longcat_flash": dict(_MLA_Q, num_layers=2, n_routed_experts=4, moe_topk=2, zero_expert_num=2,
+                          expert_ffn_hidden_size=32, ffn_hidden_size=128),
     # mixtures of experts
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -78,6 +94,10 @@ RANDOM_SETTINGS: dict[str, dict] = {
     "jetmoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 32},
+    # fused query/key/value projection, fused experts; its attention reads rope_theta from attn_config
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 512,
+             "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
 }
 """The architectures ``random:<arch>`` builds (lossless decoding and the block adapter are tested on each,
 ``tests/test_architectures.py``), with the config settings a tiny model of each needs beyond the common
@@ -203,8 +223,12 @@ def random_model(
         pad_token_id=tok.pad_token_id,
     )
     cls = CONFIG_MAPPING[arch]
-    common = {k: v for k, v in common.items() if not isinstance(getattr(cls, k, None), property)}  # derived there
-    config = cls(**{**common, **RANDOM_SETTINGS.get(arch, {}), **settings})
+    wanted = {**RANDOM_SETTINGS.get(arch, {}), **settings}
+    if isinstance(wanted.get("text_config"), dict):  # a wrapper (a multimodal model's LM): these are its text model's
+        wanted["text_config"] = {**_settable(common, cls.sub_configs["text_config"]), **wanted["text_config"]}
+        config = cls(**wanted)
+    else:
+        config = cls(**{**_settable(common, cls), **wanted})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -215,6 +239,11 @@ def random_model(
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model.to(dtype).eval(), tok
+
+
+def _settable(settings: dict, cls) -> dict:
+    """``settings`` without those that the config class ``cls`` derives itself (properties there)."""
+    return {k: v for k, v in settings.items() if not isinstance(getattr(cls, k, None), property)}
 
 
 def _parse_random(name: str) -> tuple[str, int]:
@@ -236,6 +265,11 @@ def _parse_random(name: str) -> tuple[str, int]:
 
 
 def _unknown_random(arch: str) -> SDLMError:
+    if arch in RANDOM_ARCHS:  # one of ours, but not in the installed transformers
+        import transformers
+
+        return SDLMError(f"random architecture '{arch}' is not in the installed transformers "
+                         f"{transformers.__version__}: upgrade transformers, or use another architecture")
     return SDLMError(f"unknown random architecture '{arch}': use one of {', '.join(RANDOM_ARCHS)} "
                      "(e.g. 'random:llama')")
 

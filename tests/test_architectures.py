@@ -119,6 +119,10 @@ def _adapted(s: SDLM) -> set[str]:
     # routers that are linear layers returning their routing as well
     ("phimoe", ["model.layers.1.self_attn.o_proj"], ["model.layers.1.mlp.router"]),
     ("llama4_text", ["model.layers.1.feed_forward.shared_expert.gate_proj"], ["model.layers.1.feed_forward.router"]),
+    # lists of sublayers that run on every token (two attentions and two MLPs per block) are adapted
+    ("longcat_flash", ["model.layers.0.self_attn.1.q_b_proj", "model.layers.1.mlps.0.down_proj",
+                       "model.layers.1.mlps.1.up_proj"], ["model.layers.1.self_attn.0.kv_b_proj"]),
+    ("dbrx", ["transformer.blocks.1.norm_attn_norm.attn.Wqkv"], []),  # its experts are fused tensors
 ])
 def test_the_adapter_goes_on_the_linear_layers_that_run_one_row_per_token(arch, adapted, left_out):
     s = retrofitted(arch)
@@ -127,6 +131,36 @@ def test_the_adapter_goes_on_the_linear_layers_that_run_one_row_per_token(arch, 
     assert set(adapted) <= got
     assert not set(left_out) & got
     assert not any(type(m).__name__ == "ParamWrapper" for m in s.model.modules())  # no update on a whole tensor
+
+
+class _ListMixture(torch.nn.Module):
+    """A mixture that holds its experts as separate linear layers (as older and remote-code models do), each
+    run on the tokens routed to it."""
+
+    def __init__(self, width: int, n: int = 4):
+        super().__init__()
+        self.gate = torch.nn.Linear(width, n, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(n))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        pick, out = self.gate(flat).argmax(-1), torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            if (rows := (pick == e).nonzero().flatten()).numel():
+                out[rows] = expert(flat[rows])
+        return out.view_as(x)
+
+
+def test_experts_held_as_separate_layers_are_left_out():
+    s = retrofitted("llama")
+    mlp = s.model.model.layers[1].mlp
+    mlp.moe = _ListMixture(64)
+    dense = mlp.forward
+    mlp.forward = lambda x: dense(x) + mlp.moe(x)  # routed experts beside the MLP's own layers, which stay adapted
+    attach(s, AdapterConfig(kind="block-adapter", r=4))
+    got = _adapted(s)
+    assert {"model.layers.1.mlp.moe.gate", "model.layers.1.mlp.down_proj"} <= got
+    assert not {n for n in got if ".experts." in n}
 
 
 def test_adapter_targets_and_layers_select_exactly_and_a_wrong_name_is_refused(monkeypatch):
