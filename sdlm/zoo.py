@@ -52,6 +52,17 @@ RANDOM_SETTINGS: dict[str, dict] = {
     "gemma": {"initializer_range": 1.0}, "vaultgemma": {"initializer_range": 1.0},
     "gemma2": {"initializer_range": 0.5, "tie_word_embeddings": False},
     "gemma3_text": {"initializer_range": 0.2, "tie_word_embeddings": False},
+    # per-layer inputs, AltUp and LAuReL; the last two layers read the keys and values of earlier ones
+    "gemma3n_text": {"initializer_range": 0.2, "tie_word_embeddings": False, "num_hidden_layers": 4,
+                     "layer_types": ["sliding_attention", "full_attention"] * 2, "num_kv_shared_layers": 2,
+                     "laurel_rank": 8, "hidden_size_per_layer_input": 8, "altup_num_inputs": 2,
+                     "activation_sparsity_pattern": [0.0] * 4, "vocab_size_per_layer_input": 259,
+                     "intermediate_size": [128] * 4},
+    # per-layer inputs, a mixture beside the MLP, values equal to keys, and shared keys and values as above
+    "gemma4_text": {"initializer_range": 0.2, "tie_word_embeddings": False, "num_hidden_layers": 4,
+                    "layer_types": ["sliding_attention", "full_attention"] * 2, "num_kv_shared_layers": 2,
+                    "vocab_size_per_layer_input": 259, "hidden_size_per_layer_input": 8, "attention_k_eq_v": True,
+                    "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32},
     # Gemma 3 as its multimodal checkpoints load (the LM of Gemma3ForConditionalGeneration, with a vision tower)
     "gemma3": {"text_config": {"tie_word_embeddings": False}, "tie_word_embeddings": False, "initializer_range": 0.2,
                "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

@@ -60,7 +60,9 @@ def test_random_model_deterministic_and_masks(arch):
     assert not _same_weights(m1, zoo.random_model(arch, seed=4)[0])
     assert not m1.training
     cfg = m1.config.get_text_config()
-    layers = 4 if arch == "longcat_flash" else 2  # two layers in each LongCat-Flash block: two attentions, two MLPs
+    layers = zoo.RANDOM_SETTINGS[arch].get("num_hidden_layers", 2)
+    if arch == "longcat_flash":
+        layers = 4  # two layers in each of its 2 blocks: two attentions, two MLPs
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, layers, len(tok))
     assert (cfg.eos_token_id, cfg.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
 
