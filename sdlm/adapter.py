@@ -32,7 +32,7 @@ import torch
 from .context import setting
 from .errors import SDLMError
 from .io import atomic_dir
-from .model import SDLM, SDLMConfig
+from .model import SDLM, SDLMConfig, layer_list
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +160,6 @@ def attach(sdlm: SDLM, config: AdapterConfig) -> Adapter:
     return adapter
 
 
-def decoder_blocks(model) -> list[tuple[str, torch.nn.ModuleList]]:
-    """The model's lists of decoder blocks, whatever they are called (``layers``, GPT-2's ``h``, ...): every
-    ``ModuleList`` with one entry per hidden layer, with its name."""
-    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    return [(name, mod) for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers]
-
-
 def target_layers(model, targets: list[str] | str = "all-linear", layers: list[int] | None = None) -> list[str]:
     """The full names of the linear layers an adapter goes on: inside a decoder block (``layers``: only
     those blocks, by index), matching ``targets`` (``all-linear``; a list of names, each the layer's own
@@ -182,7 +174,8 @@ def target_layers(model, targets: list[str] | str = "all-linear", layers: list[i
     adapted: their update could not be switched per token."""
     from transformers.pytorch_utils import Conv1D
 
-    blocks = [name for name, _ in decoder_blocks(model)]
+    found_list = layer_list(model)  # the decoder blocks, whatever they are called (layers, GPT-2's h, ...)
+    blocks = [found_list[0]] if found_list is not None else []
     out_emb = model.get_output_embeddings()
     found, names = [], set()
     for name, mod in model.named_modules():

@@ -196,6 +196,24 @@ def decoder_of(model):
     return None
 
 
+def layer_list(model) -> tuple[str, torch.nn.ModuleList] | None:
+    """The model's list of decoder layers, with its full name, or None: the longest ``ModuleList`` directly
+    under its decoder stack (:func:`decoder_of`; ``model.layers``, GPT-2's ``transformer.h``, DBRX's
+    ``transformer.blocks``), so never a list inside a layer (a mixture's experts held as separate layers) or
+    in another tower (a vision encoder). Where no decoder stack holds one: the list with an entry per hidden
+    layer, else the longest list."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    dec = decoder_of(model)
+    own = [c for c in dec.children() if isinstance(c, torch.nn.ModuleList) and len(c)] if dec is not None else []
+    if own:
+        best = max(own, key=len)
+        return names[id(best)], best
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, torch.nn.ModuleList) and len(mod)]
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    exact = [item for item in lists if len(item[1]) == n_layers]
+    return exact[0] if exact else max(lists, key=lambda item: len(item[1]), default=None)
+
+
 def _parameters(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 

@@ -19,15 +19,15 @@ import torch
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from conftest import hf_greedy, random_prompt, use_oracle_drafts
-from sdlm.adapter import AdapterConfig, attach
+from sdlm.adapter import AdapterConfig, attach, target_layers
 from sdlm.attention import not_plain_attention, use_block_attention, use_gathered_attention
 from sdlm.batched import generate_batch
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.errors import SDLMError
 from sdlm.layout import sample_block_starts, training_layout
-from sdlm.model import SDLM
+from sdlm.model import SDLM, layer_list
 from sdlm.train.loss import dense_loss, pack, two_pass_loss
-from sdlm.train.trainer import Trainer
+from sdlm.train.trainer import Trainer, decoder_layers
 from sdlm.zoo import RANDOM_ARCHS, random_model
 from test_train import loss_and_grads
 
@@ -154,13 +154,23 @@ class _ListMixture(torch.nn.Module):
 def test_experts_held_as_separate_layers_are_left_out():
     s = retrofitted("llama")
     mlp = s.model.model.layers[1].mlp
-    mlp.moe = _ListMixture(64)
+    mlp.moe = _ListMixture(64, n=8)  # a longer list than the model's 2 layers
     dense = mlp.forward
     mlp.forward = lambda x: dense(x) + mlp.moe(x)  # routed experts beside the MLP's own layers, which stay adapted
+    assert layer_list(s.model) == ("model.layers", s.model.model.layers)  # what compile and FSDP take as the layers
+    assert decoder_layers(s.model) is s.model.model.layers
     attach(s, AdapterConfig(kind="block-adapter", r=4))
     got = _adapted(s)
     assert {"model.layers.1.mlp.moe.gate", "model.layers.1.mlp.down_proj"} <= got
     assert not {n for n in got if ".experts." in n}
+
+
+def test_the_layers_of_a_multimodal_model_are_its_language_model_s():
+    model, _ = random_model("gemma3", vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                                                     "num_attention_heads": 2, "image_size": 28, "patch_size": 14})
+    name, layers = layer_list(model)  # not the vision tower's 3 layers
+    assert len(layers) == model.config.get_text_config().num_hidden_layers == 2 and "language_model" in name
+    assert all(n.startswith(name) for n in target_layers(model))
 
 
 def test_adapter_targets_and_layers_select_exactly_and_a_wrong_name_is_refused(monkeypatch):

@@ -31,7 +31,7 @@ from ..cpu import native_bf16
 from ..errors import SDLMError
 from ..io import atomic_dir
 from ..layout import sample_block_starts, training_layout
-from ..model import SDLM, use_flex_attention
+from ..model import SDLM, layer_list, use_flex_attention
 from .data import Example, build_examples, read_records
 from .fused import fuse_lora_linears, fuse_rms_norms, pack_frozen_linears, rope_fusion, shared_weights
 from .loss import LossOutput, Packed, dense_loss, loss_norm, pack, two_pass_loss
@@ -1048,12 +1048,12 @@ def fully_shard_model(model: torch.nn.Module, dist: "Dist", device: torch.device
 
 
 def decoder_layers(model: torch.nn.Module, setting: str = "compile") -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its longest ``nn.ModuleList`` (``setting``: the recipe key that
+    """The model's list of decoder layers (:func:`sdlm.model.layer_list`; ``setting``: the recipe key that
     needs them, for the error)."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    if not lists:
+    found = layer_list(model)
+    if found is None:
         raise SDLMError(f"{type(model).__name__} has no list of decoder layers for {setting}: set {setting}: false")
-    return max(lists, key=len)
+    return found[1]
 
 
 def compile_regions(model: torch.nn.Module) -> int:
