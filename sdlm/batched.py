@@ -33,6 +33,7 @@ import torch
 
 from .accept import cut_at_eos
 from .decode import Decoder, Generation
+from .kvcache import dropped_of
 from .masks import TokenInfo, allowed
 
 
@@ -157,7 +158,12 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
             if st.visible is not None:  # a draft tree: each row hides the nodes of other branches
                 cols = columns[b].to(dev)
                 ok[b, cols[:, None], S + cols[None, :]] &= st.visible.to(dev)
-        mask = sdlm.masks(ok, q.pos.to(dev), keys.pos.to(dev))  # (B, 1, T, S+T), or one per kind of layer
+        dropped = None
+        if cache is not None:  # windowed layers: columns that no row's query at its first uncached position or later sees
+            sdlm.trim(cache, torch.tensor([r.first for r in active]), k_alive, k_pos)
+            dropped = dropped_of(cache)
+        # (B, 1, T, S+T), or one per kind of layer
+        mask = sdlm.masks(ok, q.pos.to(dev), keys.pos.to(dev), dropped=dropped)
         need = torch.unique(torch.cat(read))  # sorted: the LM head runs on these columns only
         if sdlm._takes_logits_to_keep:
             logits = sdlm.forward(ids, pos, mask, q.is_block, cache, need.to(dev))

@@ -304,6 +304,8 @@ class Decoder:
                 if draft_q is not None:
                     draft_q = draft_q[: len(drafts)]
             step = self._layout(uncached, first, drafts)
+            if cache is not None:
+                self.sdlm.trim(cache, first)  # windowed layers: what no query at position >= first can see
             if lazy_head:
                 logits = _LazyLogits(self.sdlm, self.sdlm.step_hidden(step, cache, cached))
             else:

@@ -12,11 +12,17 @@ way; only where they are stored differs.
 
 :func:`new_cache` gives a ``DynamicCache`` whose layers are :class:`GrowingLayer` on a CPU, a plain
 one elsewhere.
+
+:func:`drop_front` drops the oldest entries of a model's windowed layers (sliding windows, chunks) once no
+query can see them (``SDLM.trim`` decides how many), on either kind of layer; the cache records how many
+per kind of layer (:class:`Trimmed`), which the masks (``sdlm.masks.layer_masks``) and a draft tree's
+kept nodes (``sdlm.model._keep_tail``) read.
 """
 
 from __future__ import annotations
 
 import contextvars
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -28,10 +34,12 @@ SPARE_MIN = 256
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` that writes new keys and values into a buffer with room to spare."""
+    """A ``DynamicLayer`` that writes new keys and values into a buffer with room to spare. The entries run
+    from buffer index ``_start`` on: :func:`drop_front` moves it past entries no query can see any more."""
 
     _kbuf: torch.Tensor | None = None
     _vbuf: torch.Tensor | None = None
+    _start: int = 0
 
     def _length(self) -> int:
         keys = getattr(self, "keys", None)
@@ -42,20 +50,21 @@ class GrowingLayer(DynamicLayer):
         kb, vb = self._kbuf, self._vbuf
         if kb is None:
             return False
-        k, v = self.keys, self.values
-        return (k.dim() == 4 and k.data_ptr() == kb.data_ptr() and v.data_ptr() == vb.data_ptr()
-                and k.stride() == kb.stride() and v.stride() == vb.stride())
+        k, v, s = self.keys, self.values, self._start
+        return (k.dim() == 4 and s < kb.shape[-2] and k.data_ptr() == kb[:, :, s:].data_ptr()
+                and v.data_ptr() == vb[:, :, s:].data_ptr() and k.stride() == kb.stride() and v.stride() == vb.stride())
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, t = self._length(), key_states.shape[-2]
         kb, vb = self._kbuf, self._vbuf
-        fits = (kb is not None and (n == 0 or self._in_buffer()) and n + t <= kb.shape[-2]
+        in_buffer = kb is not None and (n == 0 or self._in_buffer())
+        fits = (in_buffer and self._start + n + t <= kb.shape[-2]
                 and kb.shape[:2] == key_states.shape[:2] and kb.shape[-1] == key_states.shape[-1]
                 and vb.shape[-1] == value_states.shape[-1] and kb.dtype == key_states.dtype
                 and kb.device == key_states.device)
-        if not fits:
+        if not fits:  # a new buffer, with the entries still held at its start
             cap = n + t + max(SPARE_MIN, (n + t) // 2)
             b, h = key_states.shape[:2]
             kb = key_states.new_empty(b, h, cap, key_states.shape[-1])
@@ -63,24 +72,74 @@ class GrowingLayer(DynamicLayer):
             if n:
                 kb[:, :, :n].copy_(self.keys)
                 vb[:, :, :n].copy_(self.values)
-            self._kbuf, self._vbuf = kb, vb
-        kb[:, :, n : n + t].copy_(key_states)
-        vb[:, :, n : n + t].copy_(value_states)
-        self.keys, self.values = kb[:, :, : n + t], vb[:, :, : n + t]
+            self._kbuf, self._vbuf, self._start = kb, vb, 0
+        s = self._start
+        kb[:, :, s + n : s + n + t].copy_(key_states)
+        vb[:, :, s + n : s + n + t].copy_(value_states)
+        self.keys, self.values = kb[:, :, s : s + n + t], vb[:, :, s : s + n + t]
         return self.keys, self.values
 
     def keep(self, start: int, sel: torch.Tensor) -> bool:
-        """Keep entries ``0 .. start-1`` and then ``sel`` (indices into the sequence), in the buffer. Returns
+        """Keep entries ``0 .. start-1`` and then ``sel`` (indices into the entries), in the buffer. Returns
         False, changing nothing, where the keys and values are no longer the buffer's views."""
         if not self._in_buffer():
             return False
-        n = start + len(sel)
+        n, s = start + len(sel), self._start
         kb, vb = self._kbuf, self._vbuf
         with torch.inference_mode(kb.is_inference()):  # decoding forwards fill the buffer in inference mode
-            kb[:, :, start:n] = kb.index_select(2, sel)  # gathered first: sel may overlap where it lands
-            vb[:, :, start:n] = vb.index_select(2, sel)
-            self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+            kb[:, :, s + start : s + n] = kb.index_select(2, sel + s)  # gathered first: sel may overlap where it lands
+            vb[:, :, s + start : s + n] = vb.index_select(2, sel + s)
+            self.keys, self.values = kb[:, :, s : s + n], vb[:, :, s : s + n]
         return True
+
+    def drop_front(self, n: int) -> None:
+        """Drop the first ``n`` entries (a view: the buffer's next renewal leaves them behind)."""
+        if self._in_buffer():
+            self._start += n
+        self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
+
+
+@dataclass
+class Trimmed:
+    """What a decoding cache has dropped from the front of its windowed layers: ``kinds`` gives each cache
+    layer's kind of attention (a key of ``LayerWindows.windows``), ``dropped`` the entries dropped so far
+    from every layer of a kind. A layer's entry ``i`` is then the sequence's entry ``dropped[kind] + i``."""
+
+    kinds: list
+    dropped: dict = field(default_factory=dict)
+
+
+def trimmed(cache) -> Trimmed | None:
+    """The cache's :class:`Trimmed` record, None if nothing was ever dropped from it."""
+    return getattr(cache, "sdlm_trimmed", None)
+
+
+def dropped_of(cache) -> dict:
+    """Entries dropped from the front of each kind of layer (empty: none)."""
+    t = trimmed(cache)
+    return {k: d for k, d in t.dropped.items() if d} if t is not None else {}
+
+
+def drop_front(cache, kinds: list, kind, n: int) -> bool:
+    """Drop the first ``n`` entries of every layer of ``kind`` (``kinds``: each cache layer's kind), for
+    entries no query of this or a later forward can see (past a sliding window, before a chunk). Returns
+    False, changing nothing, where the cache's layers do not match ``kinds`` one to one (layers that share
+    another's keys, more than one cache layer per decoder layer)."""
+    if n <= 0:
+        return True
+    if len(cache.layers) != len(kinds) or any(not getattr(layer, "is_initialized", False) for layer in cache.layers):
+        return False
+    t = trimmed(cache)
+    if t is None:
+        t = cache.sdlm_trimmed = Trimmed(list(kinds))
+    for layer, k in zip(cache.layers, kinds):
+        if k == kind:
+            if isinstance(layer, GrowingLayer):
+                layer.drop_front(n)
+            else:
+                layer.keys, layer.values = layer.keys[..., n:, :], layer.values[..., n:, :]
+    t.dropped[kind] = t.dropped.get(kind, 0) + n
+    return True
 
 
 _plain: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_plain_cache", default=False)

@@ -151,6 +151,21 @@ class Window:
             return True
         return self.chunk is not None and top >= self.chunk  # positions start at 0: all in chunk 0 otherwise
 
+    def unseen_before(self, q_min):
+        """The positions below this one are hidden from every query at ``q_min`` or later (an int, or a
+        tensor of them): the keys a cache no longer needs."""
+        bounds = []
+        if self.sliding is not None:
+            bounds.append(q_min - self.sliding + 1)
+        if self.chunk is not None:
+            bounds.append(q_min // self.chunk * self.chunk)
+        if isinstance(q_min, torch.Tensor):
+            out = torch.zeros_like(q_min)
+            for b in bounds:
+                out = torch.maximum(out, b)
+            return out
+        return max([0, *bounds])
+
     def keep(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """(..., Tq, Tk) boolean: True where the window lets a query at ``q_pos`` (..., Tq) see a key at
         ``k_pos`` (..., Tk)."""
@@ -193,26 +208,30 @@ FULL = LayerWindows({None: None})
 
 
 def layer_masks(ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, windows: LayerWindows,
-                dtype: torch.dtype):
+                dtype: torch.dtype, dropped: dict | None = None):
     """The additive masks a model's layers take (see :func:`additive`) for the rule's boolean ``ok``
     (..., Tq, Tk) of queries at ``q_pos`` (..., Tq) over keys at ``k_pos`` (..., Tk): one mask where no
     layer's window hides anything more for these positions (every layer takes it as given, keyed or
     not) or where every layer's is the same, else one per kind of layer (a dict by layer type for a keyed
-    model)."""
-    binding = {kind: w for kind, w in windows.windows.items() if w is not None and w.binds(q_pos, k_pos)}
+    model). ``dropped``: keys no longer in the cache of a kind of layer, from the front (by kind, as in
+    ``windows``; :func:`sdlm.kvcache.drop_front`): that kind's mask leaves out their columns."""
+    dropped = {kind: d for kind, d in (dropped or {}).items() if d}
+    binding = {kind: w for kind, w in windows.windows.items()
+               if w is not None and (kind in dropped or w.binds(q_pos, k_pos))}
     if not binding:
         return additive(ok, dtype)
-    made: dict[Window | None, torch.Tensor] = {}
+    made: dict[tuple[Window | None, int], torch.Tensor] = {}
 
-    def mask(w: Window | None) -> torch.Tensor:
-        if w not in made:
-            made[w] = additive(ok if w is None else ok & w.keep(q_pos, k_pos), dtype)
-        return made[w]
+    def mask(w: Window | None, d: int) -> torch.Tensor:
+        if (w, d) not in made:
+            m = ok if w is None else ok & w.keep(q_pos, k_pos)
+            made[w, d] = additive(m[..., d:], dtype)
+        return made[w, d]
 
     if not windows.keyed:
-        return mask(binding[None])
-    masks = {kind: mask(binding.get(kind)) for kind in windows.windows}
-    return masks if len(made) > 1 else made[next(iter(made))]  # one mask for all: as a tensor, which every model takes
+        return mask(binding[None], dropped.get(None, 0))
+    masks = {kind: mask(binding.get(kind), dropped.get(kind, 0)) for kind in windows.windows}
+    return masks if len(made) > 1 else next(iter(made.values()))  # one mask for all: as a tensor, which every model takes
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .attention import (BlockLayout, CausalSegments, Gathered, active, install_a
 from .cpu import native
 from .errors import SDLMError
 from .io import atomic_dir
-from .kvcache import GrowingLayer
+from .kvcache import GrowingLayer, drop_front, dropped_of, trimmed
 from .layout import StepLayout
 from .masks import FULL, LayerWindows, TokenInfo, Window, allowed, layer_masks
 
@@ -91,6 +91,19 @@ def layer_windows(config) -> LayerWindows:
     if chunk is not None:
         return LayerWindows({None: Window(chunk=chunk)})
     return FULL
+
+
+def cache_kinds(config, windows: LayerWindows) -> list | None:
+    """Each decoding cache layer's kind of attention (keys of ``windows.windows``), for a model with
+    windowed layers whose cache has one layer per decoder layer; else None (nothing is dropped)."""
+    config = config.get_text_config()
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if windows.smallest is None or not n_layers or getattr(config, "num_kv_shared_layers", 0):
+        return None
+    if not windows.keyed:
+        return [None] * n_layers
+    types = list(getattr(config, "layer_types", None) or ())
+    return types if len(types) == n_layers else None
 
 
 def check_supported(model) -> None:
@@ -237,19 +250,24 @@ def _cache_kwarg(model) -> str:
 
 
 def _keep_tail(cache, start: int, idx) -> None:
-    """Keep cache entries ``0 .. start-1`` and then ``start + idx`` (transformers 5 layered caches)."""
-    sel = None
-    for layer in cache.layers:
+    """Keep cache entries ``0 .. start-1`` and then ``start + idx`` (transformers 5 layered caches; entries
+    of the sequence, so a layer whose first entries were dropped (:func:`sdlm.kvcache.drop_front`) counts
+    from its own first one)."""
+    t = trimmed(cache)
+    sels: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(cache.layers):
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
         if hasattr(layer, "cumulative_length"):
             raise SDLMError("draft trees need a full KV cache; this model has sliding-window layers: drop --tree")
-        if sel is None:
-            sel = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + start
-        if isinstance(layer, GrowingLayer) and layer.keep(start, sel):  # in place, in its buffer
+        first = start - (t.dropped.get(t.kinds[i], 0) if t is not None else 0)
+        if first not in sels:
+            sels[first] = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + first
+        sel = sels[first]
+        if isinstance(layer, GrowingLayer) and layer.keep(first, sel):  # in place, in its buffer
             continue
-        layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, sel)], -2)
-        layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, sel)], -2)
+        layer.keys = torch.cat([layer.keys[..., :first, :], layer.keys.index_select(-2, sel)], -2)
+        layer.values = torch.cat([layer.values[..., :first, :], layer.values.index_select(-2, sel)], -2)
 
 
 class SDLM:
@@ -269,6 +287,7 @@ class SDLM:
         head = model.get_output_embeddings()  # checked here, before a trainer shards or transforms the model:
         self._head_gives_logits = head is not None and self._logits_are(head)  # the head on the hidden states
         self.windows = layer_windows(model.config)  # sliding-window or chunked layers, if any
+        self.cache_kinds = cache_kinds(model.config, self.windows)  # for dropping what windows hide (trim)
         use_decoding_attention(model)  # sdpa without copying grouped keys and values per query head
         params = inspect.signature(model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
@@ -424,7 +443,7 @@ class SDLM:
         must not stay.
         """
         logits = self.forward(
-            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len), step.info.is_block[None],
+            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache), step.info.is_block[None],
             cache, step.n_logits
         )
         return logits[0, -step.n_logits :].float()
@@ -434,7 +453,7 @@ class SDLM:
         """:meth:`step_logits` without the LM head: the last ``n_logits`` final hidden states (n_logits, H),
         for a decoder that needs the logits of only some of them (:meth:`head_logits`)."""
         hidden = self.forward(
-            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len), step.info.is_block[None],
+            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache), step.info.is_block[None],
             cache, hidden=True
         )
         return hidden[0, -step.n_logits :]
@@ -444,20 +463,48 @@ class SDLM:
         """The logits (N, V) float32 of final hidden states (N, H) from :meth:`step_hidden`."""
         return self.lm_head()(hidden).float()
 
-    def _step_mask(self, step: StepLayout, cached_len: int) -> torch.Tensor:
+    def _step_mask(self, step: StepLayout, cached_len: int, cache=None) -> torch.Tensor:
         cached = TokenInfo.clean(torch.arange(cached_len))
         keys = TokenInfo.cat([cached, step.info])
         causal_within_block = self.config.causal_within_block if self.config else False
         ok = allowed(step.info, keys, causal_within_block)
         if step.visible is not None:  # a draft tree: nodes of other branches are hidden
             ok[..., cached_len:] &= step.visible
-        return self.masks(ok, step.info.pos, keys.pos)  # (1, 1, T, cached+T), or one per kind of layer
+        # (1, 1, T, cached+T), or one per kind of layer
+        return self.masks(ok, step.info.pos, keys.pos, dropped=dropped_of(cache) if cache is not None else None)
 
-    def masks(self, ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype | None = None):
+    def masks(self, ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype | None = None,
+              dropped: dict | None = None):
         """The attention mask(s) this model's layers take for the rule's boolean ``ok`` (..., Tq, Tk), queries
         at ``q_pos`` (..., Tq) over keys at ``k_pos`` (..., Tk): :func:`sdlm.masks.layer_masks` with this
-        model's windows (one additive mask unless a sliding window or chunk hides more)."""
-        return layer_masks(ok, q_pos, k_pos, self.windows, dtype or self.dtype)
+        model's windows (one additive mask unless a sliding window or chunk hides more), without the columns
+        of keys ``dropped`` from the front of a kind of layer's cache."""
+        return layer_masks(ok, q_pos, k_pos, self.windows, dtype or self.dtype, dropped)
+
+    def trim(self, cache, first: int | torch.Tensor, alive: torch.Tensor | None = None,
+             k_pos: torch.Tensor | None = None) -> None:
+        """Drop from the front of a decoding cache's windowed layers (sliding windows, chunks) the entries
+        that no query of this forward or a later one can see: every query is at position ``first`` or
+        later (the first token not yet in the cache). Memory and attention over such layers then stay
+        within the window as the context grows. A batch gives ``first`` per row (B,), with ``alive`` and
+        ``k_pos`` (B, S): what each cache column holds for each row; a column leaves only when no row can
+        see it. Nothing is dropped where the cache's layers are not one per decoder layer."""
+        kinds = self.cache_kinds
+        if kinds is None or cache is None:
+            return
+        done = dropped_of(cache)
+        for kind, w in self.windows.windows.items():
+            if w is None:
+                continue
+            if alive is None:
+                n = w.unseen_before(int(first)) - done.get(kind, 0)
+            else:  # the leading columns that every row either holds no key in or can no longer see
+                gone = ~alive | (k_pos < w.unseen_before(first)[:, None])
+                n = int(gone.int().cumprod(1).sum(1).min()) if gone.shape[1] else 0
+                n -= done.get(kind, 0)
+            if n > 0 and not drop_front(cache, kinds, kind, n):
+                self.cache_kinds = None  # layers that share keys or several per decoder layer: keep them all
+                return
 
     def forward(self, input_ids, position_ids, mask4d, gate, cache=None, logits_to_keep: int | torch.Tensor = 0,
                 hidden: bool = False):

@@ -8,6 +8,7 @@ times; each case checks first that the window changes the model's own output (el
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from sdlm.batched import generate_batch
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.errors import SDLMError
 from sdlm.layout import TrainingLayout, ar_step, sample_block_starts, speculative_step, training_layout
+from sdlm.kvcache import plain_cache
 from sdlm.masks import FULL, LayerWindows, TokenInfo, Window, additive, allowed, layer_masks
 from sdlm.model import SDLM
 from sdlm.tpf import block_drafts, tokens_per_forward
@@ -137,6 +139,85 @@ def test_lossless_modes_equal_generate_past_the_window(arch, monkeypatch):
                                                 draft_threshold=0.0)).generate(p)
             assert g.tokens == want
             assert g.forwards < g.new_tokens
+
+
+def _caches(s, monkeypatch) -> list:
+    """The caches the decoders of ``s`` make from here on."""
+    made = []
+
+    def new_cache(self):
+        made.append(new(self))
+        return made[-1]
+
+    new = Decoder._new_cache
+    monkeypatch.setattr(Decoder, "_new_cache", new_cache)
+    return made
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3", "llama4_text"])
+@pytest.mark.parametrize("plain", [False, True])
+def test_windowed_layers_keep_only_the_keys_a_query_can_still_see(arch, plain, monkeypatch):
+    """Past the window, a sliding (chunked) layer's cache holds the last W keys (the current chunk) and this
+    step's tokens, the full layers every key, in every mode, batched and with trees; the output stays
+    ``generate``'s, with the decoder's own cache and with ``transformers``' (a GPU's)."""
+    s = windowed(arch)
+    n_new = 40
+    prompts = [random_prompt(seed, n) for seed, n in PROMPTS]
+    wants = [hf_greedy(s, p, n_new) for p in prompts]
+    caches = _caches(s, monkeypatch)
+    with plain_cache() if plain else contextlib.nullcontext():
+        for mode, tree in (("ar", None), ("speculative", None), ("speculative", "3,2,1")):
+            dec = Decoder(s, GenerationConfig(mode=mode, block_size=4, max_new_tokens=n_new, tree=tree,
+                                              draft_threshold=0.0))
+            for p, want in zip(prompts, wants):
+                caches.clear()
+                g = dec.generate(p)
+                assert g.tokens == want, (mode, tree)
+                held = {kind: {layer.keys.shape[-2] for layer, k in zip(caches[0].layers, s.cache_kinds) if k == kind}
+                        for kind in set(s.cache_kinds)}
+                for kind, w in s.windows.windows.items():
+                    if w is None:  # every committed token but the last (the next step's first)
+                        assert held[kind] == {len(p) + g.new_tokens - 1}
+                    else:
+                        assert max(held[kind]) <= W + 1 and max(held[kind]) < len(p) + g.new_tokens - 1
+            sizes = []
+            for kinds in (s.cache_kinds, None):  # batched: against the same decoding with every key kept
+                caches.clear()
+                monkeypatch.setattr(s, "cache_kinds", kinds)
+                assert [g.tokens for g in generate_batch(dec, prompts)] == wants
+                sizes.append([layer.keys.shape[-2] for layer in caches[0].layers])
+            monkeypatch.undo()
+            caches = _caches(s, monkeypatch)
+            for (kept, full), kind in zip(zip(*sizes), s.cache_kinds):
+                assert kept < full if s.windows.windows[kind] is not None else kept == full
+
+
+def test_dropping_one_key_too_many_breaks_equality_with_generate(monkeypatch):
+    """The teeth of the test above: a cache that drops the oldest key a query can still see no longer gives
+    the model's output."""
+    s = windowed("mistral")
+    prompt = random_prompt(101, 14)
+    want = hf_greedy(s, prompt, N_NEW)
+    dec = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=N_NEW))
+    assert dec.generate(prompt).tokens == want
+    monkeypatch.setattr(Window, "unseen_before", lambda self, q: max(0, q - self.sliding + 2))
+    assert dec.generate(prompt).tokens != want
+
+
+def test_a_cache_whose_layers_are_not_one_per_layer_keeps_every_key(monkeypatch):
+    """Gemma 3n's last layers read the keys of earlier ones: nothing is dropped, and the output is the model's."""
+    s = SDLM(*random_model("gemma3n_text", sliding_window=W), None, name="windowed:gemma3n_text")
+    s.retrofit(block_size=4)
+    assert s.windows.smallest == W and s.cache_kinds is None
+    prompt = random_prompt(101, 14)
+    want = hf_greedy(s, prompt, N_NEW)
+    assert hf_greedy(SDLM(*random_model("gemma3n_text"), None), prompt, N_NEW) != want  # the window matters here
+    caches = _caches(s, monkeypatch)
+    for mode in ("ar", "speculative"):
+        dec = Decoder(s, GenerationConfig(mode=mode, block_size=4, max_new_tokens=N_NEW))
+        assert dec.generate(prompt).tokens == want
+        assert [g.tokens for g in generate_batch(dec, [prompt, random_prompt(100, 5)])][0] == want
+    assert not any(getattr(c, "sdlm_trimmed", None) for c in caches)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "cohere2"])
