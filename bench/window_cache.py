@@ -68,7 +68,8 @@ def main() -> int:
     rows = {}
     for mode in args.modes:
         name, _, d = mode.partition(":")
-        cfg = GenerationConfig(mode=name, block_size=int(d or 4), max_new_tokens=args.max_new_tokens, draft_threshold=0.0)
+        cfg = GenerationConfig(mode=name, block_size=int(d or 4), max_new_tokens=args.max_new_tokens,
+                               draft_threshold=0.0)
         speeds, forwards, tokens = {"dropped": [], "kept": []}, 0, 0
         same, held = True, {}
         for i, p in enumerate(prompts):
@@ -90,7 +91,8 @@ def main() -> int:
         s.cache_kinds = kinds
         med = {k: statistics.median(v) for k, v in speeds.items()}
         rows[mode] = {"tokens_per_s_dropped": round(med["dropped"], 2), "tokens_per_s_kept": round(med["kept"], 2),
-                      "ratio": round(med["dropped"] / med["kept"], 3), "cache_mib_dropped": round(held["dropped"] / 2**20, 1),
+                      "ratio": round(med["dropped"] / med["kept"], 3),
+                      "cache_mib_dropped": round(held["dropped"] / 2**20, 1),
                       "cache_mib_kept": round(held["kept"] / 2**20, 1), "same_tokens": same,
                       "tokens_per_forward": round(tokens / forwards, 2)}
         print(f"{mode}: {rows[mode]}", flush=True)

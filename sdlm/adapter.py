@@ -170,8 +170,9 @@ def target_layers(model, targets: list[str] | str = "all-linear", layers: list[i
     token: ``nn.Linear`` (or a subclass whose call returns one tensor, as a linear layer does; a
     mixture's router that returns its routing does not) and GPT-2's ``Conv1D``, but not the experts of a
     mixture held as separate layers (in a list named for experts: each sees only its routed tokens), and
-    not a layer that a cached forward calls on other rows than its tokens. A mixture's experts held as fused tensors are not linear layers, so they are never
-    adapted: their update could not be switched per token."""
+    not a layer that a cached forward calls on other rows than its tokens. A mixture's experts held as
+    fused tensors are not linear layers, so they are never adapted: their update could not be switched
+    per token."""
     from transformers.pytorch_utils import Conv1D
 
     found_list = layer_list(model)  # the decoder blocks, whatever they are called (layers, GPT-2's h, ...)

@@ -11,6 +11,7 @@ without touching any row's result:
   stays in the shared cache as dead entries: their keys are marked with
   ``seq = -1`` in the mask (:func:`sdlm.masks.allowed`), so no real token ever
   attends to them, and each row's logical positions go on from its own length;
+  a step's columns that no row keeps leave the cache at once;
 - the block part is the end of every row, so one crop removes all block KV.
 
 A finished row leaves the batch (its cache rows are dropped), so short answers
@@ -159,7 +160,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
                 cols = columns[b].to(dev)
                 ok[b, cols[:, None], S + cols[None, :]] &= st.visible.to(dev)
         dropped = None
-        if cache is not None:  # windowed layers: columns that no row's query at its first uncached position or later sees
+        if cache is not None:  # windowed layers: columns no row's query (at its first uncached position or later) sees
             sdlm.trim(cache, torch.tensor([r.first for r in active]), k_alive, k_pos)
             dropped = dropped_of(cache)
         # (B, 1, T, S+T), or one per kind of layer
@@ -199,9 +200,14 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
                 done[r.index] = Generation(r.n_prompt, toks, decoder.decode_text(toks), r.forwards,
                                            time.perf_counter() - start, reason, dict(r.hist))
                 finished.append(b)
-        if cache is not None:
-            k_pos = torch.cat([k_pos, pos[:, :C]], 1)
-            k_alive = torch.cat([k_alive, alive_now], 1)
+        if cache is not None:  # this step's causal columns, less those no row keeps (rejected drafts, padding)
+            kept = alive_now.any(0).nonzero().flatten()
+            if len(kept) < C:
+                from .model import _keep_tail
+
+                _keep_tail(cache, k_pos.shape[1], kept.tolist())
+            k_pos = torch.cat([k_pos, pos[:, :C][:, kept]], 1)
+            k_alive = torch.cat([k_alive, alive_now[:, kept]], 1)
         if finished:
             keep_rows = [b for b in range(B) if b not in finished]
             active = [active[b] for b in keep_rows]

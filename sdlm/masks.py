@@ -231,7 +231,7 @@ def layer_masks(ok: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, wind
     if not windows.keyed:
         return mask(binding[None], dropped.get(None, 0))
     masks = {kind: mask(binding.get(kind), dropped.get(kind, 0)) for kind in windows.windows}
-    return masks if len(made) > 1 else next(iter(made.values()))  # one mask for all: as a tensor, which every model takes
+    return masks if len(made) > 1 else next(iter(made.values()))  # one mask for all: a tensor, as every model takes
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

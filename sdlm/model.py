@@ -443,8 +443,8 @@ class SDLM:
         must not stay.
         """
         logits = self.forward(
-            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache), step.info.is_block[None],
-            cache, step.n_logits
+            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache),
+            step.info.is_block[None], cache, step.n_logits
         )
         return logits[0, -step.n_logits :].float()
 
@@ -453,8 +453,8 @@ class SDLM:
         """:meth:`step_logits` without the LM head: the last ``n_logits`` final hidden states (n_logits, H),
         for a decoder that needs the logits of only some of them (:meth:`head_logits`)."""
         hidden = self.forward(
-            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache), step.info.is_block[None],
-            cache, hidden=True
+            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache),
+            step.info.is_block[None], cache, hidden=True
         )
         return hidden[0, -step.n_logits :]
 

@@ -110,3 +110,26 @@ def test_batched_keeps_order_and_checks_input(trained):
 
     with pytest.raises(SDLMError, match="empty"):
         generate_batch(dec, [prompts[0], []])
+
+
+@pytest.mark.parametrize("tree", [None, "3,2,1"])
+def test_batched_cache_drops_the_columns_no_row_keeps(trained, tree, monkeypatch):
+    """The columns of a step that no row keeps (drafts every row rejected, padding) leave the cache at once:
+    it grows by about what the rows commit, not by every draft or tree node offered."""
+    prompts = _ids(trained, PROMPTS)
+    seen = []
+    forward = trained.forward
+
+    def spy(input_ids, position_ids, mask4d, gate, cache=None, *args, **kwargs):
+        if cache is not None and cache.layers and cache.layers[0].is_initialized:
+            seen.append(cache.layers[0].keys.shape[-2])
+        return forward(input_ids, position_ids, mask4d, gate, cache, *args, **kwargs)
+
+    monkeypatch.setattr(trained, "forward", spy)
+    cfg = GenerationConfig(mode="speculative", block_size=4, max_new_tokens=30, tree=tree, draft_threshold=0.0)
+    alone = [Decoder(trained, cfg).generate(p) for p in prompts]
+    seen.clear()
+    _same(generate_batch(Decoder(trained, cfg), prompts, batch_size=4), alone)
+    # the longest row's tokens, and columns that only some rows keep; keeping every column offered, the tree's
+    # batches reached 148 here
+    assert max(seen) <= max(len(p) for p in prompts) + 30 + 20

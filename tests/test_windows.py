@@ -53,7 +53,8 @@ CASES = {
     "gemma3_text": ({"sliding_window": W, "layer_types": [SLIDING, FULL_ATTN]},
                     LayerWindows({SLIDING: Window(sliding=W), FULL_ATTN: None}, keyed=True)),
     # the LM of a multimodal checkpoint (Gemma3ForConditionalGeneration): the windows are its text config's
-    "gemma3": ({"text_config": {"sliding_window": W, "layer_types": [SLIDING, FULL_ATTN], "tie_word_embeddings": False}},
+    "gemma3": ({"text_config": {"sliding_window": W, "layer_types": [SLIDING, FULL_ATTN],
+                                "tie_word_embeddings": False}},
                LayerWindows({SLIDING: Window(sliding=W), FULL_ATTN: None}, keyed=True)),
     "llama4_text": ({"attention_chunk_size": W, "layer_types": [CHUNKED, FULL_ATTN], "num_local_experts": 2,
                      "intermediate_size_mlp": 128}, LayerWindows({CHUNKED: Window(chunk=W), FULL_ATTN: None}, keyed=True)),
