@@ -11,7 +11,8 @@ without touching any row's result:
   stays in the shared cache as dead entries: their keys are marked with
   ``seq = -1`` in the mask (:func:`sdlm.masks.allowed`), so no real token ever
   attends to them, and each row's logical positions go on from its own length;
-  a step's columns that no row keeps leave the cache at once;
+  a step's columns that no row keeps leave the cache at once, and a cache that is
+  mostly dead is compacted (:func:`_compact`: each row's live entries moved to its end);
 - the block part is the end of every row, so one crop removes all block KV.
 
 A finished row leaves the batch (its cache rows are dropped), so short answers
@@ -216,6 +217,9 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
                 _select_rows(cache, idx.to(sdlm.device))
                 k_pos, k_alive = k_pos[idx], k_alive[idx]
                 k_pos, k_alive = _trim_dead_columns(cache, k_pos, k_alive)
+        if cache is not None and active and k_alive.shape[1] >= COMPACT_MIN and \
+                float(k_alive.float().mean()) < COMPACT_BELOW:
+            k_pos, k_alive = _compact(cache, k_pos, k_alive)
     seconds = time.perf_counter() - start
     for g in done:
         g.seconds = seconds  # type: ignore[union-attr]
@@ -230,6 +234,44 @@ def _columns(st, c: int, C: int) -> torch.Tensor:
 def _select_rows(cache, idx: torch.Tensor) -> None:
     """Keep rows ``idx`` of a transformers cache (``batch_select_indices``, transformers 4.38+ and 5)."""
     cache.batch_select_indices(idx)
+
+
+COMPACT_MIN = 64
+"""Cache columns from which a batch's cache is compacted (:func:`_compact`) ..."""
+COMPACT_BELOW = 0.5
+"""... when fewer than this share of its entries are alive."""
+
+
+def _compact(cache, k_pos: torch.Tensor, k_alive: torch.Tensor):
+    """Move each row's live cache entries, in order, to the end of a cache as wide as the row with the most
+    of them; the rest of a row is dead padding at the front. Columns that some rows rejected and others
+    kept (ragged acceptance) otherwise stay for every row. A layer whose first entries were dropped (a
+    window's, :func:`sdlm.kvcache.drop_front`) gets zeros for them, dead to its mask (behind its window),
+    and drops them again at the next step. Returns the new ``k_pos``, ``k_alive``."""
+    from .kvcache import trimmed
+
+    B = k_alive.shape[0]
+    width = int(k_alive.sum(1).max())
+    src = torch.full((B, width), -1, dtype=torch.long)  # new column -> old column, -1: padding
+    for b in range(B):
+        live = k_alive[b].nonzero().flatten()
+        src[b, width - len(live):] = live
+    alive = src >= 0
+    pos = torch.where(alive, k_pos.gather(1, src.clamp(min=0)), torch.zeros_like(src))
+    t = trimmed(cache)
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
+            continue
+        at = src - (t.dropped.get(t.kinds[i], 0) if t is not None else 0)  # the layer's own columns
+        at = at.to(layer.keys.device)
+        here = (at >= 0)[:, None, :, None]
+        for name in ("keys", "values"):
+            x = getattr(layer, name)
+            g = at.clamp(min=0)[:, None, :, None].expand(B, x.shape[1], width, x.shape[-1])
+            setattr(layer, name, torch.where(here, x.gather(2, g), torch.zeros((), dtype=x.dtype, device=x.device)))
+    if t is not None:
+        t.dropped = {}
+    return pos, alive
 
 
 def _trim_dead_columns(cache, k_pos: torch.Tensor, k_alive: torch.Tensor):

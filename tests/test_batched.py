@@ -133,3 +133,24 @@ def test_batched_cache_drops_the_columns_no_row_keeps(trained, tree, monkeypatch
     # the longest row's tokens, and columns that only some rows keep; keeping every column offered, the tree's
     # batches reached 148 here
     assert max(seen) <= max(len(p) for p in prompts) + 30 + 20
+
+
+@pytest.mark.parametrize("mode,tree,temperature", [("speculative", None, 0.0), ("speculative", "3,2,1", 0.0),
+                                                   ("speculative", None, 0.9), ("confidence", None, 0.0)])
+def test_batched_equals_one_at_a_time_with_the_cache_compacted_at_every_step(trained, mode, tree, temperature,
+                                                                            monkeypatch):
+    """Compaction (each row's live entries moved to the end of a narrower cache, its dead ones dropped) runs
+    when a batch's cache is mostly dead; here at every step, and the rows still decode as they do alone."""
+    import sdlm.batched as batched
+
+    calls = []
+    compact = batched._compact
+    monkeypatch.setattr(batched, "COMPACT_MIN", 1)
+    monkeypatch.setattr(batched, "COMPACT_BELOW", 1.01)
+    monkeypatch.setattr(batched, "_compact", lambda *a: calls.append(a[2].shape[1]) or compact(*a))
+    prompts = _ids(trained, PROMPTS)
+    cfg = GenerationConfig(mode=mode, block_size=4, threshold=0.5, max_new_tokens=30, tree=tree,
+                           temperature=temperature, seed=4, draft_threshold=0.0 if mode == "speculative" else None)
+    alone = [Decoder(trained, cfg).generate(p) for p in prompts]
+    _same(generate_batch(Decoder(trained, cfg), prompts, batch_size=4), alone)
+    assert len(calls) > 10

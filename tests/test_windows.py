@@ -193,6 +193,23 @@ def test_windowed_layers_keep_only_the_keys_a_query_can_still_see(arch, plain, m
                 assert kept < full if s.windows.windows[kind] is not None else kept == full
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma3", "llama4_text"])
+def test_a_batch_cache_compacted_at_every_step_still_gives_generate_s_output(arch, monkeypatch):
+    """Compacting a batch's cache regathers every layer; a windowed layer gets zeros for the keys it had
+    dropped (hidden by its window) and drops them again."""
+    import sdlm.batched as batched
+
+    monkeypatch.setattr(batched, "COMPACT_MIN", 1)
+    monkeypatch.setattr(batched, "COMPACT_BELOW", 1.01)
+    s = windowed(arch)
+    prompts = [random_prompt(seed, n) for seed, n in [(100, 5), (101, 14), (102, 30), (103, 9)]]
+    wants = [hf_greedy(s, p, 40) for p in prompts]
+    for tree in (None, "3,2,1"):
+        dec = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=40, tree=tree,
+                                          draft_threshold=0.0))
+        assert [g.tokens for g in generate_batch(dec, prompts)] == wants
+
+
 def test_dropping_one_key_too_many_breaks_equality_with_generate(monkeypatch):
     """The teeth of the test above: a cache that drops the oldest key a query can still see no longer gives
     the model's output."""
