@@ -218,7 +218,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
                 k_pos, k_alive = k_pos[idx], k_alive[idx]
                 k_pos, k_alive = _trim_dead_columns(cache, k_pos, k_alive)
         if cache is not None and active and k_alive.shape[1] >= COMPACT_MIN and \
-                float(k_alive.float().mean()) < COMPACT_BELOW:
+                int(k_alive.sum(1).max()) < COMPACT_BELOW * k_alive.shape[1]:  # it shrinks by half at least
             k_pos, k_alive = _compact(cache, k_pos, k_alive)
     seconds = time.perf_counter() - start
     for g in done:
@@ -239,7 +239,8 @@ def _select_rows(cache, idx: torch.Tensor) -> None:
 COMPACT_MIN = 64
 """Cache columns from which a batch's cache is compacted (:func:`_compact`) ..."""
 COMPACT_BELOW = 0.5
-"""... when fewer than this share of its entries are alive."""
+"""... when the row with the most live entries has fewer than this share of its columns: each compaction at
+least halves the width, so rows of unequal lengths (padding) never compact step after step."""
 
 
 def _compact(cache, k_pos: torch.Tensor, k_alive: torch.Tensor):
