@@ -35,7 +35,7 @@ import torch
 
 from .accept import cut_at_eos
 from .decode import Decoder, Generation
-from .kvcache import dropped_of
+from .kvcache import dropped_of, layer_offset, trimmed
 from .masks import TokenInfo, allowed
 
 
@@ -161,7 +161,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
                 cols = columns[b].to(dev)
                 ok[b, cols[:, None], S + cols[None, :]] &= st.visible.to(dev)
         dropped = None
-        if cache is not None:  # windowed layers: columns no row's query (at its first uncached position or later) sees
+        if cache is not None and sdlm.cache_kinds is not None:  # windowed layers: the columns no row can see
             sdlm.trim(cache, torch.tensor([r.first for r in active]), k_alive, k_pos)
             dropped = dropped_of(cache)
         # (B, 1, T, S+T), or one per kind of layer
@@ -204,9 +204,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         if cache is not None:  # this step's causal columns, less those no row keeps (rejected drafts, padding)
             kept = alive_now.any(0).nonzero().flatten()
             if len(kept) < C:
-                from .model import _keep_tail
-
-                _keep_tail(cache, k_pos.shape[1], kept.tolist())
+                sdlm.keep_tail(cache, k_pos.shape[1], kept.tolist())
             k_pos = torch.cat([k_pos, pos[:, :C][:, kept]], 1)
             k_alive = torch.cat([k_alive, alive_now[:, kept]], 1)
         if finished:
@@ -249,8 +247,6 @@ def _compact(cache, k_pos: torch.Tensor, k_alive: torch.Tensor):
     kept (ragged acceptance) otherwise stay for every row. A layer whose first entries were dropped (a
     window's, :func:`sdlm.kvcache.drop_front`) gets zeros for them, dead to its mask (behind its window),
     and drops them again at the next step. Returns the new ``k_pos``, ``k_alive``."""
-    from .kvcache import trimmed
-
     B = k_alive.shape[0]
     width = int(k_alive.sum(1).max())
     src = torch.full((B, width), -1, dtype=torch.long)  # new column -> old column, -1: padding
@@ -259,18 +255,16 @@ def _compact(cache, k_pos: torch.Tensor, k_alive: torch.Tensor):
         src[b, width - len(live):] = live
     alive = src >= 0
     pos = torch.where(alive, k_pos.gather(1, src.clamp(min=0)), torch.zeros_like(src))
-    t = trimmed(cache)
     for i, layer in enumerate(cache.layers):
         if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
             continue
-        at = src - (t.dropped.get(t.kinds[i], 0) if t is not None else 0)  # the layer's own columns
-        at = at.to(layer.keys.device)
+        at = (src - layer_offset(cache, i)).to(layer.keys.device)  # the layer's own columns
         here = (at >= 0)[:, None, :, None]
         for name in ("keys", "values"):
             x = getattr(layer, name)
             g = at.clamp(min=0)[:, None, :, None].expand(B, x.shape[1], width, x.shape[-1])
             setattr(layer, name, torch.where(here, x.gather(2, g), torch.zeros((), dtype=x.dtype, device=x.device)))
-    if t is not None:
+    if (t := trimmed(cache)) is not None:
         t.dropped = {}
     return pos, alive
 

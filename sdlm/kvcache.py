@@ -114,6 +114,13 @@ def trimmed(cache) -> Trimmed | None:
     return getattr(cache, "sdlm_trimmed", None)
 
 
+def layer_offset(cache, i: int) -> int:
+    """How many of the sequence's first entries cache layer ``i`` no longer holds (its entry ``j`` is the
+    sequence's entry ``layer_offset + j``)."""
+    t = trimmed(cache)
+    return t.dropped.get(t.kinds[i], 0) if t is not None else 0
+
+
 def dropped_of(cache) -> dict:
     """Entries dropped from the front of each kind of layer (empty: none)."""
     t = trimmed(cache)

@@ -23,7 +23,7 @@ from .attention import (BlockLayout, CausalSegments, Gathered, active, install_a
 from .cpu import native
 from .errors import SDLMError
 from .io import atomic_dir
-from .kvcache import GrowingLayer, drop_front, dropped_of, trimmed
+from .kvcache import GrowingLayer, drop_front, dropped_of, layer_offset
 from .layout import StepLayout
 from .masks import FULL, LayerWindows, TokenInfo, Window, allowed, layer_masks
 
@@ -253,14 +253,13 @@ def _keep_tail(cache, start: int, idx) -> None:
     """Keep cache entries ``0 .. start-1`` and then ``start + idx`` (transformers 5 layered caches; entries
     of the sequence, so a layer whose first entries were dropped (:func:`sdlm.kvcache.drop_front`) counts
     from its own first one)."""
-    t = trimmed(cache)
     sels: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(cache.layers):
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
         if hasattr(layer, "cumulative_length"):
             raise SDLMError("draft trees need a full KV cache; this model has sliding-window layers: drop --tree")
-        first = start - (t.dropped.get(t.kinds[i], 0) if t is not None else 0)
+        first = start - layer_offset(cache, i)
         if first not in sels:
             sels[first] = torch.as_tensor(list(idx), dtype=torch.long, device=layer.keys.device) + first
         sel = sels[first]
