@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .context import setting
+from .cpu import in_plain_inference, packed_call
 from .errors import SDLMError
 from .io import atomic_dir
 from .model import SDLM, SDLMConfig, layer_list
@@ -369,17 +370,21 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
     for mod, name in plain_lora_layers(sdlm.model):
 
         def forward(x, *args, mod=mod, own=mod.forward, name=name, **kwargs):
-            if (args or kwargs or torch.is_grad_enabled() or _unfused.get() or mod.merged
-                    or torch.is_autocast_enabled(x.device.type)):
+            if (args or kwargs or _unfused.get() or mod.merged
+                    or not in_plain_inference() and (torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type))):
                 return own(x, *args, **kwargs)
+            base = mod._modules["base_layer"]
             gate = sdlm.gate
             if gate is None or mod.disable_adapters:  # no block token: what peft's forward runs, without its overhead
-                return mod.base_layer(x)
+                y = packed_call(base, x)
+                return base(x) if y is None else y
             a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
             if x.dtype != a.dtype or (gate is not True and tuple(gate.shape) != tuple(x.shape[:-1])):
                 return own(x, *args, **kwargs)
             scaling = float(mod.scaling[name])
-            y = mod.base_layer(x)
+            y = packed_call(base, x)
+            if y is None:
+                y = base(x)
             if y.dtype != b.dtype or not y.is_contiguous():
                 return own(x, *args, **kwargs)
             h = F.linear(x, a)

@@ -50,6 +50,45 @@ def packing_off():
     return setting(_off, True)
 
 
+_plain: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_plain_inference", default=False)
+
+
+def plain_inference(on: bool = True):
+    """Inside, the caller vouches that every call is a plain CPU inference call: gradients off, no autocast
+    (:meth:`sdlm.model.SDLM.forward` enters it for its forwards that are, :func:`plain_inference_here`).
+    Routed layers then skip re-checking that per call and run the packed product after checking only
+    what can change within a forward (the input's dtype, the weight's identity and version): a decoding
+    step calls some 200 linear layers, and those checks and a nested module call cost about as much
+    per call as the product of one token by a small weight. ``on`` False: as outside."""
+    return setting(_plain, bool(on))
+
+
+def in_plain_inference() -> bool:
+    """Whether the caller is inside :func:`plain_inference`."""
+    return _plain.get()
+
+
+def plain_inference_here(device: torch.device) -> bool:
+    """Whether a forward starting now on ``device`` can run under :func:`plain_inference`."""
+    return device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def packed_call(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``mod(x)`` through the packed copy of a layer routed by :func:`prepack_linears`, without the module
+    call, inside :func:`plain_inference` (and not :func:`packing_off`); None where that does not apply
+    (not routed, outside, the weight changed since it was packed, another dtype): the caller runs the
+    layer itself. The same numbers as the routed layer's own call."""
+    state = mod.__dict__.get("_sdlm_packed_state")
+    if state is None or not _plain.get() or _off.get():
+        return None
+    params = mod._parameters
+    w, bias = params["weight"], params.get("bias")
+    if (x.dtype != w.dtype or not w.is_cpu or (bias is not None and bias.dtype != w.dtype)
+            or _key(w) != state["key"]):
+        return None
+    return _packed_linear(x, state["packed"], bias)
+
+
 def can_prepack(dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:
     """Whether :func:`prepack_linears` applies to weights of ``dtype`` on ``device`` with this PyTorch build."""
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
@@ -201,6 +240,10 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
         own = mod.forward
 
         def forward(x, *args, mod=mod, own=own, state=state, **kwargs):
+            if not args and not kwargs:
+                y = packed_call(mod, x)
+                if y is not None:
+                    return y
             w = mod.weight
             if (args or kwargs or torch.is_grad_enabled() or _off.get() or x.device.type != "cpu" or x.dtype != w.dtype
                     or w.device.type != "cpu" or torch.is_autocast_enabled("cpu")

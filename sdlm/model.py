@@ -20,7 +20,7 @@ import torch
 
 from .attention import (BlockLayout, CausalSegments, Gathered, active, install_attention, sdpa_attention,
                         use_decoding_attention)
-from .cpu import native
+from .cpu import native, plain_inference, plain_inference_here
 from .errors import SDLMError
 from .io import atomic_dir
 from .kvcache import GrowingLayer, drop_front, dropped_of, layer_offset
@@ -539,7 +539,7 @@ class SDLM:
             # the model passes a 4D mask through untouched; the pattern's attention does not read it
             pattern, mask4d = active(mask4d.to(dev)), torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=dev)
         try:
-            with pattern:
+            with pattern, plain_inference(plain_inference_here(dev)):
                 out = model(
                     input_ids=input_ids.to(dev),
                     position_ids=position_ids.to(dev),

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hf_greedy, random_prompt
-from sdlm.cpu import can_prepack, packed_layers, packing_off, prepack_linears, unpack_linears
+from sdlm.cpu import (can_prepack, in_plain_inference, packed_call, packed_layers, packing_off, plain_inference,
+                      prepack_linears, unpack_linears)
 from sdlm.decode import Decoder, GenerationConfig
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch build has no oneDNN linear")
@@ -101,6 +102,55 @@ def test_a_weight_changed_by_a_fused_optimizer_is_packed_again(packed_calls):
     assert torch.allclose(after, F.linear(x, lin.weight, lin.bias), atol=1e-5)
     assert not torch.allclose(after, before, atol=1e-3)
     assert len(packed_calls) == 2
+
+
+def test_plain_inference_calls_skip_the_checks_and_give_the_same_numbers(packed_calls):
+    """Inside ``plain_inference`` a routed layer runs the packed product without the module call's checks
+    (``packed_call``), with the same numbers; what can change within a forward is still checked: a weight
+    changed in place or replaced, an input of another dtype. Outside it, or under ``packing_off``,
+    ``packed_call`` declines and the layer's own call decides."""
+    lin = _layer(torch.float32)
+    prepack_linears(lin)
+    x = torch.randn(2, 5, 96)
+    with torch.no_grad():
+        want = lin(x)
+        assert packed_call(lin, x) is None  # outside: the caller runs the layer
+        with plain_inference():
+            assert in_plain_inference()
+            assert torch.equal(lin(x), want) and torch.equal(packed_call(lin, x), want)
+            with packing_off():
+                assert packed_call(lin, x) is None
+            with plain_inference(False):
+                assert packed_call(lin, x) is None
+            assert packed_call(lin, x.double()) is None  # another dtype: the layer's own call
+            lin.weight.mul_(2)  # in place: the stale packed copy must not be used
+            assert packed_call(lin, x) is None
+            assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)  # packed again
+            assert torch.equal(packed_call(lin, x), lin(x))
+            lin.weight = torch.nn.Parameter(torch.randn(160, 96), requires_grad=False)
+            assert packed_call(lin, x) is None
+            assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
+        assert not in_plain_inference()
+    assert packed_calls and packed_call(torch.nn.Linear(96, 96), x) is None  # not routed
+
+
+def test_sdlm_forwards_are_plain_inference_only_without_gradients_and_autocast(trained):
+    """``SDLM.forward`` vouches for its calls (no gradients, no autocast, a CPU) only when that holds."""
+    seen = []
+    layer = trained.model.get_decoder().layers[0]
+    handle = layer.register_forward_pre_hook(lambda *_: seen.append(in_plain_inference()))
+    ids, pos = torch.tensor([[1, 2, 3]]), torch.arange(3)[None]
+    gate = torch.zeros(1, 3, dtype=torch.bool)
+    try:
+        with torch.inference_mode():
+            trained.forward(ids, pos, None, gate)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            trained.forward(ids, pos, None, gate)
+        trained.forward(ids, pos, None, gate)  # gradients on
+    finally:
+        handle.remove()
+    assert seen == [True, False, False]
+    assert not in_plain_inference()
 
 
 def test_unpack_restores_the_layers():
