@@ -15,6 +15,10 @@ puts K worked GSM8K-train examples before each prompt: long prompts, where the c
 ``--also-unfused`` runs every mode again with the gated LoRA layers on ``peft``'s own forward instead of
 their shorter inference path (``sdlm.adapter.fuse_gated_inference``; rows ``MODE unfused``).
 
+``--also-checked`` runs every mode again with every linear layer call checking for itself whether it may
+take the packed product (``sdlm.cpu.checked_calls``) instead of the decoder's forward vouching for all of
+them once (``sdlm.cpu.plain_inference``; rows ``MODE checked``).
+
     python bench/decode_speed.py --model smollm2-135m-instruct-sdlm --max-new-tokens 128
 
 With ``--batch-size B`` > 1 every mode decodes the prompts B at a time (sdlm.batched) and the speed
@@ -70,6 +74,9 @@ def main() -> int:
     ap.add_argument("--also-unfused", action="store_true",
                     help="run every mode twice, with the gated LoRA layers' inference path and with peft's own "
                          "forward (rows 'MODE unfused'), in one run")
+    ap.add_argument("--also-checked", action="store_true",
+                    help="run every mode twice, with the decoder's forwards vouching once for their layer calls and "
+                         "with every call checking for itself (rows 'MODE checked'), in one run")
     ap.add_argument("--also-plain", action="store_true",
                     help="run every mode twice, with this library's decoding cache and attention and with "
                          "transformers' own (DynamicCache, sdpa copying grouped keys per head; rows 'MODE plain'), "
@@ -93,7 +100,7 @@ def main() -> int:
     from sdlm.adapter import unfused_lora
     from sdlm.attention import plain_sdpa
     from sdlm.kvcache import plain_cache
-    from sdlm.cpu import describe as describe_cpu, describe_host, packed_layers, packing_off
+    from sdlm.cpu import checked_calls, describe as describe_cpu, describe_host, packed_layers, packing_off
     from sdlm.decode import Decoder, GenerationConfig, draft_threshold_for, encode_prompt
     from sdlm.model import SDLM
 
@@ -118,7 +125,7 @@ def main() -> int:
 
     results, outputs = {}, {}
     variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else []) \
-        + (["plain"] if args.also_plain else [])
+        + (["plain"] if args.also_plain else []) + (["checked"] if args.also_checked else [])
     runs = [(spec, v) for spec in args.modes for v in variants if not (spec == "hf" and v)]
 
     @contextlib.contextmanager
@@ -126,7 +133,8 @@ def main() -> int:
         with plain_cache(), plain_sdpa():
             yield
 
-    switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora, "plain": plain_internals}
+    switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora, "plain": plain_internals,
+              "checked": checked_calls}
     label = lambda spec, variant: f"{spec} {variant}" if variant else spec  # noqa: E731
     configs = {}
     for spec, variant in runs:
@@ -188,7 +196,8 @@ def main() -> int:
     for r in results.values():
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
     for k, r in results.items():  # packed against unpacked, fused against unfused, own against plain, same mode
-        for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup"), (" plain", "own_speedup")):
+        for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup"), (" plain", "own_speedup"),
+                             (" checked", "vouched_speedup")):
             if k.endswith(variant) and k[: -len(variant)] in results:
                 own = k[: -len(variant)]
                 r[key] = round(results[own]["median_tokens_per_second"] / r["median_tokens_per_second"], 2)
@@ -213,6 +222,8 @@ def main() -> int:
               + (f"  packed x{r['packed_speedup']}" if "packed_speedup" in r else "")
               + (f"  fused x{r['fused_speedup']}" if "fused_speedup" in r else "")
               + (f"  own/plain x{r['own_speedup']}" if "own_speedup" in r else "")
+              + (f"  vouched/checked x{r['vouched_speedup']}" if "vouched_speedup" in r else "")
+              + (f" (per prompt x{r['vouched_speedup_per_prompt']})" if "vouched_speedup_per_prompt" in r else "")
               + (f" (per prompt x{r['own_speedup_per_prompt']})" if "own_speedup_per_prompt" in r else "")
               + (f"  per-prompt ratio to ar x{r['median_prompt_ratio_vs_ar']}" if "median_prompt_ratio_vs_ar" in r else ""))
     if args.out:

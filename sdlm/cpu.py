@@ -68,9 +68,19 @@ def in_plain_inference() -> bool:
     return _plain.get()
 
 
+_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_checked_calls", default=False)
+
+
+def checked_calls():
+    """Inside, forwards never enter :func:`plain_inference`: every layer call checks for itself, as before
+    it existed (for comparisons: ``bench/decode_speed.py --also-checked``)."""
+    return setting(_checked, True)
+
+
 def plain_inference_here(device: torch.device) -> bool:
     """Whether a forward starting now on ``device`` can run under :func:`plain_inference`."""
-    return device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    return (device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not _checked.get())
 
 
 def packed_call(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hf_greedy, random_prompt
-from sdlm.cpu import (can_prepack, in_plain_inference, packed_call, packed_layers, packing_off, plain_inference,
+from sdlm.cpu import (can_prepack, checked_calls, in_plain_inference, packed_call, packed_layers, packing_off, plain_inference,
                       prepack_linears, unpack_linears)
 from sdlm.decode import Decoder, GenerationConfig
 
@@ -147,9 +147,11 @@ def test_sdlm_forwards_are_plain_inference_only_without_gradients_and_autocast(t
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             trained.forward(ids, pos, None, gate)
         trained.forward(ids, pos, None, gate)  # gradients on
+        with torch.inference_mode(), checked_calls():  # for comparisons: every call checks for itself
+            trained.forward(ids, pos, None, gate)
     finally:
         handle.remove()
-    assert seen == [True, False, False]
+    assert seen == [True, False, False, False]
     assert not in_plain_inference()
 
 
