@@ -19,6 +19,12 @@ memory still available).
 
 The products are the same up to float rounding (another summation order): in float32 the tests
 decode the same tokens as ``transformers`` ``generate`` with and without packing.
+
+A decoding step calls some 200 routed layers, and checking at every call that it is an inference call
+costs about as much as the product of one token by a small weight. :func:`plain_inference` lets a
+forward vouch once for all its calls (``SDLM.forward`` does, where :func:`plain_inference_here`), and
+:func:`packed_call` then runs a routed layer's packed product with only the checks that can change
+between calls.
 """
 
 from __future__ import annotations
