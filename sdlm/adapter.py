@@ -355,7 +355,10 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
     :meth:`Adapter.set_active`) runs the base layer alone, as ``peft``'s forward would, without its per-call
     work (a median ×1.06 per ``ar`` step on a 2-core AVX2 CPU, timed step by step; within that machine's
     noise end to end). Calls with gradients, autocast, a dtype other than the LoRA weights', several
-    adapters, dropout or a LoRA variant run ``peft``'s forward. Returns the layers routed."""
+    adapters, dropout or a LoRA variant run ``peft``'s forward. In a forward that vouches for plain CPU
+    inference (:func:`sdlm.cpu.plain_inference`) the gradient and autocast checks are skipped and a base
+    layer with packed weights runs its packed product directly (:func:`sdlm.cpu.packed_call`) instead of
+    through a second module call. Returns the layers routed."""
     import torch.nn.functional as F
 
     def gate_column(gate, dtype, scaling):

@@ -62,10 +62,7 @@ _plain: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_plain_infere
 def plain_inference(on: bool = True):
     """Inside, the caller vouches that every call is a plain CPU inference call: gradients off, no autocast
     (:meth:`sdlm.model.SDLM.forward` enters it for its forwards that are, :func:`plain_inference_here`).
-    Routed layers then skip re-checking that per call and run the packed product after checking only
-    what can change within a forward (the input's dtype, the weight's identity and version): a decoding
-    step calls some 200 linear layers, and those checks and a nested module call cost about as much
-    per call as the product of one token by a small weight. ``on`` False: as outside."""
+    Routed layers then run :func:`packed_call` without re-checking that per call. ``on`` False: as outside."""
     return setting(_plain, bool(on))
 
 
@@ -92,17 +89,22 @@ def plain_inference_here(device: torch.device) -> bool:
 def packed_call(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``mod(x)`` through the packed copy of a layer routed by :func:`prepack_linears`, without the module
     call, inside :func:`plain_inference` (and not :func:`packing_off`); None where that does not apply
-    (not routed, outside, the weight changed since it was packed, another dtype): the caller runs the
-    layer itself. The same numbers as the routed layer's own call."""
+    (not routed, outside, the weight changed since it was packed, another dtype or device, a layer with
+    forward hooks): the caller runs the layer itself. The same numbers as the routed layer's own call."""
     state = mod.__dict__.get("_sdlm_packed_state")
-    if state is None or not _plain.get() or _off.get():
-        return None
+    if state is None or not _plain.get() or _off.get() or mod._forward_hooks or mod._forward_pre_hooks or _global_hooks():
+        return None  # a layer with hooks runs through its own call, which runs them
     params = mod._parameters
     w, bias = params["weight"], params.get("bias")
-    if (x.dtype != w.dtype or not w.is_cpu or (bias is not None and bias.dtype != w.dtype)
+    if (x.dtype != w.dtype or not x.is_cpu or not w.is_cpu or (bias is not None and bias.dtype != w.dtype)
             or _key(w) != state["key"]):
         return None
     return _packed_linear(x, state["packed"], bias)
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def can_prepack(dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:

@@ -192,6 +192,27 @@ def test_forwards_without_block_tokens_run_the_base_layers_alone(prepack):
     assert len(peft_calls) == len(list(plain_lora_layers(s.model)))  # the unfused forward only, once per layer
 
 
+def test_vouched_forwards_still_run_forward_hooks_on_base_layers():
+    """In a plain inference forward a gated layer runs its base layer's packed product without the module
+    call, except where that layer has forward hooks: they run, and the output is unchanged."""
+    s, ad = adapted("llama")
+    assert s.prepack() > 0
+    mod, _ = next(iter(plain_lora_layers(s.model)))
+    assert hasattr(mod.base_layer, "_sdlm_packed_state")
+    ids = torch.tensor([[5, 17, 99, 3, 42, 42, 8, 11]])
+    pos = torch.arange(8)[None]
+    gate = torch.zeros(1, 8, dtype=torch.bool)
+    gate[:, 4:] = True
+    with torch.inference_mode():
+        want = [s.forward(ids, pos, None, g) for g in (gate, torch.zeros_like(gate))]
+        seen = []
+        handle = mod.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        got = [s.forward(ids, pos, None, g) for g in (gate, torch.zeros_like(gate))]
+        handle.remove()
+    assert len(seen) == 2  # once per forward, gated and not
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_ungated_lora_changes_the_model():
     """The control: the same adapter without the gate does change the AR output."""
     base, _ = random_model("llama")
