@@ -128,7 +128,9 @@ def _routable(mod: torch.nn.Module, min_features: int) -> bool:
     if not isinstance(mod, torch.nn.Linear) or hasattr(mod, "_sdlm_packed_state"):
         return False
     w = mod.weight
-    return min(w.shape) >= min_features and can_prepack(w.dtype, w.device)
+    # an inference tensor (made under torch.inference_mode) keeps no version count, so a packed copy
+    # could not tell that the weight changed: such layers run their own forward
+    return min(w.shape) >= min_features and can_prepack(w.dtype, w.device) and not w.is_inference()
 
 
 def packed_bytes(model: torch.nn.Module, min_features: int = MIN_FEATURES) -> int:
@@ -244,9 +246,14 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
     """Route every CPU ``nn.Linear`` of ``model`` (float32 or bf16, both sides at least ``min_features``)
     through a oneDNN-packed copy of its weight for inference calls (see the module's docstring).
     Layers already routed are skipped. Returns the number of layers routed."""
-    n = 0
+    n, warned = 0, False
     for mod in model.modules():
         if not _routable(mod, min_features):
+            if isinstance(mod, torch.nn.Linear) and mod.weight.is_inference() and not warned:
+                logger.warning("not prepacking linear layers whose weights were made under torch.inference_mode "
+                               "(their changes cannot be tracked); load the model outside inference_mode for "
+                               "faster decoding on a CPU")
+                warned = True
             continue
         w = mod.weight
         try:

@@ -188,6 +188,24 @@ def test_load_packs_by_default_on_cpu_and_not_when_told(tmp_path):
     assert not packed_layers(SDLM.load(str(path), prepack=False).model)
 
 
+def test_weights_made_under_inference_mode_are_left_unpacked(caplog):
+    """A model built under ``torch.inference_mode`` has inference tensors for weights, with no version count,
+    so a packed copy could not notice a change: such layers run unpacked (loading used to fail there), the
+    load says so, and decoding writes the same tokens as a model built outside."""
+    from sdlm.model import SDLM
+
+    prompt = [5, 17, 99, 3]
+    config = GenerationConfig(mode="speculative", max_new_tokens=12)
+    outside = SDLM.load("random:llama", quiet=True, prepack=True)
+    assert packed_layers(outside.model)
+    want = Decoder(outside, config).generate(prompt).tokens
+    with torch.inference_mode():
+        inside = SDLM.load("random:llama", quiet=True, prepack=True)
+        got = Decoder(inside, config).generate(prompt).tokens
+    assert not packed_layers(inside.model) and "under torch.inference_mode" in caplog.text
+    assert got == want
+
+
 def test_the_trainer_does_not_pack(tmp_path):
     from conftest import TINY_RECIPE
     from sdlm.train.trainer import TrainConfig, Trainer
