@@ -276,7 +276,7 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
                 return own(x, *args, **kwargs)
             key = _key(w)
             if key != state["key"]:  # the weight changed since it was packed
-                if not can_prepack(w.dtype, w.device):
+                if key is None or not can_prepack(w.dtype, w.device):  # None: now an inference tensor
                     return own(x)
                 state["packed"], state["key"] = _pack(w), key
             return _packed_linear(x, state["packed"], mod.bias)
@@ -310,5 +310,9 @@ def packed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "_sdlm_packed_state")]
 
 
-def _key(w: torch.Tensor) -> tuple:
+def _key(w: torch.Tensor) -> tuple | None:
+    """What identifies a weight's values for its packed copy; None for an inference tensor, which keeps no
+    version count (its layer then runs its own forward)."""
+    if w.is_inference():
+        return None
     return (w.data_ptr(), w._version, w.dtype, tuple(w.shape), _optimizer_steps)

@@ -204,6 +204,14 @@ def test_weights_made_under_inference_mode_are_left_unpacked(caplog):
         got = Decoder(inside, config).generate(prompt).tokens
     assert not packed_layers(inside.model) and "under torch.inference_mode" in caplog.text
     assert got == want
+    lin = _layer(torch.float32)  # routed, then given an inference tensor: its own forward, not a stale copy
+    prepack_linears(lin)
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        lin.weight = torch.nn.Parameter(torch.randn(160, 96), requires_grad=False)
+        with plain_inference():
+            assert packed_call(lin, x) is None
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
 def test_the_trainer_does_not_pack(tmp_path):
