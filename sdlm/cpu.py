@@ -249,7 +249,8 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
     n, warned = 0, False
     for mod in model.modules():
         if not _routable(mod, min_features):
-            if isinstance(mod, torch.nn.Linear) and mod.weight.is_inference() and not warned:
+            if (not warned and isinstance(mod, torch.nn.Linear) and mod.weight.is_inference()
+                    and min(mod.weight.shape) >= min_features and can_prepack(mod.weight.dtype, mod.weight.device)):
                 logger.warning("not prepacking linear layers whose weights were made under torch.inference_mode "
                                "(their changes cannot be tracked); load the model outside inference_mode for "
                                "faster decoding on a CPU")
