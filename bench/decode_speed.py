@@ -222,9 +222,9 @@ def main() -> int:
               + (f"  packed x{r['packed_speedup']}" if "packed_speedup" in r else "")
               + (f"  fused x{r['fused_speedup']}" if "fused_speedup" in r else "")
               + (f"  own/plain x{r['own_speedup']}" if "own_speedup" in r else "")
+              + (f" (per prompt x{r['own_speedup_per_prompt']})" if "own_speedup_per_prompt" in r else "")
               + (f"  vouched/checked x{r['vouched_speedup']}" if "vouched_speedup" in r else "")
               + (f" (per prompt x{r['vouched_speedup_per_prompt']})" if "vouched_speedup_per_prompt" in r else "")
-              + (f" (per prompt x{r['own_speedup_per_prompt']})" if "own_speedup_per_prompt" in r else "")
               + (f"  per-prompt ratio to ar x{r['median_prompt_ratio_vs_ar']}" if "median_prompt_ratio_vs_ar" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .context import setting
-from .cpu import in_plain_inference, packed_call
+from .cpu import call_packed, in_plain_inference
 from .errors import SDLMError
 from .io import atomic_dir
 from .model import SDLM, SDLMConfig, layer_list
@@ -379,15 +379,12 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
             base = mod._modules["base_layer"]
             gate = sdlm.gate
             if gate is None or mod.disable_adapters:  # no block token: what peft's forward runs, without its overhead
-                y = packed_call(base, x)
-                return base(x) if y is None else y
+                return call_packed(base, x)
             a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
             if x.dtype != a.dtype or (gate is not True and tuple(gate.shape) != tuple(x.shape[:-1])):
                 return own(x, *args, **kwargs)
             scaling = float(mod.scaling[name])
-            y = packed_call(base, x)
-            if y is None:
-                y = base(x)
+            y = call_packed(base, x)
             if y.dtype != b.dtype or not y.is_contiguous():
                 return own(x, *args, **kwargs)
             h = F.linear(x, a)

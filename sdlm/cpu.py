@@ -92,13 +92,31 @@ def packed_call(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     (not routed, outside, the weight changed since it was packed, another dtype or device, a layer with
     forward hooks): the caller runs the layer itself. The same numbers as the routed layer's own call."""
     state = mod.__dict__.get("_sdlm_packed_state")
-    if state is None or not _plain.get() or _off.get() or mod._forward_hooks or mod._forward_pre_hooks or _global_hooks():
+    if state is None or not _plain.get() or mod._forward_hooks or mod._forward_pre_hooks or _global_hooks():
         return None  # a layer with hooks runs through its own call, which runs them
+    return _packed(mod, state, x, repack=False)
+
+
+def call_packed(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)``: through :func:`packed_call` where it applies, else the layer's own call."""
+    y = packed_call(mod, x)
+    return mod(x) if y is None else y
+
+
+def _packed(mod: torch.nn.Module, state: dict, x: torch.Tensor, repack: bool) -> torch.Tensor | None:
+    """The packed product of a routed layer for an inference call, or None where the layer must run its own
+    forward (:func:`packing_off`, another dtype or device, an inference tensor for a weight). A weight changed
+    since it was packed is packed again if ``repack``, else None."""
     params = mod._parameters
     w, bias = params["weight"], params.get("bias")
-    if (x.dtype != w.dtype or not x.is_cpu or not w.is_cpu or (bias is not None and bias.dtype != w.dtype)
-            or _key(w) != state["key"]):
+    if (_off.get() or x.dtype != w.dtype or not x.is_cpu or not w.is_cpu
+            or (bias is not None and bias.dtype != w.dtype)):
         return None
+    key = _key(w)
+    if key != state["key"]:  # the weight changed since it was packed
+        if not repack or key is None or not can_prepack(w.dtype, w.device):  # None: now an inference tensor
+            return None
+        state["packed"], state["key"] = _pack(w), key
     return _packed_linear(x, state["packed"], bias)
 
 
@@ -124,13 +142,18 @@ def can_prepack(dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:
     return True
 
 
-def _routable(mod: torch.nn.Module, min_features: int) -> bool:
+def _packable(mod: torch.nn.Module, min_features: int) -> bool:
+    """A linear layer not yet routed, wide enough, with a weight this build can pack."""
     if not isinstance(mod, torch.nn.Linear) or hasattr(mod, "_sdlm_packed_state"):
         return False
     w = mod.weight
+    return min(w.shape) >= min_features and can_prepack(w.dtype, w.device)
+
+
+def _routable(mod: torch.nn.Module, min_features: int) -> bool:
     # an inference tensor (made under torch.inference_mode) keeps no version count, so a packed copy
     # could not tell that the weight changed: such layers run their own forward
-    return min(w.shape) >= min_features and can_prepack(w.dtype, w.device) and not w.is_inference()
+    return _packable(mod, min_features) and not mod.weight.is_inference()
 
 
 def packed_bytes(model: torch.nn.Module, min_features: int = MIN_FEATURES) -> int:
@@ -249,8 +272,7 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
     n, warned = 0, False
     for mod in model.modules():
         if not _routable(mod, min_features):
-            if (not warned and isinstance(mod, torch.nn.Linear) and mod.weight.is_inference()
-                    and min(mod.weight.shape) >= min_features and can_prepack(mod.weight.dtype, mod.weight.device)):
+            if not warned and _packable(mod, min_features):  # not routable: an inference tensor
                 logger.warning("not prepacking linear layers whose weights were made under torch.inference_mode "
                                "(their changes cannot be tracked); load the model outside inference_mode for "
                                "faster decoding on a CPU")
@@ -266,21 +288,10 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
         own = mod.forward
 
         def forward(x, *args, mod=mod, own=own, state=state, **kwargs):
-            if not args and not kwargs:
-                y = packed_call(mod, x)
-                if y is not None:
-                    return y
-            w = mod.weight
-            if (args or kwargs or torch.is_grad_enabled() or _off.get() or x.device.type != "cpu" or x.dtype != w.dtype
-                    or w.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-                    or (mod.bias is not None and mod.bias.dtype != w.dtype)):
+            if args or kwargs or not _plain.get() and (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
                 return own(x, *args, **kwargs)
-            key = _key(w)
-            if key != state["key"]:  # the weight changed since it was packed
-                if key is None or not can_prepack(w.dtype, w.device):  # None: now an inference tensor
-                    return own(x)
-                state["packed"], state["key"] = _pack(w), key
-            return _packed_linear(x, state["packed"], mod.bias)
+            y = _packed(mod, state, x, repack=True)
+            return own(x) if y is None else y
 
         mod._sdlm_own_forward = own if "forward" in mod.__dict__ else None  # None: the class's own
         mod._sdlm_packed_state = state
