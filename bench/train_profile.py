@@ -17,7 +17,8 @@ waits on the host), for speed figures to compare.
 ``--phases`` (with ``--no-profiler``) also times the parts of each step by the clock, without the
 profiler: the forwards without gradients (the clean pass), the forwards with gradients, the LM head with
 the loss (``linear_ce``), the backward pass, and the rest (optimizer, layout). With ``attention: blocks``
-it also times the attention inside them: the clean pass's (:func:`sdlm.attention.causal_segments_attention`)
+it also times the attention inside them: the clean pass's (:func:`sdlm.attention.causal_segments_attention`
+or :func:`sdlm.attention.causal_segments_sdpa`)
 and the block pass's, forward and backward (:class:`sdlm.attention._BlockAttention`). The profiler's own
 per-operator times can be far off for the small operators of a CPU step (it put a block-attention
 softmax at 7.5 ms that takes 0.7 ms), so these are the figures to weigh the parts by.
@@ -122,12 +123,22 @@ def main() -> None:
         Path(args.out).write_text(report + "\n")
 
 
+def clean_kernel(tr: Trainer) -> str:
+    """The clean pass's attention kernel of ``attention: blocks`` (``auto`` resolved for the step's dtype)."""
+    from sdlm.attention import clean_pass_kernel
+
+    if tr.cfg.clean_attention != "auto":
+        return tr.cfg.clean_attention
+    return f"auto: {clean_pass_kernel(tr.sdlm.device, torch.bfloat16 if tr.bf16 else torch.float32)}"
+
+
 def header(args, tr: Trainer, cuda: bool) -> str:
     return (
         f"recipe {args.recipe} on {tr.sdlm.device} ({torch.cuda.get_device_name() if cuda else describe_cpu()}, {torch.get_num_threads()} threads), "
         f"bf16 autocast {tr.bf16}, bf16 weight copies {tr.bf16_weights}, bf16 base {tr.bf16_base}, "
         f"compiled {tr.cfg.compile}, prep workers {tr.prep_workers}, "
-        f"attention {tr.attention} (sdpa kernel {tr.cfg.sdpa_backend}), fused LoRA {tr.fused_lora}, "
+        f"attention {tr.attention} (sdpa kernel {tr.cfg.sdpa_backend}"
+        f"{', clean pass ' + clean_kernel(tr) if tr.attention == 'blocks' else ''}), fused LoRA {tr.fused_lora}, "
         f"{tr.cfg.samples_per_step} samples per step, {args.steps} {'timed' if args.no_profiler else 'profiled'} "
         f"steps after {args.warmup}"
     )
@@ -177,11 +188,12 @@ def timed_phases(device: torch.device):
 
     block = attention_mod._BlockAttention
     saved = (SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward, attention_mod.causal_segments_attention,
-             block.forward, block.backward)
+             block.forward, block.backward, attention_mod.causal_segments_sdpa)
     SDLM.forward = timing(saved[0], "clean")
     loss_mod.linear_ce = timing(saved[1], "head")
     torch.Tensor.backward = timing(saved[2], "backward")
     attention_mod.causal_segments_attention = timing(saved[3], "attention clean")
+    attention_mod.causal_segments_sdpa = timing(saved[6], "attention clean")
     block.forward, block.backward = staticmethod(timing(saved[4], "attention forward")), \
         staticmethod(timing(saved[5], "attention backward"))
     try:
@@ -189,6 +201,7 @@ def timed_phases(device: torch.device):
     finally:
         SDLM.forward, loss_mod.linear_ce, torch.Tensor.backward, attention_mod.causal_segments_attention = saved[:4]
         block.forward, block.backward = staticmethod(saved[4]), staticmethod(saved[5])
+        attention_mod.causal_segments_sdpa = saved[6]
 
 
 def phase_line(recs: list[dict], phases: list[dict]) -> str:

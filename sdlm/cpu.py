@@ -207,15 +207,22 @@ def native_bf16() -> bool:
     return native(torch.bfloat16)
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 products (``amx_bf16``), which oneDNN uses for bf16 matrix
+    products and PyTorch's fused CPU attention."""
+    return "amx_bf16" in _cpuinfo().get("flags", "").split()
+
+
 def describe() -> str:
     """This CPU for a benchmark's record: its model name, the vector instructions PyTorch uses on it and
-    whether it has native bf16, e.g. ``AMD EPYC (AVX2, no native bf16)``."""
+    whether it has native bf16 (and AMX), e.g. ``AMD EPYC (AVX2, no native bf16)``."""
     name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     try:
         isa = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         isa = "vector instructions unknown"
-    return f"{name} ({isa}, {'native bf16' if native_bf16() else 'no native bf16'})"
+    amx = ", AMX" if has_amx() else ""
+    return f"{name} ({isa}, {'native bf16' if native_bf16() else 'no native bf16'}{amx})"
 
 
 def describe_host() -> str:

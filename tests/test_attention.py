@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sdlm.attention as attention_mod
+
 from sdlm.attention import (BLOCK_ATTENTION, CausalSegments, _chunks, block_attention, block_layout, causal_segments,
-                            causal_segments_attention, use_block_attention)
+                            causal_segments_attention, causal_segments_sdpa, clean_pass_kernel,
+                            use_block_attention)
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.masks import TokenInfo, additive, allowed
@@ -110,10 +113,15 @@ def test_block_attention_under_bf16_autocast_and_without_clean_gradients():
     assert torch.allclose(v.grad[:, :, L:], full[2].grad[:, :, L:])
 
 
-def test_causal_segments_attention_equals_sdpa_per_segment():
-    """The clean pass's attention (no gradients): causal within each segment, nothing across them, equal to
-    sdpa's causal attention run segment by segment, with segments longer and shorter than a chunk (one of
-    a single token), grouped-query heads, in float32 and, within bf16 rounding, in bfloat16."""
+CLEAN_KERNELS = {"chunks": functools.partial(causal_segments_attention, chunk=32), "sdpa": causal_segments_sdpa}
+
+
+@pytest.mark.parametrize("kernel", CLEAN_KERNELS)
+def test_causal_segments_attention_equals_sdpa_per_segment(kernel):
+    """The clean pass's attention (no gradients), both ways: causal within each segment, nothing across them,
+    equal to sdpa's causal attention run segment by segment, with segments longer and shorter than a chunk
+    (one of a single token), grouped-query heads, in float32 and, within bf16 rounding, in bfloat16."""
+    causal_segments_attention = CLEAN_KERNELS[kernel]
     g = torch.Generator().manual_seed(4)
     H, Hkv, d = 6, 2, 16
     bounds = [(0, 7), (7, 150), (150, 151), (151, 300)]
@@ -122,15 +130,15 @@ def test_causal_segments_attention_equals_sdpa_per_segment():
     k0, v0 = torch.randn(1, Hkv, T, d, generator=g), torch.randn(1, Hkv, T, d, generator=g)
     ref = torch.cat([F.scaled_dot_product_attention(q0[:, :, a:b], k0[:, :, a:b], v0[:, :, a:b], is_causal=True,
                                                     scale=0.3, enable_gqa=True).transpose(1, 2) for a, b in bounds], 1)
-    got = causal_segments_attention(q0, k0, v0, CausalSegments(bounds), 0.3, chunk=32)
+    got = causal_segments_attention(q0, k0, v0, CausalSegments(bounds), 0.3)
     assert got.shape == (1, T, H, d) and torch.allclose(got, ref, atol=1e-5)
-    one = causal_segments_attention(q0, k0, v0, CausalSegments([(0, T)]), 0.3, chunk=32)
+    one = causal_segments_attention(q0, k0, v0, CausalSegments([(0, T)]), 0.3)
     assert not torch.allclose(one[0, 7:150], ref[0, 7:150], atol=1e-3)  # across segments it is another attention
     q, k, v = (t.bfloat16() for t in (q0, k0, v0))
     sdpa_bf16 = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
                                                           scale=0.3, enable_gqa=True).transpose(1, 2)
                            for a, b in bounds], 1)
-    got = causal_segments_attention(q, k, v, CausalSegments(bounds), 0.3, chunk=32)
+    got = causal_segments_attention(q, k, v, CausalSegments(bounds), 0.3)
     assert got.dtype == torch.bfloat16
     assert (got.float() - ref).norm() <= 2 * (sdpa_bf16.float() - ref).norm() + 1e-3 * ref.norm()
 
@@ -245,12 +253,15 @@ def test_clean_pass_stops_after_the_last_layers_keys_and_values(monkeypatch):
     assert torch.equal(stopped.slot_correct, full.slot_correct)
 
 
-def test_causal_segments_attention_with_a_shared_prefix_equals_the_dense_rule():
-    """A row whose samples share a prefix held once (seq SHARED): the prefix is causal within itself and
-    every segment sees all of it, then itself causally; the same as sdpa under the dense rule of
-    sdlm.masks, and as each sample run whole with its own copy of the prefix. The fallback used with
-    gradients (sdpa segment by segment) gives the same."""
+@pytest.mark.parametrize("kernel", CLEAN_KERNELS)
+def test_causal_segments_attention_with_a_shared_prefix_equals_the_dense_rule(kernel):
+    """A row whose samples share a prefix held once (seq SHARED), both ways: the prefix is causal within
+    itself and every segment sees all of it, then itself causally; the same as sdpa under the dense rule
+    of sdlm.masks, and as each sample run whole with its own copy of the prefix. A prefix with no
+    segment after it is attended too."""
     from sdlm.masks import SHARED
+
+    causal_segments_attention = CLEAN_KERNELS[kernel]
 
     g = torch.Generator().manual_seed(6)
     H, Hkv, d, P = 6, 2, 16, 9
@@ -265,14 +276,31 @@ def test_causal_segments_attention_with_a_shared_prefix_equals_the_dense_rule():
     k0, v0 = torch.randn(1, Hkv, T, d, generator=g), torch.randn(1, Hkv, T, d, generator=g)
     dense = additive(allowed(info, info), torch.float32)
     ref = F.scaled_dot_product_attention(q0, k0, v0, attn_mask=dense, scale=0.3, enable_gqa=True).transpose(1, 2)
-    got = causal_segments_attention(q0, k0, v0, layout, 0.3, chunk=32)
+    got = causal_segments_attention(q0, k0, v0, layout, 0.3)
     assert torch.allclose(got, ref, atol=1e-5)
+    alone = causal_segments_attention(q0[:, :, :P], k0[:, :, :P], v0[:, :, :P], CausalSegments([], P), 0.3)
+    assert torch.allclose(alone, ref[:, :P], atol=1e-5)
     for a, b in layout.bounds:  # each sample whole, with its own copy of the prefix
         cols = torch.cat([torch.arange(P), torch.arange(a, b)])
         whole = F.scaled_dot_product_attention(q0[:, :, cols], k0[:, :, cols], v0[:, :, cols], is_causal=True,
                                                scale=0.3, enable_gqa=True).transpose(1, 2)
         assert torch.allclose(got[:, a:b], whole[:, P:], atol=1e-5)
     assert torch.allclose(got[:, :P], whole[:, :P], atol=1e-5)
+
+
+def test_clean_pass_kernel_by_device_and_dtype(monkeypatch):
+    """``clean_attention: auto`` takes the chunked products only for bf16 on a CPU without AMX (where they
+    were measured faster) and sdpa for float32, on CPUs with AMX and on other devices."""
+    import sdlm.cpu as cpu
+
+    cpu_dev, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"flags": "avx512f avx512_bf16"})
+    assert not cpu.has_amx()
+    assert clean_pass_kernel(cpu_dev, torch.bfloat16) == "chunks"
+    assert clean_pass_kernel(cpu_dev, torch.float32) == "sdpa" and clean_pass_kernel(cuda, torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"flags": "avx512f avx512_bf16 amx_bf16 amx_tile"})
+    assert cpu.has_amx() and "AMX" in cpu.describe()
+    assert clean_pass_kernel(cpu_dev, torch.bfloat16) == "sdpa"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -299,6 +327,16 @@ def test_two_pass_with_a_shared_prefix_equals_unshared(arch):
     soft_ref = run(two_pass_loss, plain, distill=0.5)
     use_block_attention(s.model)
     checks += [(run(two_pass_loss, shared), ref), (run(two_pass_loss, shared, distill=0.5), soft_ref)]
+    ran = []
+    for kernel in ("chunks", "sdpa"):  # the clean pass's attention either way (counted: it is the one asked)
+        name = {"chunks": "causal_segments_attention", "sdpa": "causal_segments_sdpa"}[kernel]
+        real = getattr(attention_mod, name)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attention_mod, name, lambda *a, real=real, **k: ran.append(kernel) or real(*a, **k))
+            checks += [(run(two_pass_loss, shared, clean_attention=kernel), ref),
+                       (run(two_pass_loss, shared, distill=0.5, clean_attention=kernel), soft_ref)]
+    n = s.model.config.num_hidden_layers  # every layer with soft targets, all but the last (KV only) without
+    assert ran == ["chunks"] * (2 * n - 1) + ["sdpa"] * (2 * n - 1)
     for (o, go), (r, gr) in checks:
         assert torch.allclose(r.loss, o.loss, atol=1e-5)
         assert torch.equal(r.slot_correct, o.slot_correct) and torch.equal(r.slot_count, o.slot_count)

@@ -646,6 +646,28 @@ def test_sdpa_backend_restricts_the_step_kernel(tmp_path):
         tiny(tmp_path / "x", sdpa_backend="fast")
 
 
+def test_clean_attention_setting_reaches_the_step(tmp_path, monkeypatch):
+    """``clean_attention`` picks how the one-row clean pass runs (``chunks`` or ``sdpa``, counted), with the
+    same loss both ways; an unknown value is refused with the choices."""
+    import sdlm.attention as attention_mod
+    from sdlm.errors import SDLMError
+
+    ran, losses = [], {}
+    for name, kernel in (("causal_segments_attention", "chunks"), ("causal_segments_sdpa", "sdpa")):
+        real = getattr(attention_mod, name)
+        monkeypatch.setattr(attention_mod, name, lambda *a, real=real, kernel=kernel, **k: ran.append(kernel)
+                            or real(*a, **k))
+    for kernel in ("chunks", "sdpa"):
+        tr = Trainer(tiny(tmp_path / kernel, retrofit="block-adapter", attention="blocks", clean_attention=kernel,
+                          bf16=False))
+        ran.clear()
+        losses[kernel] = tr.loss(tr.train[:4], torch.Generator().manual_seed(3)).loss.item()
+        assert ran and set(ran) == {kernel}
+    assert losses["sdpa"] == pytest.approx(losses["chunks"], rel=1e-5)
+    with pytest.raises(SDLMError, match="unknown clean_attention 'flash': use one of auto, chunks, sdpa"):
+        tiny(tmp_path / "x", clean_attention="flash")
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
 def test_fused_head_and_loss_give_the_reference_loss_and_grads(arch, chunk):

@@ -424,13 +424,15 @@ def two_pass_loss(
     norm: float | None = None,
     chunk: int | None = None,
     gather_chunk: int = CHUNK,
+    clean_attention: str = "auto",
 ) -> LossOutput:
     """Fast path for the gated adapter: clean tokens without gradients, then blocks with them.
     For a model set up with :func:`sdlm.attention.use_block_attention`, a batch of one-sample rows, or
     one row of several samples without padding, runs block attention in the block pass (and, for the
     one row, a causal clean pass per sample). For one set up with
     :func:`sdlm.attention.use_gathered_attention`, both passes run gathered attention
-    (:mod:`sdlm.gathered`), ``gather_chunk`` queries per chunk.
+    (:mod:`sdlm.gathered`), ``gather_chunk`` queries per chunk. ``clean_attention``: how block attention's
+    one-row clean pass runs (:attr:`sdlm.attention.CausalSegments.kernel`).
 
     ``distill`` > 0 mixes in soft targets: the base model's own next-token
     distribution at the matching clean position (the clean pass computes it
@@ -472,7 +474,10 @@ def two_pass_loss(
         elif gather_attn:  # each chunk of clean tokens over the clean keys it sees
             mask = clean_gathered
         else:  # several samples in one row: causal within each (block attention's models), else the dense rule
-            mask = (causal_segments(clean.info) if blocks_attn else None) or _mask(sdlm, clean.info, clean.info)
+            mask = causal_segments(clean.info) if blocks_attn else None
+            if mask is not None:
+                mask.kernel = clean_attention
+            mask = mask or _mask(sdlm, clean.info, clean.info)
         if distill > 0:
             tcol = blocks.teacher_col[:, keep][kb]  # (N,) clean column of each target's teacher
             rows = torch.nonzero(kb)[:, 0]

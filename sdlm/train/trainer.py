@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 RETROFITS = ("block-adapter", "lora", "full")
 ATTENTIONS = ("auto", "sdpa", "blocks", "flex", "gather")
+CLEAN_ATTENTIONS = ("auto", "chunks", "sdpa")
 SDPA_BACKENDS = ("auto", "pytorch", "efficient", "cudnn", "flash", "math")
 _SDPA_KERNELS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
@@ -197,6 +198,12 @@ class TrainConfig:
     ``efficient`` (memory-efficient attention, CUDA), ``cudnn`` (CUDA), ``flash`` (no attention masks:
     only for rows of one sample's clean tokens) or ``math``: that kernel alone; a step it cannot run
     fails with PyTorch's error. Held-out tokens per forward and decoding are left to PyTorch's choice."""
+    clean_attention: str = "auto"
+    """With ``attention: blocks``: how the clean pass's causal attention runs (no gradients). ``chunks``: 128
+    queries at a time as plain products; ``sdpa``: PyTorch's fused kernel, one call per sample; ``auto``:
+    the one measured faster for the device and dtype it runs in (:func:`sdlm.attention.clean_pass_kernel`:
+    ``chunks`` for bf16 on CPUs without AMX, ``sdpa`` elsewhere). Both give the same attention up to
+    rounding."""
     compile: bool = False
     """``torch.compile`` the parts of every decoder layer that repeat (the MLP, the norms, the
     attention's projections with their LoRA): fused kernels and fewer host calls per step. The
@@ -238,6 +245,9 @@ class TrainConfig:
         if self.attention in ("blocks", "gather") and self.retrofit != "block-adapter":
             raise SDLMError(f"attention: {self.attention} is for retrofit: block-adapter (its block pass runs apart "
                             "from the clean tokens): use attention: sdpa")
+        if self.clean_attention not in CLEAN_ATTENTIONS:
+            raise SDLMError(f"unknown clean_attention {self.clean_attention!r}: use one of "
+                            f"{', '.join(CLEAN_ATTENTIONS)}")
         if not isinstance(self.gather_chunk, int) or self.gather_chunk < 1:
             raise SDLMError(f"gather_chunk must be a number of queries >= 1, got {self.gather_chunk!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
@@ -491,7 +501,8 @@ class Trainer:
                 with torch.autocast(self.sdlm.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     if cfg.retrofit == "block-adapter":
                         out = two_pass_loss(self.sdlm, batch, cfg.block_size, cfg.distill, cfg.slot_weights, norm,
-                                            chunk=cfg.loss_chunk, gather_chunk=cfg.gather_chunk)
+                                            chunk=cfg.loss_chunk, gather_chunk=cfg.gather_chunk,
+                                            clean_attention=cfg.clean_attention)
                     else:
                         out = dense_loss(self.sdlm, batch, cfg.block_size, cfg.ar_loss_weight, cfg.slot_weights)
                 if backward_scale is not None:
