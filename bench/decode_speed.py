@@ -19,10 +19,6 @@ their shorter inference path (``sdlm.adapter.fuse_gated_inference``; rows ``MODE
 take the packed product (``sdlm.cpu.checked_calls``) instead of the decoder's forward vouching for all of
 them once (``sdlm.cpu.plain_inference``; rows ``MODE checked``).
 
-``--also-all-packed`` runs every mode again with every product on the packed copies, thin ones included,
-where this CPU otherwise runs products of a few rows on the stored weights (float32 on Intel CPUs,
-``sdlm.cpu.plain_rows``; rows ``MODE all-packed``).
-
     python bench/decode_speed.py --model smollm2-135m-instruct-sdlm --max-new-tokens 128
 
 With ``--batch-size B`` > 1 every mode decodes the prompts B at a time (sdlm.batched) and the speed
@@ -81,9 +77,6 @@ def main() -> int:
     ap.add_argument("--also-checked", action="store_true",
                     help="run every mode twice, with the decoder's forwards vouching once for their layer calls and "
                          "with every call checking for itself (rows 'MODE checked'), in one run")
-    ap.add_argument("--also-all-packed", action="store_true",
-                    help="run every mode twice, with thin products on the stored weights where this CPU runs them so "
-                         "(float32 on Intel) and with every product packed (rows 'MODE all-packed'), in one run")
     ap.add_argument("--also-plain", action="store_true",
                     help="run every mode twice, with this library's decoding cache and attention and with "
                          "transformers' own (DynamicCache, sdpa copying grouped keys per head; rows 'MODE plain'), "
@@ -107,8 +100,7 @@ def main() -> int:
     from sdlm.adapter import unfused_lora
     from sdlm.attention import plain_sdpa
     from sdlm.kvcache import plain_cache
-    from sdlm.cpu import (checked_calls, describe as describe_cpu, describe_host, packed_layers, packing_off,
-                          plain_rows, plain_rows_set)
+    from sdlm.cpu import checked_calls, describe as describe_cpu, describe_host, packed_layers, packing_off
     from sdlm.decode import Decoder, GenerationConfig, draft_threshold_for, encode_prompt
     from sdlm.model import SDLM
 
@@ -133,8 +125,7 @@ def main() -> int:
 
     results, outputs = {}, {}
     variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else []) \
-        + (["plain"] if args.also_plain else []) + (["checked"] if args.also_checked else []) \
-        + (["all-packed"] if args.also_all_packed else [])
+        + (["plain"] if args.also_plain else []) + (["checked"] if args.also_checked else [])
     runs = [(spec, v) for spec in args.modes for v in variants if not (spec == "hf" and v)]
 
     @contextlib.contextmanager
@@ -143,7 +134,7 @@ def main() -> int:
             yield
 
     switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora, "plain": plain_internals,
-              "checked": checked_calls, "all-packed": lambda: plain_rows_set(0)}
+              "checked": checked_calls}
     label = lambda spec, variant: f"{spec} {variant}" if variant else spec  # noqa: E731
     configs = {}
     for spec, variant in runs:
@@ -206,7 +197,7 @@ def main() -> int:
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
     for k, r in results.items():  # packed against unpacked, fused against unfused, own against plain, same mode
         for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup"), (" plain", "own_speedup"),
-                             (" checked", "vouched_speedup"), (" all-packed", "thin_plain_speedup")):
+                             (" checked", "vouched_speedup")):
             if k.endswith(variant) and k[: -len(variant)] in results:
                 own = k[: -len(variant)]
                 r[key] = round(results[own]["median_tokens_per_second"] / r["median_tokens_per_second"], 2)
@@ -222,7 +213,6 @@ def main() -> int:
            if args.temperature > 0 else "greedy",
            "batch_size": args.batch_size, "interleaved": args.interleave,
            "prepacked_linears": packed,
-           "thin_products_on_stored_weights": plain_rows(sdlm.dtype) if packed else None,
            "speed": "throughput (all tokens / wall time)" if args.batch_size > 1 else "median over prompts",
            "machine": describe_host(),
            "results": results}
@@ -235,8 +225,6 @@ def main() -> int:
               + (f" (per prompt x{r['own_speedup_per_prompt']})" if "own_speedup_per_prompt" in r else "")
               + (f"  vouched/checked x{r['vouched_speedup']}" if "vouched_speedup" in r else "")
               + (f" (per prompt x{r['vouched_speedup_per_prompt']})" if "vouched_speedup_per_prompt" in r else "")
-              + (f"  thin plain/all packed x{r['thin_plain_speedup']}" if "thin_plain_speedup" in r else "")
-              + (f" (per prompt x{r['thin_plain_speedup_per_prompt']})" if "thin_plain_speedup_per_prompt" in r else "")
               + (f"  per-prompt ratio to ar x{r['median_prompt_ratio_vs_ar']}" if "median_prompt_ratio_vs_ar" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -20,10 +20,6 @@ memory still available).
 The products are the same up to float rounding (another summation order): in float32 the tests
 decode the same tokens as ``transformers`` ``generate`` with and without packing.
 
-Float32 products of one to three rows (an ``ar`` step) go to the stored weights instead on Intel CPUs
-(:func:`plain_rows`): there ``F.linear`` (MKL) ran them in about half the packed product's time, while on
-AMD EPYCs the packed products were as fast or faster from one row.
-
 A decoding step calls some 200 routed layers, and checking at every call that it is an inference call
 costs about as much as the product of one token by a small weight. :func:`plain_inference` lets a
 forward vouch once for all its calls (``SDLM.forward`` does, where :func:`plain_inference_here`), and
@@ -51,10 +47,6 @@ PACK_HINT = 32
 MIN_FEATURES = 64
 """Layers narrower than this (a LoRA layer's rank side) are left alone: too small to gain."""
 
-FEW_ROWS = 3
-"""Products of at most this many rows (an ``ar`` step's one token) run on the stored weights instead where
-that is faster than oneDNN's packed product (float32 on Intel CPUs, :func:`plain_rows`)."""
-
 
 _off: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_prepack_off", default=False)
 
@@ -65,36 +57,6 @@ def packing_off():
 
 
 _plain: contextvars.ContextVar[bool] = contextvars.ContextVar("sdlm_plain_inference", default=False)
-
-
-_rows_override: contextvars.ContextVar[int | None] = contextvars.ContextVar("sdlm_plain_rows", default=None)
-
-
-def plain_rows_set(rows: int | None):
-    """Inside, routed layers run products of at most ``rows`` rows on their stored weights and larger ones on
-    the packed copies (0: every product packed); None: this CPU's default (:func:`plain_rows`)."""
-    return setting(_rows_override, rows)
-
-
-def plain_rows(dtype: torch.dtype) -> int:
-    """Up to how many rows a routed layer's product runs on the stored weight (``F.linear``) rather than the
-    packed copy: :data:`FEW_ROWS` for float32 on an Intel CPU with a PyTorch built with MKL, else 0.
-
-    ``F.linear`` hands a float32 product to MKL, whose kernels for a thin input are fast on Intel CPUs and
-    which takes slower generic paths on other vendors' CPUs. Measured on the default model, float32: on a
-    2-core Xeon with AMX, ``ar`` decoded 1.28 times as fast with its one-row products on the stored weights
-    as with all of them packed (``bench/decode_speed.py --also-all-packed``; one 576 × 1536 product of one
-    row: 19-67 µs against 33-152 µs packed; from 4 rows up the packed copies win); on AMD EPYCs (Zen 3 and
-    Zen 4) the packed products were as fast or faster from one row. (A timing taken when a process starts
-    was tried instead of this rule, and was not steady enough: on the Xeon it chose 0, 1 or 3 rows in twelve
-    tries, as a product of one layer's weights held in the cache does not show the difference that a whole
-    model's forward does.) bf16 products go to oneDNN either way: 0."""
-    override = _rows_override.get()
-    if override is not None:
-        return override
-    if dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return 0
-    return FEW_ROWS if _cpuinfo().get("vendor_id") == "GenuineIntel" else 0
 
 
 def plain_inference(on: bool = True):
@@ -144,15 +106,12 @@ def call_packed(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _packed(mod: torch.nn.Module, state: dict, x: torch.Tensor, repack: bool) -> torch.Tensor | None:
     """The packed product of a routed layer for an inference call, or None where the layer must run its own
     forward (:func:`packing_off`, another dtype or device, an inference tensor for a weight). A weight changed
-    since it was packed is packed again if ``repack``, else None. An input of at most :func:`plain_rows` rows
-    is multiplied by the stored weight instead."""
+    since it was packed is packed again if ``repack``, else None."""
     params = mod._parameters
     w, bias = params["weight"], params.get("bias")
     if (_off.get() or x.dtype != w.dtype or not x.is_cpu or not w.is_cpu
             or (bias is not None and bias.dtype != w.dtype)):
         return None
-    if x.numel() <= plain_rows(w.dtype) * x.shape[-1]:  # a thin product, faster on the stored weight here
-        return torch.nn.functional.linear(x, w, bias) if state["linear"] else None
     key = _key(w)
     if key != state["key"]:  # the weight changed since it was packed
         if not repack or key is None or not can_prepack(w.dtype, w.device):  # None: now an inference tensor
@@ -332,9 +291,7 @@ def prepack_linears(model: torch.nn.Module, min_features: int = MIN_FEATURES) ->
         except RuntimeError as e:  # an unusual shape or build: this layer runs as before
             logger.debug("not prepacking %s: %s", tuple(w.shape), e)
             continue
-        # "linear": the layer's own forward is nn.Linear's, so a thin product can run here as F.linear
-        state = {"key": _key(w), "packed": packed,
-                 "linear": type(mod).forward is torch.nn.Linear.forward and "forward" not in mod.__dict__}
+        state = {"key": _key(w), "packed": packed}
         own = mod.forward
 
         def forward(x, *args, mod=mod, own=own, state=state, **kwargs):

@@ -27,17 +27,6 @@ def _one_thread(request):
     torch.set_num_threads(old)
 
 
-@pytest.fixture(autouse=True)
-def _packed_from_one_row():
-    """Routed layers run every product packed, whatever this CPU measured for thin ones
-    (sdlm.cpu.plain_rows), so that what a test sees does not depend on the machine; the tests of that
-    routing set it themselves."""
-    from sdlm.cpu import plain_rows_set
-
-    with plain_rows_set(0):
-        yield
-
-
 def make_sdlm(arch: str = "llama", seed: int = 0, block_size: int = 4, retrofit: bool = True, attn: str = "sdpa"):
     """An SDLM over a tiny random model; retrofitted (``<|mask|>`` added, embeddings resized) by default."""
     from sdlm.model import SDLM

@@ -44,16 +44,12 @@ def test_decode_speed_interleaved(tmp_path):
 
 def test_decode_speed_also_unfused_and_checked(tmp_path):
     """--also-unfused: every mode again on peft's own LoRA forward; --also-checked: again with every layer call
-    checking for itself; --also-all-packed: again with thin products packed too; in the same run, with the
-    ratios, and the same tokens."""
-    res, data = _run(tmp_path, "--modes", "ar", "speculative:4", "--also-unfused", "--also-checked",
-                     "--also-all-packed")
+    checking for itself; in the same run, with the ratios, and the same tokens."""
+    res, data = _run(tmp_path, "--modes", "ar", "speculative:4", "--also-unfused", "--also-checked")
     assert res.returncode == 0, res.stderr
     r = data["results"]
-    assert list(r) == ["ar", "ar unfused", "ar checked", "ar all-packed", "speculative:4", "speculative:4 unfused",
-                       "speculative:4 checked", "speculative:4 all-packed"]
-    assert r["ar all-packed"]["thin_plain_speedup"] > 0 and r["ar all-packed"]["same_output_as_ar"] == "2/2"
-    assert data["thin_products_on_stored_weights"] in (0, 3) and "thin plain/all packed x" in res.stdout
+    assert list(r) == ["ar", "ar unfused", "ar checked", "speculative:4", "speculative:4 unfused",
+                       "speculative:4 checked"]
     assert all(v["same_output_as_ar"] == "2/2" for v in r.values())
     assert r["speculative:4 unfused"]["fused_speedup"] > 0 and "fused_speedup" not in r["speculative:4"]
     assert r["speculative:4 checked"]["vouched_speedup"] > 0 and r["ar checked"]["same_output_as_ar"] == "2/2"

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hf_greedy, random_prompt
-import sdlm.cpu as cpu
-from sdlm.cpu import (FEW_ROWS, can_prepack, checked_calls, in_plain_inference, packed_call, packed_layers, packing_off,
-                      plain_inference, plain_rows, plain_rows_set, prepack_linears, unpack_linears)
+from sdlm.cpu import (can_prepack, checked_calls, in_plain_inference, packed_call, packed_layers, packing_off, plain_inference,
+                      prepack_linears, unpack_linears)
 from sdlm.decode import Decoder, GenerationConfig
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch build has no oneDNN linear")
@@ -180,66 +179,6 @@ def test_prepacked_decoding_equals_generate(trained, packed_calls):
     assert packed_calls  # the decoders ran packed
 
 
-def test_thin_products_run_on_the_stored_weight_where_that_is_faster(packed_calls):
-    """With thin products routed to the stored weights (as on CPUs where they measured faster), an input of at
-    most that many rows runs ``F.linear`` on the stored weight, the same numbers bit for bit, and a wider one
-    the packed copy; through the layer's call and through packed_call alike. A layer whose forward is not
-    nn.Linear's runs its own forward for thin inputs."""
-    lin = _layer(torch.float32)
-    prepack_linears(lin)
-    with plain_rows_set(3), torch.inference_mode():
-        for rows in (1, 3):
-            x = torch.randn(rows, 96)
-            want = F.linear(x, lin.weight, lin.bias)
-            assert torch.equal(lin(x), want)
-            with plain_inference():
-                assert torch.equal(packed_call(lin, x), want)
-        assert not packed_calls
-        lin(torch.randn(4, 96))
-        lin(torch.randn(2, 2, 96))  # rows are counted over the leading dimensions
-        assert len(packed_calls) == 2
-
-    class Scaled(torch.nn.Linear):
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    torch.manual_seed(0)
-    odd = Scaled(96, 160).requires_grad_(False)
-    prepack_linears(odd)
-    x = torch.randn(1, 96)
-    with plain_rows_set(3), torch.inference_mode():
-        assert torch.equal(odd(x), 2 * F.linear(x, odd.weight, odd.bias))
-        with plain_inference():
-            assert packed_call(odd, x) is None  # the caller runs the layer's own forward
-
-
-@pytest.mark.parametrize("vendor, dtype, rows", [("GenuineIntel", torch.float32, FEW_ROWS),
-                                                  ("AuthenticAMD", torch.float32, 0),
-                                                  ("GenuineIntel", torch.bfloat16, 0)])
-def test_thin_products_go_to_the_stored_weights_on_intel_in_float32(monkeypatch, vendor, dtype, rows):
-    """By default only float32 products on an Intel CPU (MKL's fast thin kernels) of at most FEW_ROWS rows run
-    on the stored weights; an override wins."""
-    monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"vendor_id": vendor, "flags": "avx2"})
-    with plain_rows_set(None):
-        want = rows if torch.backends.mkl.is_available() else 0
-        assert plain_rows(dtype) == want
-        with plain_rows_set(2):
-            assert plain_rows(dtype) == 2
-
-
-def test_decoding_with_thin_products_on_the_stored_weights_equals_generate(trained, packed_calls):
-    """With one- to three-row products on the stored weights and wider ones packed (an ``ar`` step and a
-    speculative one then run different kernels), every mode still writes ``generate``'s tokens."""
-    prompt = random_prompt(3, 9)
-    with packing_off():
-        want = hf_greedy(trained, prompt, 24)
-    with plain_rows_set(FEW_ROWS):
-        for mode, D in [("ar", 4), ("speculative", 4), ("speculative", 8)]:
-            g = Decoder(trained, GenerationConfig(mode=mode, block_size=D, max_new_tokens=24)).generate(prompt)
-            assert g.tokens == want, (mode, D)
-    assert packed_calls  # the wider products ran packed
-
-
 def test_load_packs_by_default_on_cpu_and_not_when_told(tmp_path):
     from conftest import make_sdlm
     from sdlm.model import SDLM
@@ -303,6 +242,7 @@ def test_load_keeps_the_stored_weights_when_memory_is_short(tmp_path, monkeypatc
 @pytest.mark.parametrize("flags, bf16", [("fpu sse avx2 fma", False), ("avx2 avx512f avx512_bf16", True),
                                          ("avx2 amx_bf16 amx_tile", True), ("", False)])
 def test_cpu_description_names_the_cpu_and_its_bf16(monkeypatch, flags, bf16):
+    import sdlm.cpu as cpu
     import sdlm.train.trainer as trainer_mod
 
     info = {"model name": "Some CPU 9000", "flags": flags} if flags else {}
@@ -310,9 +250,7 @@ def test_cpu_description_names_the_cpu_and_its_bf16(monkeypatch, flags, bf16):
     assert cpu.native_bf16() is bf16 and trainer_mod._bf16_supported("cpu") is bf16
     assert cpu.native(torch.bfloat16) is bf16 and cpu.native(torch.float32) and not cpu.native(torch.float16)
     text = cpu.describe()
-    amx = "amx_bf16" in flags
-    assert cpu.has_amx() is amx
-    assert text.endswith(f"{'native bf16' if bf16 else 'no native bf16'}{', AMX' if amx else ''})")
+    assert text.endswith(f"{'native bf16' if bf16 else 'no native bf16'})")
     assert text.startswith("Some CPU 9000 (" if flags else "") and torch.backends.cpu.get_cpu_capability() in text
 
 
