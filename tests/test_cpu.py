@@ -250,7 +250,9 @@ def test_cpu_description_names_the_cpu_and_its_bf16(monkeypatch, flags, bf16):
     assert cpu.native_bf16() is bf16 and trainer_mod._bf16_supported("cpu") is bf16
     assert cpu.native(torch.bfloat16) is bf16 and cpu.native(torch.float32) and not cpu.native(torch.float16)
     text = cpu.describe()
-    assert text.endswith(f"{'native bf16' if bf16 else 'no native bf16'})")
+    amx = "amx_bf16" in flags
+    assert cpu.has_amx() is amx
+    assert text.endswith(f"{'native bf16' if bf16 else 'no native bf16'}{', AMX' if amx else ''})")
     assert text.startswith("Some CPU 9000 (" if flags else "") and torch.backends.cpu.get_cpu_capability() in text
 
 

@@ -1008,7 +1008,8 @@ def test_train_profile_script(tmp_path):
     assert no_shapes.returncode == 2 and "--shapes needs the profiler" in no_shapes.stderr
     swept = subprocess.run(base + ["--no-profiler", "--sweep-samples", "2", "3"], capture_output=True, text=True, cwd=root)
     assert swept.returncode == 0, swept.stderr
-    sizes = re.findall(r"attention blocks \(sdpa kernel auto\), fused LoRA True, (\d+) samples per step", swept.stdout)
+    sizes = re.findall(r"attention blocks \(sdpa kernel auto, clean pass auto: (?:sdpa|chunks)\), fused LoRA True, "
+                       r"(\d+) samples per step", swept.stdout)
     assert sizes == ["2", "3"] and swept.stdout.count("trained block tokens/s") == 2, swept.stdout
     phased = subprocess.run(base + ["--no-profiler", "--phases"], capture_output=True, text=True, cwd=root)
     assert phased.returncode == 0, phased.stderr
