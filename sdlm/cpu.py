@@ -30,6 +30,7 @@ between calls.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import platform
@@ -176,8 +177,10 @@ def available_memory() -> int | None:
         return None
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none, as off Linux)."""
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none, as off Linux), read once
+    per process: the training step asks for its flags at every clean-pass attention call."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
