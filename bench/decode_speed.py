@@ -5,8 +5,9 @@ and whether the output equals `ar`'s (it must, for `speculative`). Mode ``hf`` i
 baseline: ``transformers`` ``generate`` on the bare base model (the adapter switched off), greedy,
 one prompt at a time, on the weights as stored.
 
-On a CPU the model's linear layers run on oneDNN-packed weights (``sdlm.cpu``) unless ``--no-prepack``;
-``--also-unpacked`` runs every mode both ways in the same run (rows ``MODE unpacked``).
+On a CPU the model's linear layers run on oneDNN-packed weights (``sdlm.cpu``) where ``SDLM.load`` makes them
+(not float32 on an Intel CPU with MKL; ``--prepack`` forces them, ``--no-prepack`` turns them off);
+``--also-unpacked`` packs them and runs every mode both ways in the same run (rows ``MODE unpacked``).
 
 ``--also-plain`` runs every mode again with ``transformers``' own KV cache and sdpa attention instead of this
 library's decoding ones (``sdlm.kvcache``, ``sdlm.attention.sdpa_attention``; rows ``MODE plain``). ``--few-shot K``
@@ -69,6 +70,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of every prompt and mode")
     ap.add_argument("--no-prepack", action="store_true",
                     help="run every mode on the weights as stored (no oneDNN-packed copies on a CPU)")
+    ap.add_argument("--prepack", action="store_true",
+                    help="run every mode on oneDNN-packed copies on a CPU even where they are not the default "
+                         "(float32 on an Intel CPU with MKL)")
     ap.add_argument("--also-unpacked", action="store_true",
                     help="run every mode twice, with and without the packed copies (rows 'MODE unpacked'), in one run")
     ap.add_argument("--also-unfused", action="store_true",
@@ -104,12 +108,16 @@ def main() -> int:
     from sdlm.decode import Decoder, GenerationConfig, draft_threshold_for, encode_prompt
     from sdlm.model import SDLM
 
+    if args.prepack and args.no_prepack:
+        ap.error("--prepack and --no-prepack contradict each other: pick one")
+    if args.also_unpacked and args.no_prepack:
+        ap.error("--also-unpacked compares packed weights with the stored ones: drop --no-prepack")
     sdlm = SDLM.load(args.model, dtype=getattr(torch, args.dtype), device=args.device, quiet=True,
-                     prepack=False if args.no_prepack else None)
+                     prepack=False if args.no_prepack else True if args.prepack or args.also_unpacked else None)
     packed = bool(packed_layers(sdlm.model))
     if args.also_unpacked and not packed:
         raise SystemExit("--also-unpacked compares with packed weights, and none were packed here (not a CPU, or "
-                         "--no-prepack, or a build without oneDNN)")
+                         "a build without oneDNN)")
     rows = [json.loads(l) for l in Path(args.prompts).read_text().splitlines()[: args.n]]
     shots = ""
     if args.few_shot:

@@ -32,14 +32,20 @@ def _add_model_args(p: argparse.ArgumentParser, prepack: bool = True) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     if prepack:
-        p.add_argument("--no-prepack", action="store_true",
-                       help="on a CPU, run the linear layers on their weights as stored instead of on copies "
-                            "prepacked for oneDNN (slower; the packed copies take as much memory again as the weights)")
+        packing = p.add_mutually_exclusive_group()
+        packing.add_argument("--no-prepack", action="store_true",
+                             help="on a CPU, run the linear layers on their weights as stored, never on copies "
+                                  "prepacked for oneDNN (by default the copies are made where they are the faster: "
+                                  "bf16, and float32 except on Intel CPUs, whose MKL products are faster; they take "
+                                  "as much memory again as the weights)")
+        packing.add_argument("--prepack", action="store_true",
+                             help="on a CPU, run the linear layers on oneDNN-packed copies of their weights even where "
+                                  "they are not the default")
 
 
 def _prepack(args):
-    """``SDLM.load``'s ``prepack`` for the model arguments: None (on where the CPU supports it) or False."""
-    return False if args.no_prepack else None
+    """``SDLM.load``'s ``prepack`` for the model arguments: None (where it pays on this CPU), True or False."""
+    return True if args.prepack else False if args.no_prepack else None
 
 
 def build_parser() -> argparse.ArgumentParser:

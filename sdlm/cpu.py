@@ -4,9 +4,11 @@ A decoding forward multiplies a few tokens (1 for ``ar``, 20 for a speculative s
 weight matrix of the model. ``F.linear`` hands such thin products to a general matrix routine that
 re-lays out the weight at each call; oneDNN can take the weight once in its own blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``) and run thin products on it directly
-(``torch.ops.mkldnn._linear_pointwise``). On a 2-core AVX-512 CPU, in float32, this made ``ar`` 1.3 to
-1.5 times and ``speculative`` (D = 4) 1.5 to 1.6 times as fast on the default model
-(``bench/decode_speed.py --also-unpacked``; figures in the README).
+(``torch.ops.mkldnn._linear_pointwise``). On a 2-core AMD EPYC (Zen 4), in float32, this made ``ar`` 1.3
+to 1.5 times and ``speculative`` (D = 4) 1.5 to 1.6 times as fast on the default model
+(``bench/decode_speed.py --also-unpacked``; figures in the README). On an Intel CPU, MKL's float32 products
+behind ``F.linear`` are faster than the packed ones, and ``SDLM.load`` packs only bf16 there
+(:func:`packing_pays`).
 
 :func:`prepack_linears` routes a model's linear layers through a packed copy of their weights when
 the call is an inference one: gradients off (``torch.no_grad`` / ``torch.inference_mode``), no
@@ -214,6 +216,25 @@ def has_amx() -> bool:
     """Whether this CPU has AMX tiles for bf16 products (``amx_bf16``), which oneDNN uses for bf16 matrix
     products and PyTorch's fused CPU attention."""
     return "amx_bf16" in _cpuinfo().get("flags", "").split()
+
+
+def intel_mkl() -> bool:
+    """Whether this is an Intel CPU (``vendor_id`` GenuineIntel) and PyTorch does its float32 matrix products
+    through MKL, which is tuned for Intel CPUs."""
+    return _cpuinfo().get("vendor_id") == "GenuineIntel" and torch.backends.mkl.is_available()
+
+
+def packing_pays(dtype: torch.dtype) -> bool:
+    """Whether decoding in ``dtype`` runs faster on packed copies than on the stored weights on this CPU (the
+    default of ``SDLM.load``), as measured end to end with ``bench/decode_speed.py --also-unpacked``:
+
+    - bf16: yes. ``F.linear`` runs bf16 through oneDNN too, re-laying out the weight at each call; packed,
+      ``ar`` was x1.22 on a 2-core Xeon with AMX and x1.23 on a 2-core Zen 4.
+    - float32 on an Intel CPU with MKL (:func:`intel_mkl`): no. ``F.linear`` runs MKL's products there, and
+      packed copies made decoding slower on a 2-core Xeon with AVX-512 and AMX (``ar`` x0.79, ``speculative``
+      D = 4 x0.83 on chat prompts).
+    - float32 elsewhere: yes (AMD EPYC, Zen 3 and Zen 4: ``ar`` x1.29 to x1.47, D = 4 x1.49 to x1.57)."""
+    return dtype != torch.float32 or not intel_mkl()
 
 
 def describe() -> str:

@@ -150,3 +150,27 @@ def test_calibrate_tree_then_generate_with_it(capsys, tmp_path, trained):
     _, tree_out, _ = run(capsys, "generate", "hello hello", "--tree", "auto", *args)
     _, ar_out, _ = run(capsys, "generate", "hello hello", "--mode", "ar", *args)
     assert json.loads(tree_out)["tokens"] == json.loads(ar_out)["tokens"]
+
+
+@pytest.mark.parametrize("flag, packed", [("--prepack", True), ("--no-prepack", False)])
+def test_generate_packs_as_told_and_writes_the_same_tokens(capsys, monkeypatch, flag, packed):
+    import sdlm.cpu as cpu
+    from sdlm.model import SDLM
+
+    if packed and not cpu.can_prepack(cpu.torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    loaded = []
+    real = SDLM._prepack_if
+    monkeypatch.setattr(SDLM, "_prepack_if", lambda self, p: loaded.append(self) or real(self, p))
+    args = ["generate", "abc", "--model", "random:llama", "--max-new-tokens", "8", "--json"]
+    assert main(args) == 0
+    want = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(args + [flag]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want
+    assert bool(cpu.packed_layers(loaded[-1].model)) is packed
+
+
+def test_prepack_and_no_prepack_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "hi", "--prepack", "--no-prepack"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err

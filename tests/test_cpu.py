@@ -165,27 +165,46 @@ def test_unpack_restores_the_layers():
 
 
 def test_prepacked_decoding_equals_generate(trained, packed_calls):
-    """The trained tiny model (drafts really accepted) loads packed on a CPU; every mode decodes what
-    ``transformers`` ``generate`` writes on the weights as stored, cached and uncached."""
-    assert packed_layers(trained.model), "SDLM.load packs on a CPU by default"
-    for seed, length in [(1, 5), (2, 11)]:
-        prompt = random_prompt(seed, length)
-        with packing_off():
-            want = hf_greedy(trained, prompt, 24)
-        for mode, D, cache in [("ar", 4, True), ("speculative", 2, True), ("speculative", 4, True),
-                               ("speculative", 8, True), ("speculative", 4, False)]:
-            g = Decoder(trained, GenerationConfig(mode=mode, block_size=D, max_new_tokens=24, use_cache=cache)).generate(prompt)
-            assert g.tokens == want, (mode, D, cache)
+    """The trained tiny model (drafts really accepted), packed; every mode decodes what ``transformers``
+    ``generate`` writes on the weights as stored, cached and uncached."""
+    packed_before = bool(packed_layers(trained.model))  # SDLM.load's default on this CPU
+    trained.prepack()
+    try:
+        for seed, length in [(1, 5), (2, 11)]:
+            prompt = random_prompt(seed, length)
+            with packing_off():
+                want = hf_greedy(trained, prompt, 24)
+            for mode, D, cache in [("ar", 4, True), ("speculative", 2, True), ("speculative", 4, True),
+                                   ("speculative", 8, True), ("speculative", 4, False)]:
+                g = Decoder(trained, GenerationConfig(mode=mode, block_size=D, max_new_tokens=24,
+                                                      use_cache=cache)).generate(prompt)
+                assert g.tokens == want, (mode, D, cache)
+    finally:
+        if not packed_before:  # the shared fixture as the other tests get it
+            trained.unpack()
     assert packed_calls  # the decoders ran packed
 
 
-def test_load_packs_by_default_on_cpu_and_not_when_told(tmp_path):
+@pytest.mark.parametrize("vendor, mkl, packs32", [("AuthenticAMD", True, True), ("GenuineIntel", True, False),
+                                                   ("GenuineIntel", False, True), (None, True, True)])
+def test_load_packs_where_it_pays_and_as_told(tmp_path, monkeypatch, vendor, mkl, packs32):
+    """By default float32 is packed except on an Intel CPU with MKL (whose own float32 products were the faster
+    there); bf16 is packed wherever the build can; True and False force it either way."""
+    import sdlm.cpu as cpu
     from conftest import make_sdlm
     from sdlm.model import SDLM
 
+    info = {"flags": "avx2 avx512f avx512_bf16"} | ({"vendor_id": vendor} if vendor else {})
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    assert cpu.intel_mkl() is (vendor == "GenuineIntel" and mkl)
+    assert cpu.packing_pays(torch.float32) is packs32 and cpu.packing_pays(torch.bfloat16)
     path = make_sdlm("llama").save(tmp_path / "m")
-    assert packed_layers(SDLM.load(str(path)).model)
+    assert bool(packed_layers(SDLM.load(str(path)).model)) is packs32
+    assert packed_layers(SDLM.load(str(path), prepack=True).model)
     assert not packed_layers(SDLM.load(str(path), prepack=False).model)
+    if can_prepack(torch.bfloat16):
+        assert packed_layers(SDLM.load(str(path), dtype=torch.bfloat16).model)
 
 
 def test_weights_made_under_inference_mode_are_left_unpacked(caplog):
@@ -227,6 +246,7 @@ def test_load_keeps_the_stored_weights_when_memory_is_short(tmp_path, monkeypatc
     from conftest import make_sdlm
     from sdlm.model import SDLM
 
+    monkeypatch.setattr(cpu, "packing_pays", lambda dtype: True)  # as on a CPU where packing is the default
     path = make_sdlm("llama").save(tmp_path / "m")
     need = cpu.packed_bytes(SDLM.load(str(path), prepack=False).model)
     assert need > 0
