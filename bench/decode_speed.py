@@ -85,10 +85,6 @@ def main() -> int:
                     help="run every mode twice, with this library's decoding cache and attention and with "
                          "transformers' own (DynamicCache, sdpa copying grouped keys per head; rows 'MODE plain'), "
                          "in one run")
-    ap.add_argument("--also-head-apart", action="store_true",
-                    help="run every mode twice, with the LM head on all the rows of a small step in one product "
-                         "(sdlm.decode.HEAD_ROWS_AT_ONCE) and with it run apart on the causal rows and the kept block "
-                         "(rows 'MODE head-apart'), in one run")
     ap.add_argument("--few-shot", type=int, default=0,
                     help="put this many worked GSM8K-train examples (question and answer) before each prompt: "
                          "a long prompt")
@@ -137,8 +133,7 @@ def main() -> int:
 
     results, outputs = {}, {}
     variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else []) \
-        + (["plain"] if args.also_plain else []) + (["checked"] if args.also_checked else []) \
-        + (["head-apart"] if args.also_head_apart else [])
+        + (["plain"] if args.also_plain else []) + (["checked"] if args.also_checked else [])
     runs = [(spec, v) for spec in args.modes for v in variants if not (spec == "hf" and v)]
 
     @contextlib.contextmanager
@@ -146,18 +141,8 @@ def main() -> int:
         with plain_cache(), plain_sdpa():
             yield
 
-    @contextlib.contextmanager
-    def head_apart():
-        import sdlm.decode as decode_mod
-
-        at_once, decode_mod.HEAD_ROWS_AT_ONCE = decode_mod.HEAD_ROWS_AT_ONCE, 0
-        try:
-            yield
-        finally:
-            decode_mod.HEAD_ROWS_AT_ONCE = at_once
-
     switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora, "plain": plain_internals,
-              "checked": checked_calls, "head-apart": head_apart}
+              "checked": checked_calls}
     label = lambda spec, variant: f"{spec} {variant}" if variant else spec  # noqa: E731
     configs = {}
     for spec, variant in runs:
@@ -220,7 +205,7 @@ def main() -> int:
         r["speed_vs_ar"] = round(r["median_tokens_per_second"] / base, 2) if base else None
     for k, r in results.items():  # packed against unpacked, fused against unfused, own against plain, same mode
         for variant, key in ((" unpacked", "packed_speedup"), (" unfused", "fused_speedup"), (" plain", "own_speedup"),
-                             (" checked", "vouched_speedup"), (" head-apart", "head_at_once_speedup")):
+                             (" checked", "vouched_speedup")):
             if k.endswith(variant) and k[: -len(variant)] in results:
                 own = k[: -len(variant)]
                 r[key] = round(results[own]["median_tokens_per_second"] / r["median_tokens_per_second"], 2)
@@ -248,8 +233,6 @@ def main() -> int:
               + (f" (per prompt x{r['own_speedup_per_prompt']})" if "own_speedup_per_prompt" in r else "")
               + (f"  vouched/checked x{r['vouched_speedup']}" if "vouched_speedup" in r else "")
               + (f" (per prompt x{r['vouched_speedup_per_prompt']})" if "vouched_speedup_per_prompt" in r else "")
-              + (f"  head at once/apart x{r['head_at_once_speedup']}" if "head_at_once_speedup" in r else "")
-              + (f" (per prompt x{r['head_at_once_speedup_per_prompt']})" if "head_at_once_speedup_per_prompt" in r else "")
               + (f"  per-prompt ratio to ar x{r['median_prompt_ratio_vs_ar']}" if "median_prompt_ratio_vs_ar" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -216,15 +216,6 @@ joint probability is above 0.2. A tree's runners-up are each less likely than th
 README), 0.1 offered about four nodes a step and was slower than 0.15 to 0.2, and at 0.2 the tree decoded
 about as fast as the chain at :data:`CPU_DRAFT_THRESHOLD`, with a few more tokens per forward."""
 
-HEAD_ROWS_AT_ONCE = 10
-"""On a CPU, a speculative step with at most this many logit rows (the causal rows and the candidate blocks; 5 at
-D = 4 without drafts, 10 with one) runs the LM head on all of them in one product when the accept rule first
-reads logits, rather than once on the causal rows and again on the slots of the block it keeps. The head's
-weight (576 x 49k for the default model, 113 MB in float32) is then read once: on a 2-core Xeon a 1-row head
-product took 4.1 ms, 3 rows 4.8, 5 rows 6.9 and 10 rows 8.0 (``bench/results/lm-head-rows-cpu-amx.txt``).
-Larger steps keep the two products: each extra row costs compute, more so on CPUs with slower float32
-arithmetic."""
-
 
 def draft_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
     """The draft threshold a decoder uses: the config's, or by default :data:`CPU_DRAFT_THRESHOLD` for
@@ -526,19 +517,12 @@ class Decoder:
 
 
 class _LazyLogits:
-    """A step's logits, computed from its final hidden states for the rows the accept rule reads. On a CPU, a
-    step of at most :data:`HEAD_ROWS_AT_ONCE` rows has them all computed in one product at the first read."""
+    """A step's logits, computed from its final hidden states for the rows the accept rule reads."""
 
     def __init__(self, sdlm: SDLM, hidden: torch.Tensor):
         self.sdlm, self.hidden = sdlm, hidden
-        self.all: torch.Tensor | None = None
-        self.at_once = hidden.device.type == "cpu" and hidden.shape[0] <= HEAD_ROWS_AT_ONCE
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        if self.at_once:
-            if self.all is None:
-                self.all = self.sdlm.head_logits(self.hidden)
-            return self.all[a:b]
         return self.sdlm.head_logits(self.hidden[a:b])
 
 

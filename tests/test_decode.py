@@ -614,37 +614,21 @@ def test_length_limit_is_cut_by_the_context(llama):
     assert g.new_tokens <= 8 and g.finish_reason in ("length", "eos")
 
 
-@pytest.mark.parametrize("at_once", [0, 10, 1000])
 @pytest.mark.parametrize("D, tree", [(4, None), (8, None), (4, "3,2,1")])
-def test_speculative_runs_the_lm_head_only_on_rows_it_reads(trained, monkeypatch, D, tree, at_once):
+def test_speculative_runs_the_lm_head_only_on_rows_it_reads(trained, monkeypatch, D, tree):
     """A speculative step reads the causal rows, then the slots of one candidate block: the LM head runs
-    on those rows only, and the tokens, forwards and accept lengths are those of the full logits. A step
-    of at most ``HEAD_ROWS_AT_ONCE`` rows (on a CPU) runs it once on all its rows instead."""
-    import sdlm.decode as decode_mod
-
+    on those rows only, and the tokens, forwards and accept lengths are those of the full logits."""
     prompt = random_prompt(3, 9)
     cfg = GenerationConfig(mode="speculative", block_size=D, max_new_tokens=32, tree=tree)
     dense = Decoder(trained, cfg)
     dense._plain_head = False  # every row's logits, as step_logits gives them
     want = dense.generate(prompt)
-    monkeypatch.setattr(decode_mod, "HEAD_ROWS_AT_ONCE", at_once)
-    steps = []  # per step: its logit rows, then the rows of each head product
-    real_init, real_head = decode_mod._LazyLogits.__init__, trained.head_logits
-
-    def init(self, sdlm, hidden):
-        steps.append([hidden.shape[0]])
-        real_init(self, sdlm, hidden)
-
-    monkeypatch.setattr(decode_mod._LazyLogits, "__init__", init)
-    monkeypatch.setattr(trained, "head_logits", lambda h: steps[-1].append(h.shape[0]) or real_head(h))
+    rows = []
+    real = trained.head_logits
+    monkeypatch.setattr(trained, "head_logits", lambda h: rows.append(h.shape[0]) or real(h))
     got = Decoder(trained, cfg).generate(prompt)
     assert (got.tokens, got.forwards, got.accept_histogram) == (want.tokens, want.forwards, want.accept_histogram)
     assert want.forwards < want.new_tokens  # drafts were accepted: blocks other than B_0 were read
-    assert len(steps) == got.forwards
     nodes = len(dense.tree.parents) if tree else D - 1  # drafts verified per step at most
-    parted = [products for n, *products in steps if n > at_once]
-    assert all(products == [n] for n, *products in steps if n <= at_once)  # all rows, one product
-    assert all(len(products) == 2 for products in parted)  # causal rows, then one block's
-    rows = [r for products in parted for r in products]
-    assert not rows or max(rows) <= nodes + 1 and sum(rows) < len(parted) * (nodes + 1 + (nodes + 1) * D) / 2
-    assert bool(parted) is (at_once < 1000) and (at_once != 10 or len(parted) < len(steps))
+    assert len(rows) == 2 * got.forwards  # causal rows, then one block's, per step
+    assert max(rows) <= nodes + 1 and sum(rows) < got.forwards * (nodes + 1 + (nodes + 1) * D) / 2
