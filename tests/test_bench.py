@@ -59,8 +59,9 @@ def test_decode_speed_also_unfused_and_checked(tmp_path):
 def test_decode_speed_packing_flags(tmp_path):
     """--also-unpacked packs the weights whatever the CPU's default, so both rows exist; the contradictory
     flags are refused."""
-    from sdlm.cpu import can_prepack
     import torch
+
+    from sdlm.cpu import can_prepack
 
     if can_prepack(torch.float32):
         res, data = _run(tmp_path, "--modes", "ar", "--also-unpacked")

@@ -154,10 +154,12 @@ def test_calibrate_tree_then_generate_with_it(capsys, tmp_path, trained):
 
 @pytest.mark.parametrize("flag, packed", [("--prepack", True), ("--no-prepack", False)])
 def test_generate_packs_as_told_and_writes_the_same_tokens(capsys, monkeypatch, flag, packed):
+    import torch
+
     import sdlm.cpu as cpu
     from sdlm.model import SDLM
 
-    if packed and not cpu.can_prepack(cpu.torch.float32):
+    if packed and not cpu.can_prepack(torch.float32):
         pytest.skip("this PyTorch build has no oneDNN linear")
     loaded = []
     real = SDLM._prepack_if
