@@ -127,9 +127,8 @@ def clean_kernel(tr: Trainer) -> str:
     """The clean pass's attention kernel of ``attention: blocks`` (``auto`` resolved for the step's dtype)."""
     from sdlm.attention import clean_pass_kernel
 
-    if tr.cfg.clean_attention != "auto":
-        return tr.cfg.clean_attention
-    return f"auto: {clean_pass_kernel(tr.sdlm.device, torch.bfloat16 if tr.bf16 else torch.float32)}"
+    kernel = clean_pass_kernel(tr.sdlm.device, torch.bfloat16 if tr.bf16 else torch.float32, tr.cfg.clean_attention)
+    return f"auto: {kernel}" if tr.cfg.clean_attention == "auto" else kernel
 
 
 def header(args, tr: Trainer, cuda: bool) -> str:

@@ -168,10 +168,11 @@ def _shared_prefix_len(seq: torch.Tensor) -> int:
     return int(other[0]) if len(other) else seq.numel()
 
 
-def causal_segments(clean: TokenInfo) -> CausalSegments | None:
+def causal_segments(clean: TokenInfo, kernel: str = "auto") -> CausalSegments | None:
     """The :class:`CausalSegments` of a clean part (fields (1, L)) that holds whole samples one after
     another, each at positions 0, 1, ..., with no padding; or a shared prefix at positions 0, 1, ...,
-    P-1 and then the samples' own tokens, each at positions P, P+1, ...; None for any other shape."""
+    P-1 and then the samples' own tokens, each at positions P, P+1, ...; None for any other shape.
+    ``kernel``: how a pass without gradients runs it (:attr:`CausalSegments.kernel`)."""
     if clean.pos.shape[0] != 1 or clean.seq is None or bool((clean.block >= 0).any()):
         return None
     P = _shared_prefix_len(clean.seq[0])
@@ -183,7 +184,7 @@ def causal_segments(clean: TokenInfo) -> CausalSegments | None:
         first = P if a >= P else 0
         if not torch.equal(clean.pos[0, a:b], torch.arange(first, first + b - a, device=clean.pos.device)):
             return None
-    return CausalSegments(runs, P)
+    return CausalSegments(runs, P, kernel=kernel)
 
 
 def _whole_blocks(block: torch.Tensor, block_size: int) -> bool:
@@ -520,12 +521,15 @@ def causal_segments_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out
 
 
-def clean_pass_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """The faster way to run a training step's clean pass (:class:`CausalSegments`) measured for such a
-    device and dtype: ``chunks`` for bf16 on a CPU whose bf16 products run on AVX-512 alone (1.88 against
-    2.84 ms per layer for a 370-token sample on a Zen 4), ``sdpa`` elsewhere: on CPUs with AMX (1.62
-    against 2.96 on a Xeon), in float32 (19% faster on an AVX2 Zen 3) and on GPUs (one kernel per segment
-    instead of several per chunk). ``python bench/block_attention_cost.py`` times both."""
+def clean_pass_kernel(device: torch.device, dtype: torch.dtype, setting: str = "auto") -> str:
+    """The kernel of a training step's clean pass (:class:`CausalSegments`) for ``setting`` (``chunks`` or
+    ``sdpa`` as given). ``auto``: the faster one measured for such a device and dtype: ``chunks`` for bf16
+    on a CPU whose bf16 products run on AVX-512 alone (1.88 against 2.84 ms per layer for a 370-token
+    sample on a Zen 4), ``sdpa`` elsewhere: on CPUs with AMX (1.62 against 2.96 on a Xeon), in float32 (19%
+    faster on an AVX2 Zen 3) and on GPUs (one kernel per segment instead of several per chunk). ``python
+    bench/block_attention_cost.py`` times both."""
+    if setting != "auto":
+        return setting
     from .cpu import has_amx
 
     return "chunks" if device.type == "cpu" and dtype == torch.bfloat16 and not has_amx() else "sdpa"
@@ -593,7 +597,7 @@ def _pattern_attention(module, query, key, value, attention_mask, scaling=None, 
         kwargs.pop("is_causal", None)
         grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if not grads and key.shape[2] == query.shape[2]:  # a pass over the clean tokens alone, as the step runs
-            kernel = layout.kernel if layout.kernel != "auto" else clean_pass_kernel(query.device, query.dtype)
+            kernel = clean_pass_kernel(query.device, query.dtype, layout.kernel)
             run = causal_segments_attention if kernel == "chunks" else causal_segments_sdpa
             return run(query, key, value, layout, scale), None
         outs = []

@@ -474,10 +474,8 @@ def two_pass_loss(
         elif gather_attn:  # each chunk of clean tokens over the clean keys it sees
             mask = clean_gathered
         else:  # several samples in one row: causal within each (block attention's models), else the dense rule
-            mask = causal_segments(clean.info) if blocks_attn else None
-            if mask is not None:
-                mask.kernel = clean_attention
-            mask = mask or _mask(sdlm, clean.info, clean.info)
+            mask = (causal_segments(clean.info, clean_attention) if blocks_attn else None) \
+                or _mask(sdlm, clean.info, clean.info)
         if distill > 0:
             tcol = blocks.teacher_col[:, keep][kb]  # (N,) clean column of each target's teacher
             rows = torch.nonzero(kb)[:, 0]
