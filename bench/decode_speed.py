@@ -60,7 +60,9 @@ def main() -> int:
                          "confidence:D:tau, confidence:D:tau:causal (the model's own first token), "
                          "confidence:D:tau:verify (slots below tau verified next step); a last part draftP "
                          "(speculative:4:chain:draft0.1) verifies only the leading drafts whose joint probability is above P "
-                         "(draft0: every draft; without it, the device's default)")
+                         "(draft0: every draft; without it, the device's default); a part blockP "
+                         "(speculative:4:chain:block0.8) carries only the candidate blocks of accept lengths at least "
+                         "P likely (block0: every block)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     ap.add_argument("--batch-size", type=int, default=1, help="decode this many prompts together")
@@ -105,7 +107,7 @@ def main() -> int:
     from sdlm.attention import plain_sdpa
     from sdlm.kvcache import plain_cache
     from sdlm.cpu import checked_calls, describe as describe_cpu, describe_host, packed_layers, packing_off
-    from sdlm.decode import Decoder, GenerationConfig, draft_threshold_for, encode_prompt
+    from sdlm.decode import Decoder, GenerationConfig, block_threshold_for, draft_threshold_for, encode_prompt
     from sdlm.model import SDLM
 
     if args.prepack and args.no_prepack:
@@ -160,6 +162,7 @@ def main() -> int:
             tree=parts[2] if len(parts) > 2 and mode == "speculative" else None,
             first_token="causal" if "causal" in parts[3:] else "block", verify="verify" in parts[3:],
             draft_threshold=next((float(x[5:]) for x in parts[3:] if x.startswith("draft")), None),
+            block_threshold=next((float(x[5:]) for x in parts[3:] if x.startswith("block")), None),
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def run(spec, variant, chunk):
@@ -192,6 +195,7 @@ def main() -> int:
         }
         if configs[key] is not None and configs[key].drafting:  # the threshold in force (a device's default)
             results[key]["draft_threshold"] = draft_threshold_for(configs[key], sdlm.device)
+            results[key]["block_threshold"] = block_threshold_for(configs[key], sdlm.device)
     if args.interleave and "ar" in gens_of:  # per prompt against ar's run of the same prompt, then the median
         for key, gens in gens_of.items():
             results[key]["median_prompt_ratio_vs_ar"] = round(statistics.median(

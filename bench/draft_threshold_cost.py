@@ -19,6 +19,11 @@ step with ``N`` nodes holds ``1 + N + (N + 1) * D`` tokens.
 
     python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0 0.05 0.1 0.2 0.3
     python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0 0.1 0.2 0.3 --tree auto
+    python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0.1 --block-thresholds 0 0.5 0.8 1
+
+With ``--block-thresholds`` a chain step carries only the candidate blocks of the accept lengths at least that
+likely (:attr:`sdlm.decode.GenerationConfig.block_threshold`): a step with ``k`` drafts and ``b`` blocks holds
+``1 + k + b * D`` tokens, and the steps of every such size are timed.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=None) -> dict[int, float]:
+def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=None,
+               fewer_blocks: bool = False) -> dict[int, float]:
     """Median seconds of a decoding forward by its tokens: ``ar``'s 1, and a chain step with k = 0 .. D-1
     drafts (``1 + k + (k + 1) * D`` tokens), over ``cached`` committed tokens of ``seq`` (fewer if ``seq``
-    is shorter). With a draft ``tree``, its steps with the first N = 0 .. len(tree) nodes instead."""
+    is shorter). With ``fewer_blocks``, also the chain steps that carry b = 0 .. k of their candidate blocks
+    (``1 + k + b * D`` tokens; a block threshold). With a draft ``tree``, its steps with the first
+    N = 0 .. len(tree) nodes instead."""
     from sdlm.kvcache import new_cache
     from sdlm.layout import ar_step, speculative_step
     from sdlm.model import SDLM
@@ -54,6 +62,9 @@ def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=
         parents = tree.parents[:k] if tree is not None else None
         st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask, parents)
         steps[len(st.input_ids)] = (st, k + 1 + D)  # the accept rule reads k + 1 causal rows and one block
+        for b in range(k + 1) if fewer_blocks and tree is None else ():
+            st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask, blocks=range(b))
+            steps[len(st.input_ids)] = (st, k + 1 + (D if b else 0))  # (k = b = 0 is ar's step)
     times: dict[int, list[float]] = {n: [] for n in steps}
     for r in range(reps + 2):  # two warm-up rounds
         for n, (st, rows) in steps.items():
@@ -74,6 +85,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
+    ap.add_argument("--block-thresholds", type=float, nargs="+", default=[0.0],
+                    help="chain steps that carry only the candidate blocks of accept lengths at least this likely "
+                         "(GenerationConfig.block_threshold), each with every draft threshold; 0: every block")
     ap.add_argument("--tree", default=None, metavar="SPEC",
                     help="replay draft trees instead of the chain: auto (the model's calibrated tree for each D), "
                          "widths like 3,2,1, or a JSON file of rank paths")
@@ -84,6 +98,10 @@ def main() -> int:
     args = ap.parse_args()
     if any(not 0.0 <= t < 1.0 for t in args.thresholds):
         ap.error("--thresholds must be in [0, 1)")
+    if any(not 0.0 <= t <= 1.0 for t in args.block_thresholds):
+        ap.error("--block-thresholds must be in [0, 1]")
+    if args.tree and any(args.block_thresholds):
+        ap.error("--block-thresholds are for the chain of drafts: drop them or --tree")
 
     from heldout_tpf import heldout_answers
     from sdlm.cpu import describe_host
@@ -115,7 +133,7 @@ def main() -> int:
             except SDLMError as e:
                 raise SystemExit(f"--tree {args.tree}: {e}")
             print(f"D={D}: tree of {len(tree)} nodes {tree.to_json()}", flush=True)
-        cost = step_costs(sdlm, longest, D, args.reps, tree=tree)
+        cost = step_costs(sdlm, longest, D, args.reps, tree=tree, fewer_blocks=any(args.block_thresholds))
         print(f"D={D}: seconds per forward by its tokens: "
               + ", ".join(f"{n}: {c * 1e3:.1f} ms" for n, c in sorted(cost.items())), flush=True)
         if tree is None:
@@ -128,25 +146,35 @@ def main() -> int:
         res = {"step_ms": {n: round(c * 1e3, 2) for n, c in sorted(cost.items())}, "thresholds": {}}
         if tree is not None:
             res["tree"] = tree.to_json()
-        for thr in args.thresholds:
-            row = {}
-            for name, rows in seqs.items():
-                new = fw = 0
-                steps_s = ar_s = 0.0
-                offered: list[int] = []
-                for (p, y), (drafts, probs) in zip(rows, blocks[name]):
-                    t = replay(drafts, p + y, len(p), args.max_new_tokens, tree, top_probs=probs, draft_threshold=thr)
-                    new, fw = new + t.new_tokens, fw + t.forwards
-                    offered += t.offered
-                    steps_s += sum(cost[1 + k + (k + 1) * D] for k in t.offered)  # the steps after the prefill
-                    ar_s += cost[1] * (t.new_tokens - 1)
-                row[name] = {"tokens_per_forward": round(new / fw, 3), "speed_vs_ar": round(ar_s / steps_s, 3),
-                             "drafts_per_step": round(sum(offered) / max(len(offered), 1), 2)}
-            res["thresholds"][thr] = row
-            print(f"D={D} threshold {thr:<5}: " + "  ".join(
-                f"{name} {r['tokens_per_forward']:.2f} tok/fwd x{r['speed_vs_ar']:.2f} ({r['drafts_per_step']:.1f} drafts)"
-                for name, r in row.items()),
-                flush=True)
+        for bthr in args.block_thresholds:
+            for thr in args.thresholds:
+                row = {}
+                for name, rows in seqs.items():
+                    new = fw = 0
+                    steps_s = ar_s = 0.0
+                    offered: list[int] = []
+                    carried: list[int] = []
+                    for (p, y), (drafts, probs) in zip(rows, blocks[name]):
+                        t = replay(drafts, p + y, len(p), args.max_new_tokens, tree, top_probs=probs, draft_threshold=thr,
+                                   block_threshold=bthr)
+                        new, fw = new + t.new_tokens, fw + t.forwards
+                        offered += t.offered
+                        carried += t.blocks
+                        # the steps after the prefill
+                        steps_s += sum(cost[1 + k + b * D] for k, b in zip(t.offered, t.blocks))
+                        ar_s += cost[1] * (t.new_tokens - 1)
+                    row[name] = {"tokens_per_forward": round(new / fw, 3), "speed_vs_ar": round(ar_s / steps_s, 3),
+                                 "drafts_per_step": round(sum(offered) / max(len(offered), 1), 2),
+                                 "blocks_per_step": round(sum(carried) / max(len(carried), 1), 2)}
+                if bthr:
+                    res.setdefault("block_thresholds", {}).setdefault(bthr, {})[thr] = row
+                else:
+                    res["thresholds"][thr] = row
+                print(f"D={D} threshold {thr:<5}" + (f" block {bthr:<4}" if any(args.block_thresholds) else "") + ": "
+                      + "  ".join(f"{name} {r['tokens_per_forward']:.2f} tok/fwd x{r['speed_vs_ar']:.2f} "
+                                  f"({r['drafts_per_step']:.1f} drafts, {r['blocks_per_step']:.1f} blocks)"
+                                  for name, r in row.items()),
+                      flush=True)
         out["block_sizes"][D] = res
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -82,10 +82,17 @@ def main() -> int:
                     help="the decoder offering only the leading drafts (with --tree: the nodes) whose joint probability "
                          "is above P (GenerationConfig.draft_threshold; decoding on a CPU defaults to 0.1 for the chain, "
                          "0.2 for trees); default 0: every draft")
+    ap.add_argument("--block-threshold", type=float, default=0.0, metavar="P",
+                    help="the chain's decoder carrying only the candidate blocks of accept lengths at least P likely "
+                         "(GenerationConfig.block_threshold; decoding on a CPU defaults to 0.8); default 0: every block")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if not 0.0 <= args.draft_threshold < 1.0:
         ap.error("--draft-threshold must be in [0, 1)")
+    if not 0.0 <= args.block_threshold <= 1.0:
+        ap.error("--block-threshold must be in [0, 1]")
+    if args.block_threshold and args.tree:
+        ap.error("--block-threshold is for the chain of drafts: drop it or --tree")
 
     from sdlm.distill import _encode
     from sdlm.cpu import describe_host
@@ -98,7 +105,7 @@ def main() -> int:
     sdlm = SDLM.load(args.model, quiet=True)
     tok = sdlm.tokenizer
     results = {"model": args.model, "n_per_set": args.n, "max_new_tokens": args.max_new_tokens,
-               "draft_threshold": args.draft_threshold, "sets": {}}
+               "draft_threshold": args.draft_threshold, "block_threshold": args.block_threshold, "sets": {}}
     trees = {D: parse_tree(args.tree, sdlm.config.draft_trees, D) for D in args.block_sizes}
     if args.tree:
         results["trees"] = {D: {"paths": t.to_json(), "nodes": len(t), "tokens_per_step": 1 + len(t) + (len(t) + 1) * D}
@@ -112,7 +119,8 @@ def main() -> int:
                 prompt = _encode(tok, r["messages"][:-1])
                 out = r["answer_ids"]
                 res.append(tokens_per_forward(sdlm, prompt, out, D, max_new_tokens=args.max_new_tokens, tree=trees[D],
-                                              draft_threshold=args.draft_threshold))
+                                              draft_threshold=args.draft_threshold,
+                                              block_threshold=args.block_threshold))
             s = summarize(res)
             results["sets"][name][D] = {"tokens_per_forward": round(s["tokens_per_forward"], 3),
                                         "prompts": s["prompts"], "new_tokens": s["new_tokens"]}

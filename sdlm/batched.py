@@ -122,7 +122,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
                 r.drafts = decoder._trim_drafts(r.drafts, remaining)  # the bonus token needs one slot of the budget
                 if r.draft_q is not None:
                     r.draft_q = r.draft_q[: len(r.drafts)]
-            st = decoder._layout(u, first, r.drafts)
+            st = decoder._layout(u, first, r.drafts, r.draft_q)
             steps.append(st)
             uncached.append(u)
             n_causal.append(len(u) + (len(r.drafts) if cfg.drafting else 0))

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "stays above P; with --tree, only the tree's nodes whose joint probability is above P (smaller "
                         "forwards; the output is unchanged). Default on a CPU, where a forward costs more the more tokens "
                         "it holds: 0.1 for speculative's chain, 0.2 for its trees; otherwise 0 (every draft)")
+    g.add_argument("--block-threshold", type=float, default=None, metavar="P",
+                   help="speculative's chain (and confidence --verify): a step carries the candidate block of an accept "
+                        "length only where its drafts make that length at least P likely, and none where no length is "
+                        "(smaller forwards; the output is unchanged). Default on a CPU: 0.8 for the chain; otherwise 0 "
+                        "(a block for every accept length)")
     g.add_argument("--block-size", type=int, default=None, help="block size D (default: the model's trained D)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -137,7 +142,7 @@ def cmd_generate(args) -> int:
     cfg = GenerationConfig(
         mode=args.mode, block_size=args.block_size, threshold=args.threshold, confidence=args.confidence,
         first_token=args.first_token, verify=args.verify, draft_threshold=args.draft_threshold,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        block_threshold=args.block_threshold, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), tree=args.tree,
     )
     cfg.validate()  # before the model loads: bad flags fail fast

@@ -81,6 +81,18 @@ class GenerationConfig:
     offers every draft. None (the default): :data:`CPU_DRAFT_THRESHOLD` for ``speculative``'s chain on a
     CPU, where a forward's cost grows with its tokens, :data:`CPU_TREE_DRAFT_THRESHOLD` for its trees there,
     and 0 otherwise (:func:`draft_threshold_for`)."""
+    block_threshold: float | None = None
+    """``speculative``'s chain (and ``confidence`` with ``verify``): a step carries the candidate block of
+    an accept length only where the drafts make that length at least this likely, and none where no
+    length is (then the next step verifies no drafts and carries one block again). A step with ``k`` drafts
+    otherwise carries ``k + 1`` candidate blocks of D tokens, one for each number of drafts it may accept,
+    and reads only one of them. The chance of accepting exactly ``a`` drafts is read from the drafts' top
+    probabilities ``p_1 .. p_k`` as ``p_1 * .. * p_a * (1 - p_{a+1})`` (the last factor is left out for
+    ``a = k``); a step without drafts always carries its block. ``speculative``'s output is unchanged (the
+    blocks only decide which drafts the next step offers, and that from probabilities, never from the
+    tokens drawn). 0 carries every block. None (the default): :data:`CPU_BLOCK_THRESHOLD` for
+    ``speculative``'s chain on a CPU, where a block's tokens cost time, and 0 otherwise
+    (:func:`block_threshold_for`)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -131,6 +143,15 @@ class GenerationConfig:
         if self.draft_threshold and not self.drafting:
             raise SDLMError("a draft threshold is for the modes with drafts (speculative, confidence --verify): "
                             "drop --draft-threshold or change --mode")
+        if self.block_threshold is not None and not 0.0 <= self.block_threshold <= 1.0:
+            raise SDLMError(f"block threshold must be in [0, 1], got {self.block_threshold}: try --block-threshold 0.8 "
+                            "(0 = a candidate block for every accept length)")
+        if self.block_threshold and not self.drafting:
+            raise SDLMError("a block threshold is for the modes with drafts (speculative, confidence --verify): "
+                            "drop --block-threshold or change --mode")
+        if self.block_threshold and self.wants_tree:
+            raise SDLMError("a block threshold is for the chain of drafts; a draft tree carries a block for every "
+                            "node it offers (--draft-threshold prunes its nodes): drop --block-threshold or --tree")
         if not 0.0 <= self.threshold <= 1.0:
             raise SDLMError(f"threshold must be in [0, 1], got {self.threshold}: try --threshold 0.9")
         if self.max_new_tokens < 1:
@@ -229,6 +250,43 @@ def draft_threshold_for(config: GenerationConfig, device: torch.device | str) ->
     return CPU_TREE_DRAFT_THRESHOLD if config.wants_tree else CPU_DRAFT_THRESHOLD
 
 
+CPU_BLOCK_THRESHOLD = 0.8
+"""The block threshold (:attr:`GenerationConfig.block_threshold`) of ``speculative``'s chain on a CPU: a
+step carries the candidate block of an accept length only where that length has a chance of at least 0.8,
+which leaves at most one block, and none where the drafts leave the outcome open. On a CPU the first block of
+a step costs most of all (the adapter's products and a second pass of the LM head: a 2-core Xeon, float32,
+the default model, 35 ms for a step of 1 token, 62 ms for 5), and every further block a little more, while
+the drafts a block brings are often rejected. Priced and timed in ``bench/draft_threshold_cost.py`` and
+``bench/decode_speed.py --interleave`` (figures in the README)."""
+
+
+def block_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
+    """The block threshold a decoder uses: the config's, or by default :data:`CPU_BLOCK_THRESHOLD` for
+    ``speculative``'s chain of drafts on a CPU, and 0 (every candidate block) otherwise."""
+    if config.block_threshold is not None:
+        return config.block_threshold
+    if config.mode != "speculative" or config.wants_tree or torch.device(device).type != "cpu":
+        return 0.0
+    return CPU_BLOCK_THRESHOLD
+
+
+def likely_accept_lengths(top_probs: Sequence[float], threshold: float) -> list[int]:
+    """Which numbers of accepted drafts get a candidate block: those whose chance is at least ``threshold``.
+
+    ``top_probs`` are the ``k`` offered drafts' top probabilities. The chance of accepting exactly ``a`` of
+    them is ``p_1 * .. * p_a * (1 - p_{a+1})`` (for ``a = k``: ``p_1 * .. * p_k``). Without drafts the one
+    length, 0, is certain."""
+    out, joint = [], 1.0
+    k = len(top_probs)
+    for a in range(k + 1):
+        chance = joint * (1.0 - float(top_probs[a])) if a < k else joint
+        if chance >= threshold:
+            out.append(a)
+        if a < k:
+            joint *= float(top_probs[a])
+    return out
+
+
 def likely_drafts(top_probs: torch.Tensor, threshold: float) -> int:
     """How many leading drafts to offer: the longest prefix whose joint probability, the product of
     the slots' top probabilities ``top_probs``, stays strictly above ``threshold``.
@@ -265,6 +323,7 @@ class Decoder:
         # head runs on those only, where the model's logits are its LM head's output
         self._plain_head = config.drafting and _plain_head(sdlm)
         self.draft_threshold = draft_threshold_for(config, sdlm.device)
+        self.block_threshold = block_threshold_for(config, sdlm.device)
         self.tree = None
         if config.mode == "speculative":
             from .tree import parse_tree
@@ -290,7 +349,7 @@ class Decoder:
         lazy_head = self._plain_head and "step_logits" not in vars(self.sdlm)
         cached = 0  # committed tokens whose KV is in the cache
         drafts: list[int] = []  # speculative: proposals for the positions after the next bonus token
-        draft_q: torch.Tensor | None = None  # their draft distributions (sampling only)
+        draft_q: torch.Tensor | None = None  # their draft distributions (the thresholds read their top probabilities)
         text_before = ""
 
         while True:
@@ -303,7 +362,7 @@ class Decoder:
                 drafts = self._trim_drafts(drafts, remaining)
                 if draft_q is not None:
                     draft_q = draft_q[: len(drafts)]
-            step = self._layout(uncached, first, drafts)
+            step = self._layout(uncached, first, drafts, draft_q)
             if cache is not None:
                 self.sdlm.trim(cache, first)  # windowed layers: what no query at position >= first can see
             if lazy_head:
@@ -354,7 +413,7 @@ class Decoder:
 
     # ------------------------------------------------------------ the three steps
 
-    def _layout(self, uncached, first, drafts) -> StepLayout:
+    def _layout(self, uncached, first, drafts, draft_q=None) -> StepLayout:
         """The new tokens of one step (SPEC §3): what the mode feeds after the cached ones."""
         if self.config.mode == "ar":
             return ar_step(uncached, first)
@@ -362,7 +421,8 @@ class Decoder:
             return confidence_step(uncached, first, self.block_size, self.mask_token_id,
                                    causal_first=self.config.first_token == "causal")
         parents = self._tree_parents(drafts) if self.tree is not None else None
-        return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id, parents)
+        return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id, parents,
+                                self._carried_blocks(drafts, draft_q))
 
     def _accept(self, logits, uncached, first, drafts, draft_q, generator) -> "_Accepted":
         """What one step commits, from its ``n_logits`` logits (see the step layouts)."""
@@ -386,10 +446,14 @@ class Decoder:
         k = len(drafts)
         rows = logits.rows if isinstance(logits, _LazyLogits) else lambda a, b: logits[a:b]
         causal = rows(0, k + 1)  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
-        # then the candidate blocks B_0 .. B_k, D rows each: B_i's slot j is row k + 1 + i * D + j
+        # then the candidate blocks the step carries (B_0 .. B_k, or those of the block threshold), D rows
+        # each: the b-th carried block's slot j is row k + 1 + b * D + j
+        carried = self._carried_blocks(drafts, draft_q) if self.tree is None else None
+        slot_of = {i: b for b, i in enumerate(carried)} if carried is not None else None
 
         def block(i: int, j0: int, j1: int) -> torch.Tensor:
-            return rows(k + 1 + i * D + j0, k + 1 + i * D + j1)
+            b = slot_of[i] if slot_of is not None else i
+            return rows(k + 1 + b * D + j0, k + 1 + b * D + j1)
 
         if self.tree is not None:
             return self._accept_tree(causal, block, drafts, n, generator)
@@ -403,8 +467,9 @@ class Decoder:
         # keep x_0..x_{n-1} and the accepted drafts (exact causal KV). B_a starts at position n+a-1;
         # its slot j predicts n+a+j. Slot 0 is replaced by the bonus token, slots 1..D-1 are the
         # drafts for n+a+1 .. n+a+D-1.
-        sure, next_drafts, next_q = self._next_drafts(block, a, bonus, generator) if D > 1 else ([], [], None)
-        proposed = k + (D - 1 if self.config.verify else 0)
+        has_block = D > 1 and (slot_of is None or a in slot_of)  # else the next step verifies no drafts
+        sure, next_drafts, next_q = self._next_drafts(block, a, bonus, generator) if has_block else ([], [], None)
+        proposed = k + (D - 1 if self.config.verify and has_block else 0)
         return _Accepted(list(drafts[:a]) + [bonus] + sure, proposed, n + a, next_drafts, next_q)
 
     def _next_drafts(self, block, a: int, bonus: int, generator) -> tuple[list[int], list[int], torch.Tensor]:
@@ -460,6 +525,15 @@ class Decoder:
         next_drafts = TreeDrafts([tokens[i] for i in nodes], nodes)
         kept = None if path == list(range(len(path))) else path  # the first nodes: a plain crop keeps them
         return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, kept)
+
+    def _carried_blocks(self, drafts, draft_q) -> list[int] | None:
+        """Which candidate blocks a chain step carries, by accept length (:attr:`GenerationConfig.block_threshold`);
+        None: every one. Read from the drafts' top probabilities, never from tokens drawn."""
+        if self.block_threshold <= 0 or self.tree is not None:
+            return None
+        if not drafts:
+            return [0]
+        return likely_accept_lengths(draft_q.max(-1).values.tolist(), self.block_threshold)
 
     def _trim_drafts(self, drafts: list[int], remaining: int) -> list[int]:
         """The drafts a step may verify: the bonus token needs one slot of the length budget, so at most

@@ -148,7 +148,7 @@ def confidence_step(
 
 def speculative_step(
     uncached: Sequence[int], first_pos: int, drafts: Sequence[int], block_size: int, mask_token_id: int,
-    parents: Sequence[int] | None = None,
+    parents: Sequence[int] | None = None, blocks: Sequence[int] | None = None,
 ) -> StepLayout:
     """SPEC §3.2: uncached committed tokens, drafts ``d_0..d_{k-1}`` as causal tokens, then
     k+1 candidate blocks ``B_i = [token at n+i-1, M x (D-1)]`` at positions ``n+i-1 ..``.
@@ -160,20 +160,28 @@ def speculative_step(
     draft ``parents[i]`` (-1: the last committed token); it sits one position after its parent and
     sees only its ancestors among the drafts. ``B_0`` then starts at ``x_{n-1}`` and ``B_{i+1}`` at
     draft ``i``; the logits are read in the same order.
+
+    With ``blocks`` (accept lengths, increasing) the step carries only those candidate blocks, in that order,
+    and reads ``(k+1) + len(blocks)*D`` logits (:attr:`sdlm.decode.GenerationConfig.block_threshold`).
     """
     if parents is not None:
+        if blocks is not None:
+            raise ValueError("a draft tree carries a block for every node")
         return _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents)
     clean = ar_step(list(uncached) + list(drafts), first_pos)
     n = first_pos + len(uncached)
     k = len(drafts)
+    blocks = range(k + 1) if blocks is None else list(blocks)
+    if any(not 0 <= i <= k for i in blocks) or any(a >= b for a, b in zip(blocks, blocks[1:])):
+        raise ValueError(f"candidate blocks {list(blocks)} must be increasing accept lengths in 0..{k}")
     parts_ids, parts_info = [clean.input_ids], [clean.info]
-    for i in range(k + 1):
+    for i in blocks:
         # B_i starts at the token in position n+i-1: x_{n-1} for i = 0, d_{i-1} after.
         first = int(clean.input_ids[len(uncached) - 1 + i])
         bids, binfo = block(first, n + i - 1, block_size, mask_token_id, i)
         parts_ids.append(bids)
         parts_info.append(binfo)
-    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + (k + 1) * block_size)
+    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + len(blocks) * block_size)
 
 
 def _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents) -> StepLayout:

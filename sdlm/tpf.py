@@ -39,7 +39,9 @@ class TPF:
     accept_histogram: dict[int, int] = field(default_factory=dict)
     offered: list[int] = field(default_factory=list)
     """The chain: drafts offered by each step after the first (a step with ``k`` holds ``1 + k + (k + 1) * D``
-    tokens); a tree: its nodes per step."""
+    tokens, or ``1 + k + b * D`` where it carries ``b`` candidate blocks); a tree: its nodes per step."""
+    blocks: list[int] = field(default_factory=list)
+    """Candidate blocks carried by each step after the first (``offered + 1`` unless a block threshold)."""
 
     @property
     def tokens_per_forward(self) -> float:
@@ -125,7 +127,7 @@ def block_topk_and_probs(sdlm: SDLM, seq: Sequence[int], first: int, block_size:
 
 def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_tokens: int | None = None,
            tree: "DraftTree | None" = None, top_probs: torch.Tensor | None = None,
-           draft_threshold: float = 0.0) -> TPF:
+           draft_threshold: float = 0.0, block_threshold: float = 0.0) -> TPF:
     """Replay SPEC §3.2's greedy accept rule over precomputed block drafts.
 
     ``seq`` is prompt + greedy output; ``drafts`` from :func:`block_drafts`
@@ -137,8 +139,11 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
     the chain, :func:`sdlm.decode.likely_drafts` of ``top_probs`` (from :func:`block_drafts_and_probs`);
     a tree, :meth:`sdlm.tree.DraftTree.likely_nodes` of ``top_probs`` (the ranked predictions'
     probabilities, from :func:`block_topk_and_probs`).
+    With a ``block_threshold`` > 0 (the chain), a step carries only the candidate blocks the decoder carries
+    under it (:func:`sdlm.decode.likely_accept_lengths`), and a step whose accept length had none offers no
+    drafts.
     """
-    from .decode import likely_drafts
+    from .decode import likely_accept_lengths, likely_drafts
     from .tree import tree_accept
 
     seq = [int(t) for t in seq]
@@ -147,23 +152,31 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
         return TPF(0, 0)
     limit = max_new_tokens if max_new_tokens is not None else N
     D = drafts.shape[1]
-    if draft_threshold > 0 and top_probs is None:
-        raise ValueError("a draft threshold is replayed from the drafts' probabilities: pass top_probs")
+    if (draft_threshold > 0 or block_threshold > 0) and top_probs is None:
+        raise ValueError("a draft or block threshold is replayed from the drafts' probabilities: pass top_probs")
+    if block_threshold > 0 and tree is not None:
+        raise ValueError("a block threshold is for the chain of drafts")
     if tree is not None:
         if drafts.dim() != 3 or drafts.shape[2] < max(tree.widths, default=1):
             raise ValueError(f"a tree of widths {tree.widths} needs ranked drafts (n, D, K >= {max(tree.widths)})")
     hist: Counter[int] = Counter({1: 1})  # the prefill forward commits one token
-    gen, forwards, offered = 1, 1, []
+    gen, forwards, offered, carried = 1, 1, [], []
     m = n_prompt  # position of the newest committed (bonus) token
+    has_block = True  # whether the previous step carried the block its accept length needed
     while gen < N:
-        k = min(D - 1, limit - gen - 1)
+        k = min(D - 1, limit - gen - 1) if has_block else 0
         if tree is None:
+            b = m - 1 - (n_prompt - 1)
             if draft_threshold > 0:  # the decoder keeps the likely prefix of the block's D - 1 drafts
-                k = min(k, likely_drafts(top_probs[m - 1 - (n_prompt - 1), 1:], draft_threshold))
-            d = drafts[m - 1 - (n_prompt - 1), 1 : 1 + k].tolist()  # block at p = m-1, slots 1..k
+                k = min(k, likely_drafts(top_probs[b, 1:], draft_threshold))
+            d = drafts[b, 1 : 1 + k].tolist()  # block at p = m-1, slots 1..k
             a = 0
             while a < k and m + 1 + a < len(seq) and d[a] == seq[m + 1 + a]:
                 a += 1
+            lengths = (likely_accept_lengths(top_probs[b, 1 : 1 + k].tolist(), block_threshold) if k
+                       else [0]) if block_threshold > 0 else range(k + 1)
+            carried.append(len(lengths))
+            has_block = a in lengths
         else:
             b = m - 1 - (n_prompt - 1)
             row = drafts[b]  # (D, K): slot j's ranked predictions
@@ -177,28 +190,30 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             targets = [seq[m + 1 + d] if m + 1 + d < len(seq) else -1 for d in [0] + [tree.depths[i] for i in nodes]]
             a = len(tree_accept(tree.parents_of(nodes), toks, targets))
             k = len(nodes)
+            carried.append(k + 1)
         offered.append(k)
         new = min(a + 1, N - gen)
         gen, m, forwards = gen + new, m + new, forwards + 1
         hist[new] += 1
-    return TPF(N, forwards, dict(hist), offered)
+    return TPF(N, forwards, dict(hist), offered, carried)
 
 
 def tokens_per_forward(
     sdlm: SDLM, prompt_ids: Sequence[int], output_ids: Sequence[int], block_size: int, max_new_tokens: int | None = None,
-    tree: "DraftTree | None" = None, draft_threshold: float = 0.0,
+    tree: "DraftTree | None" = None, draft_threshold: float = 0.0, block_threshold: float = 0.0,
 ) -> TPF:
     """The greedy speculative decoder's forward count for ``prompt -> output``, from one forward.
 
     ``output_ids`` must be the model's greedy output for ``prompt_ids`` (with the
     block-gated adapter: the base model's); then the count is exact. With a draft
     ``tree``, the count of the tree decoder (``GenerationConfig(tree=...)``). With a
-    ``draft_threshold``, the count of the decoder under it (0: every draft or node offered).
+    ``draft_threshold``, the count of the decoder under it (0: every draft or node offered); with a
+    ``block_threshold``, under that too (0: every candidate block carried).
     """
     seq = list(prompt_ids) + list(output_ids)
     first = len(prompt_ids) - 1
     probs = None
-    if tree is None and draft_threshold > 0:
+    if tree is None and (draft_threshold > 0 or block_threshold > 0):
         drafts, probs = block_drafts_and_probs(sdlm, seq, first, block_size)
     elif tree is None:
         drafts = block_drafts(sdlm, seq, first, block_size)
@@ -208,7 +223,8 @@ def tokens_per_forward(
             drafts, probs = block_topk_and_probs(sdlm, seq, first, block_size, K)
         else:
             drafts = block_topk(sdlm, seq, first, block_size, K)
-    return replay(drafts, seq, len(prompt_ids), max_new_tokens, tree, top_probs=probs, draft_threshold=draft_threshold)
+    return replay(drafts, seq, len(prompt_ids), max_new_tokens, tree, top_probs=probs, draft_threshold=draft_threshold,
+                  block_threshold=block_threshold)
 
 
 def summarize(results: list[TPF]) -> dict:

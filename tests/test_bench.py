@@ -160,6 +160,20 @@ def test_draft_threshold_cost_script(tmp_path):
             assert row["speed_vs_ar"] > 0 and cut["speed_vs_ar"] > 0
     bad = subprocess.run(cmd[:-2] + ["--thresholds", "1.5"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "--thresholds" in bad.stderr
+    # block thresholds: steps timed with every number of candidate blocks; at 1 only steps without drafts
+    # carry one, so a step never carries more than one
+    fewer = subprocess.run(cmd + ["--block-thresholds", "0", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert fewer.returncode == 0, fewer.stderr
+    data = json.loads(out.read_text())
+    for D in (2, 3):
+        r = data["block_sizes"][str(D)]
+        assert sorted(map(int, r["step_ms"])) == sorted({1 + k + b * D for k in range(D) for b in range(k + 2)})
+        for name, row in r["thresholds"]["0.0"].items():
+            one = r["block_thresholds"]["1.0"]["0.0"][name]
+            assert row["blocks_per_step"] == row["drafts_per_step"] + 1 and one["blocks_per_step"] <= 1
+            assert 1.0 <= one["tokens_per_forward"] <= row["tokens_per_forward"]
+    bad = subprocess.run(cmd + ["--block-thresholds", "0.5", "--tree", "2,2"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "--block-thresholds" in bad.stderr
     # draft trees: step costs for every number of nodes, and a threshold that offers fewer of them
     tree = subprocess.run(cmd + ["--tree", "2,2"], capture_output=True, text=True, cwd=ROOT)
     assert tree.returncode == 0, tree.stderr

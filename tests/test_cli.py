@@ -35,6 +35,14 @@ def test_generate_modes_agree(capsys, mode):
     assert json.loads(out)["tokens"] == json.loads(ref_out)["tokens"]
 
 
+def test_generate_block_threshold_keeps_the_output(capsys):
+    args = ["generate", "abc", "--model", "random:qwen2", "--max-new-tokens", "12", "--json"]
+    _, ref, _ = run(capsys, *args, "--mode", "ar")
+    for bt in ("0", "0.5", "1"):
+        code, out, _ = run(capsys, *args, "--mode", "speculative", "--block-threshold", bt)
+        assert code == 0 and json.loads(out)["tokens"] == json.loads(ref)["tokens"]
+
+
 def test_generate_batched_equals_one_at_a_time(capsys, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text('a longer prompt here\n\n{"prompt": "zz"}\n')
@@ -79,6 +87,9 @@ def test_retrofit_then_confidence(capsys, tmp_path):
         (["generate", "hi", "--model", "random:llama", "--draft-threshold", "1.5"], "draft threshold must be in"),
         (["generate", "hi", "--model", "random:llama", "--mode", "ar", "--draft-threshold", "0.1"],
          "modes with drafts"),
+        (["generate", "hi", "--model", "random:llama", "--block-threshold", "1.5"], "block threshold must be in"),
+        (["generate", "hi", "--model", "random:llama", "--mode", "ar", "--block-threshold", "0.5"], "modes with drafts"),
+        (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--block-threshold", "0.5"], "chain of drafts"),
         (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--mode", "ar"], "mode speculative"),
         (["generate", "hi", "--model", "random:llama", "--tree", "auto"], "no calibrated draft tree"),
         (["generate", "hi", "--model", "random:llama", "--tree", "wide"], "neither"),

@@ -33,9 +33,16 @@ MODES = {
     "confidence-verify-sampled": dict(mode="confidence", verify=True, threshold=0.02, temperature=0.8, seed=5),
     "speculative-draft-threshold": dict(mode="speculative", draft_threshold=0.03),
     "speculative-draft-threshold-sampled": dict(mode="speculative", draft_threshold=0.02, temperature=1.0, seed=9),
+    # candidate blocks only where an accept length is that likely (1.0: only on steps without drafts)
+    "speculative-every-block": dict(mode="speculative", block_threshold=0.0),
+    "speculative-block-threshold": dict(mode="speculative", block_threshold=0.5, draft_threshold=0.0),
+    "speculative-block-threshold-1": dict(mode="speculative", block_threshold=1.0),
+    "speculative-block-threshold-sampled": dict(mode="speculative", block_threshold=0.5, temperature=1.0, seed=9),
+    "confidence-verify-block-threshold": dict(mode="confidence", verify=True, threshold=0.03, block_threshold=0.5),
 }
-# cold enough that sampling mostly follows the greedy path the oracle drafts are taken from
-COLD = dict(mode="speculative", temperature=0.01, seed=11)
+# cold enough that sampling mostly follows the greedy path the oracle drafts are taken from; at that
+# temperature every draft looks certain, so every candidate block is carried (the CPU's default carries one)
+COLD = dict(mode="speculative", temperature=0.01, seed=11, block_threshold=0.0)
 
 
 def assert_same_generation(got, ref):
@@ -60,7 +67,8 @@ def test_cached_equals_reference(sdlm_model, mode, D):
 
 @pytest.mark.parametrize("D", [2, 4, 8])
 @pytest.mark.parametrize("mode", ["speculative", "speculative-cold", "confidence-prob", "confidence-verify",
-                                  "speculative-draft-threshold"])
+                                  "speculative-draft-threshold", "speculative-every-block", "speculative-block-threshold",
+                                  "speculative-block-threshold-1", "confidence-verify-block-threshold"])
 def test_cached_equals_reference_with_accepted_drafts(arch, monkeypatch, mode, D):
     # block predictions come true at 2 of every 3 positions: steps accept runs of different lengths,
     # so the cache is cropped by every possible amount
@@ -365,7 +373,7 @@ def test_confidence_verify_on_the_trained_model(trained, D):
         exact = GenerationConfig(mode="confidence", verify=True, block_size=D, threshold=1.0, max_new_tokens=30)
         got = Decoder(trained, exact).generate(p)
         spec = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=30,
-                                                 draft_threshold=0.0)).generate(p)  # every draft, as verify offers
+                                                 draft_threshold=0.0, block_threshold=0.0)).generate(p)  # every draft and block, as verify offers
         assert got.tokens == spec.tokens == hf_greedy(trained, p, 30)
         assert got.accept_histogram == spec.accept_histogram
     loose = GenerationConfig(mode="confidence", verify=True, block_size=D, threshold=0.5, max_new_tokens=30)
@@ -388,7 +396,7 @@ def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, 
     y = truth(64)
     sizes = step_sizes(monkeypatch, llama, scripted(monkeypatch, llama, y, drafts))
     cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=threshold, max_new_tokens=12,
-                           use_cache=use_cache)
+                           use_cache=use_cache, block_threshold=0.0)
     steps = list(Decoder(llama, cfg).stream(y[:6]))
     assert [t for s in steps for t in s.tokens] == y[6:18]
     assert [s.count for s in steps] == [1] + [2] * 5 + [1] and [s.proposed for s in steps] == [0] + [1] * 5 + [0]
@@ -399,6 +407,63 @@ def test_scripted_draft_threshold_offers_only_likely_drafts(llama, monkeypatch, 
     # without the threshold all three drafts are offered (and, being right, accepted)
     cfg.draft_threshold = 0.0
     assert [s.count for s in Decoder(llama, cfg).stream(y[:6])] == [1, 4, 4, 3]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_scripted_block_threshold_carries_only_likely_blocks(llama, monkeypatch, use_cache):
+    # coinflip: every draft is right, with top probability ~0.525. Three drafts give the accept lengths
+    # 0..3 chances of ~0.48, 0.25, 0.13 and 0.15: at 0.5 no block is carried, all three drafts are accepted,
+    # and the next step, with no drafts, carries its one block: 4 then 1 token per forward. With one draft
+    # (draft threshold 0.3) only the length 1 (~0.525) gets its block, which is the one the step needs.
+    y = truth(64)
+    fake = scripted(monkeypatch, llama, y, "coinflip")
+    sizes = step_sizes(monkeypatch, llama, fake)
+    cfg = GenerationConfig(mode="speculative", block_size=4, draft_threshold=0.0, block_threshold=0.5,
+                           max_new_tokens=16, use_cache=use_cache)
+    steps = list(Decoder(llama, cfg).stream(y[:6]))
+    assert [t for s in steps for t in s.tokens] == y[6:22]
+    assert [s.count for s in steps] == [1, 4, 1, 4, 1, 4, 1] and [s.proposed for s in steps] == [0, 3, 0, 3, 0, 3, 0]
+    if use_cache:
+        # the prompt and a block; then the bonus token and three drafts without a block; then one block
+        assert sizes == [6 + 4, 1 + 3, 1 + 4, 1 + 3, 1 + 4, 1 + 3, 1 + 4]
+    sizes.clear()
+    cfg.draft_threshold = 0.3
+    steps = list(Decoder(llama, cfg).stream(y[:6]))
+    assert [s.count for s in steps[:4]] == [1, 2, 2, 2] and [t for s in steps for t in s.tokens] == y[6:22]
+    if use_cache:
+        assert sizes[1:4] == [1 + 1 + 4] * 3  # one draft and one candidate block (not 1 + 1 + 2 * 4)
+    sizes.clear()
+    cfg.block_threshold = 0.4  # both lengths (~0.48 and ~0.53) are that likely: both blocks
+    list(Decoder(llama, cfg).stream(y[:6]))
+    if use_cache:
+        assert sizes[1:4] == [1 + 1 + 2 * 4] * 3
+
+
+def test_block_threshold_defaults_and_rule(llama):
+    """None: 0.8 for speculative's chain on a CPU; 0 (every block) for trees, other devices and the other
+    modes; a value given is kept. The chances of the accept lengths come from the drafts' top probabilities."""
+    from sdlm.decode import CPU_BLOCK_THRESHOLD, block_threshold_for, likely_accept_lengths
+
+    spec = GenerationConfig(mode="speculative", block_size=4)
+    assert block_threshold_for(spec, "cpu") == Decoder(llama, spec).block_threshold == CPU_BLOCK_THRESHOLD == 0.8
+    assert block_threshold_for(spec, "cuda") == 0.0
+    assert block_threshold_for(GenerationConfig(mode="speculative", tree="2,1"), "cpu") == 0.0
+    assert block_threshold_for(GenerationConfig(mode="confidence", verify=True), "cpu") == 0.0
+    assert block_threshold_for(GenerationConfig(mode="confidence", verify=True, block_threshold=0.6), "cpu") == 0.6
+    assert block_threshold_for(GenerationConfig(mode="speculative", block_threshold=0.3), "cuda") == 0.3
+    assert block_threshold_for(GenerationConfig(mode="ar"), "cpu") == 0.0
+    # drafts 0.9, 0.5: accept 0 with 0.1, 1 with 0.45, 2 with 0.45
+    assert likely_accept_lengths([0.9, 0.5], 0.0) == [0, 1, 2]
+    assert likely_accept_lengths([0.9, 0.5], 0.4) == [1, 2] and likely_accept_lengths([0.9, 0.5], 0.5) == []
+    assert likely_accept_lengths([0.99, 0.99, 0.99], 0.8) == [3] and likely_accept_lengths([0.1], 0.8) == [0]
+    assert likely_accept_lengths([], 1.0) == [0]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(SDLMError, match="block threshold must be in"):
+            GenerationConfig(mode="speculative", block_threshold=bad).validate()
+    with pytest.raises(SDLMError, match="modes with drafts"):
+        GenerationConfig(mode="ar", block_threshold=0.5).validate()
+    with pytest.raises(SDLMError, match="chain of drafts"):
+        GenerationConfig(mode="speculative", tree="2,1", block_threshold=0.5).validate()
 
 
 def test_draft_threshold_defaults_by_device(llama):
@@ -619,7 +684,7 @@ def test_speculative_runs_the_lm_head_only_on_rows_it_reads(trained, monkeypatch
     """A speculative step reads the causal rows, then the slots of one candidate block: the LM head runs
     on those rows only, and the tokens, forwards and accept lengths are those of the full logits."""
     prompt = random_prompt(3, 9)
-    cfg = GenerationConfig(mode="speculative", block_size=D, max_new_tokens=32, tree=tree)
+    cfg = GenerationConfig(mode="speculative", block_size=D, max_new_tokens=32, tree=tree, block_threshold=0.0)
     dense = Decoder(trained, cfg)
     dense._plain_head = False  # every row's logits, as step_logits gives them
     want = dense.generate(prompt)
@@ -632,3 +697,8 @@ def test_speculative_runs_the_lm_head_only_on_rows_it_reads(trained, monkeypatch
     nodes = len(dense.tree.parents) if tree else D - 1  # drafts verified per step at most
     assert len(rows) == 2 * got.forwards  # causal rows, then one block's, per step
     assert max(rows) <= nodes + 1 and sum(rows) < got.forwards * (nodes + 1 + (nodes + 1) * D) / 2
+    if tree is None:  # a step that carries no block (the block threshold) runs the head once
+        rows.clear()
+        few = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=32, block_threshold=1.0))
+        got = few.generate(prompt)
+        assert got.tokens == want.tokens and got.forwards < len(rows) < 2 * got.forwards

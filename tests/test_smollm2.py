@@ -76,12 +76,13 @@ def test_shipped_adapter_keeps_the_base_output(shipped, reference, mode, block_s
 def test_shipped_adapter_exact_tpf_matches_decoding(shipped, reference):
     from sdlm.tpf import tokens_per_forward
 
-    for thr in (0.0, None):  # every draft offered; the CPU's default draft threshold
+    for thr in (0.0, None):  # every draft offered and every block carried; the CPU's default thresholds
         for p, (ids, expected) in reference.items():
             dec = Decoder(shipped, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=MAX_NEW,
-                                                    draft_threshold=thr))
+                                                    draft_threshold=thr, block_threshold=thr))
             got = dec.generate(ids)
-            t = tokens_per_forward(shipped, ids, expected, 4, max_new_tokens=MAX_NEW, draft_threshold=dec.draft_threshold)
+            t = tokens_per_forward(shipped, ids, expected, 4, max_new_tokens=MAX_NEW, draft_threshold=dec.draft_threshold,
+                                   block_threshold=dec.block_threshold)
             assert (t.new_tokens, t.forwards) == (got.new_tokens, got.forwards)
 
 

@@ -60,30 +60,47 @@ def test_confidence_causal_first_token_follows_the_model(trained):
 
 
 @pytest.mark.parametrize("D", [2, 4, 8])
-def test_one_forward_count_equals_the_decoder(trained, D):
-    """The count replayed from one forward is the decoder's, offering every draft (0), under the default
-    draft threshold of a CPU (None) and under a high one (0.9) that cuts most drafts."""
+def test_one_forward_count_equals_the_decoder(trained, monkeypatch, D):
+    """The count replayed from one forward is the decoder's, offering every draft and carrying every candidate
+    block (0, 0), under a CPU's defaults (None, None), under a high draft threshold (0.9) that cuts most drafts,
+    and under block thresholds that carry one block where an accept length is likely (0.5) or only on steps
+    without drafts (1.0)."""
+    sizes: list[tuple[int, int]] = []  # each step's drafts and candidate blocks, from its layout
+    real_layout = Decoder._layout
+
+    def layout(self, u, f, d, q=None):
+        st = real_layout(self, u, f, d, q)
+        sizes.append((len(d), (st.n_logits - len(d) - 1) // self.block_size))
+        return st
+
+    monkeypatch.setattr(Decoder, "_layout", layout)
     results, forwards = [], {}
-    for thr in (0.0, None, 0.9):
-        forwards[thr] = 0
+    for thr, bthr in ((0.0, 0.0), (None, None), (0.9, 0.0), (0.0, 0.5), (0.1, 1.0)):
+        forwards[thr, bthr] = 0
         for text in PROMPTS:
             prompt = ids(trained, text)
             for limit in (40, 13):
                 dec = Decoder(trained, GenerationConfig(mode="speculative", block_size=D, max_new_tokens=limit,
-                                                        draft_threshold=thr))
+                                                        draft_threshold=thr, block_threshold=bthr))
+                sizes.clear()
                 g = dec.generate(prompt)
                 t = tokens_per_forward(trained, prompt, g.tokens, D, max_new_tokens=limit,
-                                       draft_threshold=dec.draft_threshold)
-                assert (t.new_tokens, t.forwards) == (g.new_tokens, g.forwards), (text, limit, thr)
+                                       draft_threshold=dec.draft_threshold, block_threshold=dec.block_threshold)
+                assert (t.new_tokens, t.forwards) == (g.new_tokens, g.forwards), (text, limit, thr, bthr)
                 assert t.accept_histogram == g.accept_histogram
-                # and the drafts each step offered (a step's size: 1 + k + (k + 1) * D)
-                assert t.offered == [st.proposed for st in list(dec.stream(prompt))[1:]]
+                # and the drafts and blocks each step offered (a step's size: 1 + k + b * D)
+                assert list(zip(t.offered, t.blocks)) == sizes[1:]
+                if not dec.block_threshold:
+                    assert t.blocks == [k + 1 for k in t.offered]
+                elif dec.block_threshold == 1.0:
+                    assert t.blocks == [int(k == 0) for k in t.offered]
                 results.append(t)
-                forwards[thr] += g.forwards
+                forwards[thr, bthr] += g.forwards
     s = summarize(results)
     assert s["forwards"] == sum(r.forwards for r in results) and s["tokens_per_forward"] > 1.0
     if D > 2:
-        assert forwards[0.9] > forwards[0.0]  # the high threshold cut drafts that would have been accepted
+        assert forwards[0.9, 0.0] > forwards[0.0, 0.0]  # the high threshold cut drafts that would have been accepted
+        assert forwards[0.1, 1.0] > forwards[0.0, 0.0]  # steps without a block: the next one has no drafts
 
 
 def test_count_matches_with_a_gated_adapter_and_eos():
@@ -99,7 +116,8 @@ def test_count_matches_with_a_gated_adapter_and_eos():
         prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
         dec = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=30))
         out = dec.generate(prompt)
-        t = tokens_per_forward(s, prompt, out.tokens, 4, max_new_tokens=30, draft_threshold=dec.draft_threshold)
+        t = tokens_per_forward(s, prompt, out.tokens, 4, max_new_tokens=30, draft_threshold=dec.draft_threshold,
+                               block_threshold=dec.block_threshold)
         assert (t.new_tokens, t.forwards) == (out.new_tokens, out.forwards)
     # a hand-made case: drafts right up to and past an EOS that ends the output
     seq = [1, 2, 3, 10, 11, eos]

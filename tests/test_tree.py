@@ -236,7 +236,8 @@ def test_tree_replay_counts_the_decoders_forwards(trained, monkeypatch, D, tree,
     dec = Decoder(trained, cfg)
     offered: list[int] = []
     real_layout = Decoder._layout
-    monkeypatch.setattr(Decoder, "_layout", lambda self, u, f, d: (offered.append(len(d)), real_layout(self, u, f, d))[1])
+    monkeypatch.setattr(Decoder, "_layout",
+                        lambda self, u, f, d, q=None: (offered.append(len(d)), real_layout(self, u, f, d, q))[1])
     for p in _ids(trained):
         offered.clear()
         g = dec.generate(p)
