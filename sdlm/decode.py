@@ -254,10 +254,11 @@ CPU_BLOCK_THRESHOLD = 0.8
 """The block threshold (:attr:`GenerationConfig.block_threshold`) of ``speculative``'s chain on a CPU: a
 step carries the candidate block of an accept length only where that length has a chance of at least 0.8,
 which leaves at most one block, and none where the drafts leave the outcome open. On a CPU the first block of
-a step costs most of all (the adapter's products and a second pass of the LM head: a 2-core Xeon, float32,
-the default model, 35 ms for a step of 1 token, 62 ms for 5), and every further block a little more, while
-the drafts a block brings are often rejected. Priced and timed in ``bench/draft_threshold_cost.py`` and
-``bench/decode_speed.py --interleave`` (figures in the README)."""
+a step costs most of all (the adapter's products and a second pass of the LM head: on a 2-core Xeon, float32,
+the default model, a step of 5 tokens costs about 1.6 steps of 1), and every further block a little more,
+while the drafts a block brings are often rejected. There, decoding 8 prompts at D = 4 went from x0.87 to
+x1.06 of ``ar``'s speed on chat and from x0.97 to x1.16 on GSM8K (``bench/draft_threshold_cost.py
+--block-thresholds`` and ``bench/decode_speed.py --interleave``; figures in the README)."""
 
 
 def block_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:

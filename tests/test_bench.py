@@ -170,7 +170,7 @@ def test_draft_threshold_cost_script(tmp_path):
         assert sorted(map(int, r["step_ms"])) == sorted({1 + k + b * D for k in range(D) for b in range(k + 2)})
         for name, row in r["thresholds"]["0.0"].items():
             one = r["block_thresholds"]["1.0"]["0.0"][name]
-            assert row["blocks_per_step"] == row["drafts_per_step"] + 1 and one["blocks_per_step"] <= 1
+            assert abs(row["blocks_per_step"] - row["drafts_per_step"] - 1) < 0.011 and one["blocks_per_step"] <= 1
             assert 1.0 <= one["tokens_per_forward"] <= row["tokens_per_forward"]
     bad = subprocess.run(cmd + ["--block-thresholds", "0.5", "--tree", "2,2"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "--block-thresholds" in bad.stderr

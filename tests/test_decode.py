@@ -572,11 +572,13 @@ def test_scripted_stop_string(llama, monkeypatch):
     assert g.text == "hello wor" and g.finish_reason == "stop"
 
 
-def test_speculative_sampling_decoder_matches_ar_sampling(llama, monkeypatch):
+@pytest.mark.parametrize("block_threshold", [0.0, 0.4])
+def test_speculative_sampling_decoder_matches_ar_sampling(llama, monkeypatch, block_threshold):
     # Context-free scripted model: the AR distribution for position t is P[t] whatever came before,
     # and block slot j proposes from Q[j] (far from P). Speculative sampling must commit tokens
     # distributed exactly as AR sampling, i.e. position t ~ P[t], with drafts taken from the right
-    # block slot and verified against the right position.
+    # block slot and verified against the right position; also where steps carry only some candidate
+    # blocks (0.4: one or none, so some steps verify no drafts).
     V = llama.model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     P = torch.full((8, V), -30.0)
@@ -590,7 +592,8 @@ def test_speculative_sampling_decoder_matches_ar_sampling(llama, monkeypatch):
         return torch.stack([Q[int(pos[r] - start[r])] if blk[r] else P[int(pos[r]) + 1] for r in range(n)])
 
     monkeypatch.setattr(llama, "step_logits", step_logits)
-    dec = Decoder(llama, GenerationConfig(mode="speculative", block_size=3, temperature=1.0, max_new_tokens=4, use_cache=False))
+    dec = Decoder(llama, GenerationConfig(mode="speculative", block_size=3, temperature=1.0, max_new_tokens=4, use_cache=False,
+                                          draft_threshold=0.0, block_threshold=block_threshold))
     trials = 2000
     counts = torch.zeros(4, 3)
     for seed in range(trials):

@@ -129,6 +129,24 @@ def test_speculative_step():
         assert len(speculative_step([1], 9, [2] * (D - 1), D, M).input_ids) == D * D + D
 
 
+def test_speculative_step_with_some_blocks():
+    # the same step carrying only B2 (two drafts accepted), or no block at all
+    s = speculative_step([15], 5, [20, 21], 3, M, blocks=[2])
+    assert s.input_ids.tolist() == [15, 20, 21, 21, M, M]
+    assert s.info.pos.tolist() == [5, 6, 7, 7, 8, 9]
+    assert s.info.block.tolist() == [-1, -1, -1, 2, 2, 2] and s.info.start.tolist()[3:] == [7, 7, 7]
+    assert s.n_logits == 3 + 3
+    s = speculative_step([15], 5, [20, 21], 3, M, blocks=[0, 2])
+    assert s.input_ids.tolist() == [15, 20, 21, 15, M, M, 21, M, M] and s.n_logits == 3 + 2 * 3
+    s = speculative_step([15], 5, [20, 21], 3, M, blocks=[])
+    assert s.input_ids.tolist() == [15, 20, 21] and s.n_logits == 3
+    for bad in ([3], [1, 0], [1, 1], [-1]):
+        with pytest.raises(ValueError, match="increasing accept lengths"):
+            speculative_step([15], 5, [20, 21], 3, M, blocks=bad)
+    with pytest.raises(ValueError, match="draft tree"):
+        speculative_step([15], 5, [20, 21], 3, M, parents=[-1, -1], blocks=[0])
+
+
 def test_speculative_first_step_has_no_drafts():
     s = speculative_step([1, 2, 3], 0, [], 2, M)
     assert s.input_ids.tolist() == [1, 2, 3, 3, M]
