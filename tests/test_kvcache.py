@@ -145,11 +145,12 @@ def _plain_and_own(fn):
 
 @pytest.mark.parametrize("cfg", [
     dict(mode="ar"),
-    dict(mode="speculative", block_size=4, draft_threshold=0.0),
+    dict(mode="speculative", block_size=4, draft_threshold=0.0, block_threshold=0.0),
+    dict(mode="speculative", block_size=4, draft_threshold=0.0, block_threshold=0.5),
     dict(mode="speculative", block_size=4, tree="3,2,1", draft_threshold=0.0),
     dict(mode="confidence", block_size=4, threshold=0.5),
     dict(mode="confidence", block_size=4, threshold=0.9, verify=True),
-], ids=["ar", "speculative", "tree", "confidence", "verify"])
+], ids=["ar", "speculative", "speculative-some-blocks", "tree", "confidence", "verify"])
 def test_decoding_with_own_cache_and_attention_equals_transformers_ones(trained, cfg):
     """On the tiny trained model drafts are accepted, rejected and (trees) kept out of order, so the cache
     is cropped and rearranged as real decoding does; every token and forward count is the same."""
@@ -160,6 +161,6 @@ def test_decoding_with_own_cache_and_attention_equals_transformers_ones(trained,
         own, plain = _plain_and_own(lambda: Decoder(trained, config).generate(p))
         assert own.tokens == plain.tokens and own.forwards == plain.forwards
     if config.mode == "speculative":
-        assert own.tokens_per_forward >= 2.0  # the drafts were really accepted
+        assert own.tokens_per_forward >= (2.0 if not config.block_threshold else 1.5)  # drafts were really accepted
     own, plain = _plain_and_own(lambda: generate_batch(Decoder(trained, config), _ids(trained)))
     assert [g.tokens for g in own] == [g.tokens for g in plain]
