@@ -173,8 +173,8 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             a = 0
             while a < k and m + 1 + a < len(seq) and d[a] == seq[m + 1 + a]:
                 a += 1
-            lengths = (likely_accept_lengths(top_probs[b, 1 : 1 + k].tolist(), block_threshold) if k
-                       else [0]) if block_threshold > 0 else range(k + 1)
+            lengths = (likely_accept_lengths(top_probs[b, 1 : 1 + k].tolist(), block_threshold) if block_threshold > 0
+                       else range(k + 1))  # the accept lengths whose candidate block the step carries
             carried.append(len(lengths))
             has_block = a in lengths
         else:
