@@ -21,9 +21,9 @@ step with ``N`` nodes holds ``1 + N + (N + 1) * D`` tokens.
     python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0 0.1 0.2 0.3 --tree auto
     python bench/draft_threshold_cost.py --n 16 --block-sizes 4 8 --thresholds 0.1 --block-thresholds 0 0.5 0.8 1
 
-With ``--block-thresholds`` a chain step carries only the candidate blocks of the accept lengths at least that
-likely (:attr:`sdlm.decode.GenerationConfig.block_threshold`): a step with ``k`` drafts and ``b`` blocks holds
-``1 + k + b * D`` tokens, and the steps of every such size are timed.
+With ``--block-thresholds`` a step carries only the candidate blocks of the accept lengths (a tree: of the nodes
+where its walk may end) at least that likely (:attr:`sdlm.decode.GenerationConfig.block_threshold`): a step with
+``k`` drafts or nodes and ``b`` blocks holds ``1 + k + b * D`` tokens, and the steps of every such size are timed.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=
                fewer_blocks: bool = False) -> dict[int, float]:
     """Median seconds of a decoding forward by its tokens: ``ar``'s 1, and a chain step with k = 0 .. D-1
     drafts (``1 + k + (k + 1) * D`` tokens), over ``cached`` committed tokens of ``seq`` (fewer if ``seq``
-    is shorter). With ``fewer_blocks``, also the chain steps that carry b = 0 .. k of their candidate blocks
-    (``1 + k + b * D`` tokens; a block threshold). With a draft ``tree``, its steps with the first
-    N = 0 .. len(tree) nodes instead."""
+    is shorter). With a draft ``tree``, its steps with the first N = 0 .. len(tree) nodes instead (``1 + N +
+    (N + 1) * D`` tokens). With ``fewer_blocks``, also the steps that carry b = 0 .. k of their k + 1 candidate
+    blocks (``1 + k + b * D`` tokens; a block threshold)."""
     from sdlm.kvcache import new_cache
     from sdlm.layout import ar_step, speculative_step
     from sdlm.model import SDLM
@@ -62,8 +62,9 @@ def step_costs(sdlm, seq: list[int], D: int, reps: int, cached: int = 200, tree=
         parents = tree.parents[:k] if tree is not None else None
         st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask, parents)
         steps[len(st.input_ids)] = (st, k + 1 + D)  # the accept rule reads k + 1 causal rows and one block
-        for b in range(k + 1) if fewer_blocks and tree is None else ():
-            st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask, blocks=range(b))
+        for b in range(k + 1) if fewer_blocks else ():
+            st = speculative_step([seq[cached]], cached, seq[cached + 1 : cached + 1 + k], D, mask, parents,
+                                  blocks=range(b))
             steps[len(st.input_ids)] = (st, k + 1 + (D if b else 0))  # (k = b = 0 is ar's step)
     times: dict[int, list[float]] = {n: [] for n in steps}
     for r in range(reps + 2):  # two warm-up rounds
@@ -86,8 +87,8 @@ def main() -> int:
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
     ap.add_argument("--block-thresholds", type=float, nargs="+", default=[0.0],
-                    help="chain steps that carry only the candidate blocks of accept lengths at least this likely "
-                         "(GenerationConfig.block_threshold), each with every draft threshold; 0: every block")
+                    help="steps that carry only the candidate blocks of accept lengths (a tree: of end nodes) at least "
+                         "this likely (GenerationConfig.block_threshold), each with every draft threshold; 0: every block")
     ap.add_argument("--tree", default=None, metavar="SPEC",
                     help="replay draft trees instead of the chain: auto (the model's calibrated tree for each D), "
                          "widths like 3,2,1, or a JSON file of rank paths")
@@ -100,8 +101,6 @@ def main() -> int:
         ap.error("--thresholds must be in [0, 1)")
     if any(not 0.0 <= t <= 1.0 for t in args.block_thresholds):
         ap.error("--block-thresholds must be in [0, 1]")
-    if args.tree and any(args.block_thresholds):
-        ap.error("--block-thresholds are for the chain of drafts: drop them or --tree")
 
     from heldout_tpf import heldout_answers
     from sdlm.cpu import describe_host

@@ -83,16 +83,15 @@ def main() -> int:
                          "is above P (GenerationConfig.draft_threshold; decoding on a CPU defaults to 0.1 for the chain, "
                          "0.2 for trees); default 0: every draft")
     ap.add_argument("--block-threshold", type=float, default=0.0, metavar="P",
-                    help="the chain's decoder carrying only the candidate blocks of accept lengths at least P likely "
-                         "(GenerationConfig.block_threshold; decoding on a CPU defaults to 0.8); default 0: every block")
+                    help="the decoder carrying only the candidate blocks of accept lengths (a tree: of end nodes) at least P "
+                         "likely (GenerationConfig.block_threshold; decoding on a CPU defaults to 0.8); "
+                         "default 0: every block")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if not 0.0 <= args.draft_threshold < 1.0:
         ap.error("--draft-threshold must be in [0, 1)")
     if not 0.0 <= args.block_threshold <= 1.0:
         ap.error("--block-threshold must be in [0, 1]")
-    if args.block_threshold and args.tree:
-        ap.error("--block-threshold is for the chain of drafts: drop it or --tree")
 
     from sdlm.distill import _encode
     from sdlm.cpu import describe_host

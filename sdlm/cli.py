@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "forwards; the output is unchanged). Default on a CPU, where a forward costs more the more tokens "
                         "it holds: 0.1 for speculative's chain, 0.2 for its trees; otherwise 0 (every draft)")
     g.add_argument("--block-threshold", type=float, default=None, metavar="P",
-                   help="speculative's chain (and confidence --verify): a step carries the candidate block of an accept "
-                        "length only where its drafts make that length at least P likely, and none where no length is "
-                        "(smaller forwards; the output is unchanged). Default on a CPU: 0.8 for the chain; otherwise 0 "
-                        "(a block for every accept length)")
+                   help="speculative (and confidence --verify): a step carries the candidate block of an accept "
+                        "length (with --tree: of a node where the walk may end) only where its drafts make that at least "
+                        "P likely, and none where nothing is (smaller forwards; the output is unchanged). Default on a "
+                        "CPU: 0.8; otherwise 0 (every block)")
     g.add_argument("--block-size", type=int, default=None, help="block size D (default: the model's trained D)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

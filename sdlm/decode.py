@@ -82,17 +82,18 @@ class GenerationConfig:
     CPU, where a forward's cost grows with its tokens, :data:`CPU_TREE_DRAFT_THRESHOLD` for its trees there,
     and 0 otherwise (:func:`draft_threshold_for`)."""
     block_threshold: float | None = None
-    """``speculative``'s chain (and ``confidence`` with ``verify``): a step carries the candidate block of
-    an accept length only where the drafts make that length at least this likely, and none where no
-    length is (then the next step verifies no drafts and carries one block again). A step with ``k`` drafts
-    otherwise carries ``k + 1`` candidate blocks of D tokens, one for each number of drafts it may accept,
-    and reads only one of them. The chance of accepting exactly ``a`` drafts is read from the drafts' top
+    """``speculative`` (and ``confidence`` with ``verify``): a step carries the candidate block of an accept
+    length only where the drafts make that length at least this likely, and none where no length is (then
+    the next step verifies no drafts and carries one block again). A step with ``k`` drafts otherwise
+    carries ``k + 1`` candidate blocks of D tokens, one for each number of drafts it may accept, and reads
+    only one of them. The chance of accepting exactly ``a`` drafts is read from the drafts' top
     probabilities ``p_1 .. p_k`` as ``p_1 * .. * p_a * (1 - p_{a+1})`` (the last factor is left out for
-    ``a = k``); a step without drafts always carries its block. ``speculative``'s output is unchanged (the
+    ``a = k``); with a draft ``tree``, the chance that the walk ends at a node is its joint probability less
+    its offered children's (:meth:`sdlm.tree.DraftTree.likely_ends`). A step without drafts always carries
+    its block. ``speculative``'s output is unchanged (the
     blocks only decide which drafts the next step offers, and that from probabilities, never from the
     tokens drawn). 0 carries every block. None (the default): :data:`CPU_BLOCK_THRESHOLD` for
-    ``speculative``'s chain on a CPU, where a block's tokens cost time, and 0 otherwise
-    (:func:`block_threshold_for`)."""
+    ``speculative`` on a CPU, where a block's tokens cost time, and 0 otherwise (:func:`block_threshold_for`)."""
     max_new_tokens: int = 256
     temperature: float = 0.0
     """0 = greedy; > 0 samples (speculative mode then uses speculative sampling)."""
@@ -149,9 +150,6 @@ class GenerationConfig:
         if self.block_threshold and not self.drafting:
             raise SDLMError("a block threshold is for the modes with drafts (speculative, confidence --verify): "
                             "drop --block-threshold or change --mode")
-        if self.block_threshold and self.wants_tree:
-            raise SDLMError("a block threshold is for the chain of drafts; a draft tree carries a block for every "
-                            "node it offers (--draft-threshold prunes its nodes): drop --block-threshold or --tree")
         if not 0.0 <= self.threshold <= 1.0:
             raise SDLMError(f"threshold must be in [0, 1], got {self.threshold}: try --threshold 0.9")
         if self.max_new_tokens < 1:
@@ -257,16 +255,17 @@ which leaves at most one block, and none where the drafts leave the outcome open
 a step costs most of all (the adapter's products and a second pass of the LM head: on a 2-core Xeon, float32,
 the default model, a step of 5 tokens costs about 1.6 steps of 1), and every further block a little more,
 while the drafts a block brings are often rejected. There, decoding 8 prompts at D = 4 went from x0.87 to
-x1.06 of ``ar``'s speed on chat and from x0.97 to x1.16 on GSM8K (``bench/draft_threshold_cost.py
---block-thresholds`` and ``bench/decode_speed.py --interleave``; figures in the README)."""
+x1.06 of ``ar``'s speed on chat and from x0.97 to x1.16 on GSM8K, and the calibrated 10-node tree from x0.76
+to x0.90 and from x1.06 to x1.23 (``bench/draft_threshold_cost.py --block-thresholds`` and
+``bench/decode_speed.py --interleave``; figures in the README)."""
 
 
 def block_threshold_for(config: GenerationConfig, device: torch.device | str) -> float:
     """The block threshold a decoder uses: the config's, or by default :data:`CPU_BLOCK_THRESHOLD` for
-    ``speculative``'s chain of drafts on a CPU, and 0 (every candidate block) otherwise."""
+    ``speculative`` on a CPU (its chain and its draft trees), and 0 (every candidate block) otherwise."""
     if config.block_threshold is not None:
         return config.block_threshold
-    if config.mode != "speculative" or config.wants_tree or torch.device(device).type != "cpu":
+    if config.mode != "speculative" or torch.device(device).type != "cpu":
         return 0.0
     return CPU_BLOCK_THRESHOLD
 
@@ -449,7 +448,7 @@ class Decoder:
         causal = rows(0, k + 1)  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
         # then the candidate blocks the step carries (B_0 .. B_k, or those of the block threshold), D rows
         # each: the b-th carried block's slot j is row k + 1 + b * D + j
-        carried = self._carried_blocks(drafts, draft_q) if self.tree is None else None
+        carried = self._carried_blocks(drafts, draft_q)
         slot_of = {i: b for b, i in enumerate(carried)} if carried is not None else None
 
         def block(i: int, j0: int, j1: int) -> torch.Tensor:
@@ -457,7 +456,7 @@ class Decoder:
             return rows(k + 1 + b * D + j0, k + 1 + b * D + j1)
 
         if self.tree is not None:
-            return self._accept_tree(causal, block, drafts, n, generator)
+            return self._accept_tree(causal, block, drafts, n, generator, slot_of)
         if self.sampler.greedy:
             targets, _ = self.sampler.choose(causal)  # (k+1,)
             a = greedy_accept(drafts, targets.tolist())
@@ -489,7 +488,7 @@ class Decoder:
             drafts, q = drafts[:keep], q[:keep]
         return sure, drafts, q
 
-    def _accept_tree(self, causal, block, drafts, n, generator=None) -> "_Accepted":
+    def _accept_tree(self, causal, block, drafts, n, generator=None, slot_of=None) -> "_Accepted":
         """Acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the model's own
         next token; the bonus is that token at the deepest accepted node, and the next drafts (the
         best-ranked block tokens) come from that node's block (block 0 is the root's).
@@ -516,24 +515,35 @@ class Decoder:
         last = path[-1] if path else -1
         bonus = int(target(last + 1))
         widths = tree.widths
-        logits = block(last + 1, 1, 1 + len(widths))
-        if self.draft_threshold > 0:  # offer only the nodes likely enough to be accepted
-            ranked, probs = self.sampler.ranked_with_probs(logits, max(widths))
-            nodes = tree.likely_nodes(probs.tolist(), self.draft_threshold)
-        else:  # every node: no softmax needed
-            ranked, nodes = self.sampler.ranked(logits, max(widths)), range(len(tree))
-        tokens = tree.node_tokens(ranked.tolist())
-        next_drafts = TreeDrafts([tokens[i] for i in nodes], nodes)
+        if slot_of is not None and last + 1 not in slot_of:  # the block threshold left its block out
+            next_drafts = TreeDrafts()
+        else:
+            logits = block(last + 1, 1, 1 + len(widths))
+            joint = None
+            if self.draft_threshold > 0 or self.block_threshold > 0:  # the nodes' joint probabilities are read
+                ranked, probs = self.sampler.ranked_with_probs(logits, max(widths))
+                joint = tree.joint_probs(probs.tolist())
+                # offer only the nodes likely enough to be accepted
+                nodes = [i for i, q in enumerate(joint) if q > self.draft_threshold] if self.draft_threshold > 0 \
+                    else range(len(tree))
+            else:  # every node: no softmax needed
+                ranked, nodes = self.sampler.ranked(logits, max(widths)), range(len(tree))
+            tokens = tree.node_tokens(ranked.tolist())
+            next_drafts = TreeDrafts([tokens[i] for i in nodes], nodes,
+                                     None if joint is None else [joint[i] for i in nodes])
         kept = None if path == list(range(len(path))) else path  # the first nodes: a plain crop keeps them
         return _Accepted([int(drafts[i]) for i in path] + [bonus], k, n + len(path), next_drafts, None, kept)
 
     def _carried_blocks(self, drafts, draft_q) -> list[int] | None:
-        """Which candidate blocks a chain step carries, by accept length (:attr:`GenerationConfig.block_threshold`);
-        None: every one. Read from the drafts' top probabilities, never from tokens drawn."""
-        if self.block_threshold <= 0 or self.tree is not None:
+        """Which candidate blocks a step carries (:attr:`GenerationConfig.block_threshold`): the chain's by
+        accept length, a tree's by anchor (0 the root, ``i + 1`` draft ``i``); None: every one. Read from the
+        drafts' top (a tree: joint) probabilities, never from tokens drawn."""
+        if self.block_threshold <= 0:
             return None
         if not drafts:
             return [0]
+        if self.tree is not None:
+            return self.tree.likely_ends(self._tree_nodes(drafts), drafts.joint, self.block_threshold)
         return likely_accept_lengths(draft_q.max(-1).values.tolist(), self.block_threshold)
 
     def _trim_drafts(self, drafts: list[int], remaining: int) -> list[int]:

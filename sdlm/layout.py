@@ -161,19 +161,16 @@ def speculative_step(
     sees only its ancestors among the drafts. ``B_0`` then starts at ``x_{n-1}`` and ``B_{i+1}`` at
     draft ``i``; the logits are read in the same order.
 
-    With ``blocks`` (accept lengths, increasing) the step carries only those candidate blocks, in that order,
-    and reads ``(k+1) + len(blocks)*D`` logits (:attr:`sdlm.decode.GenerationConfig.block_threshold`).
+    With ``blocks`` (increasing: accept lengths, or with a tree 0 for ``B_0`` and ``i + 1`` for draft ``i``'s)
+    the step carries only those candidate blocks, in that order, and reads ``(k+1) + len(blocks)*D`` logits
+    (:attr:`sdlm.decode.GenerationConfig.block_threshold`).
     """
     if parents is not None:
-        if blocks is not None:
-            raise ValueError("a draft tree carries a block for every node")
-        return _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents)
+        return _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents, blocks)
     clean = ar_step(list(uncached) + list(drafts), first_pos)
     n = first_pos + len(uncached)
     k = len(drafts)
-    blocks = range(k + 1) if blocks is None else list(blocks)
-    if any(not 0 <= i <= k for i in blocks) or any(a >= b for a, b in zip(blocks, blocks[1:])):
-        raise ValueError(f"candidate blocks {list(blocks)} must be increasing accept lengths in 0..{k}")
+    blocks = _carried(blocks, k)
     parts_ids, parts_info = [clean.input_ids], [clean.info]
     for i in blocks:
         # B_i starts at the token in position n+i-1: x_{n-1} for i = 0, d_{i-1} after.
@@ -184,10 +181,19 @@ def speculative_step(
     return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + len(blocks) * block_size)
 
 
-def _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents) -> StepLayout:
+def _carried(blocks: Sequence[int] | None, k: int) -> list[int]:
+    """The candidate blocks a step with ``k`` drafts carries: ``blocks``, checked, or all ``k + 1``."""
+    blocks = list(range(k + 1) if blocks is None else blocks)
+    if any(not 0 <= i <= k for i in blocks) or any(a >= b for a, b in zip(blocks, blocks[1:])):
+        raise ValueError(f"candidate blocks {blocks} must be increasing accept lengths (or tree anchors) in 0..{k}")
+    return blocks
+
+
+def _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents, blocks=None) -> StepLayout:
     from .tree import tree_visibility
 
     k = len(drafts)
+    blocks = _carried(blocks, k)
     if len(parents) != k:
         raise ValueError(f"{k} drafts need {k} parents, got {len(parents)}")
     u = len(uncached)
@@ -201,9 +207,13 @@ def _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents) 
     ids = torch.tensor(list(uncached) + list(drafts), dtype=torch.long)
     parts_ids, parts_info = [ids], [TokenInfo.clean(pos)]
     anchors = [(int(ids[u - 1]), n - 1)] + [(int(d), n - 1 + depth[i]) for i, d in enumerate(drafts)]
-    for b, (tok, start) in enumerate(anchors):
+    for b in blocks:
+        tok, start = anchors[b]
         bids, binfo = block(tok, start, block_size, mask_token_id, b)
         parts_ids.append(bids)
         parts_info.append(binfo)
-    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + (k + 1) * block_size,
-                      tree_visibility(parents, u, block_size))
+    vis = tree_visibility(parents, u, block_size)
+    if len(blocks) < k + 1:  # the rows and columns of the blocks carried
+        keep = list(range(u + k)) + [u + k + b * block_size + j for b in blocks for j in range(block_size)]
+        vis = vis[keep][:, keep]
+    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + len(blocks) * block_size, vis)

@@ -139,9 +139,9 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
     the chain, :func:`sdlm.decode.likely_drafts` of ``top_probs`` (from :func:`block_drafts_and_probs`);
     a tree, :meth:`sdlm.tree.DraftTree.likely_nodes` of ``top_probs`` (the ranked predictions'
     probabilities, from :func:`block_topk_and_probs`).
-    With a ``block_threshold`` > 0 (the chain), a step carries only the candidate blocks the decoder carries
-    under it (:func:`sdlm.decode.likely_accept_lengths`), and a step whose accept length had none offers no
-    drafts.
+    With a ``block_threshold`` > 0, a step carries only the candidate blocks the decoder carries under it
+    (the chain: :func:`sdlm.decode.likely_accept_lengths`; a tree: :meth:`sdlm.tree.DraftTree.likely_ends`,
+    from ``top_probs``), and a step whose accepted drafts had no block offers no drafts.
     """
     from .decode import likely_accept_lengths, likely_drafts
     from .tree import tree_accept
@@ -154,8 +154,6 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
     D = drafts.shape[1]
     if (draft_threshold > 0 or block_threshold > 0) and top_probs is None:
         raise ValueError("a draft or block threshold is replayed from the drafts' probabilities: pass top_probs")
-    if block_threshold > 0 and tree is not None:
-        raise ValueError("a block threshold is for the chain of drafts")
     if tree is not None:
         if drafts.dim() != 3 or drafts.shape[2] < max(tree.widths, default=1):
             raise ValueError(f"a tree of widths {tree.widths} needs ranked drafts (n, D, K >= {max(tree.widths)})")
@@ -181,16 +179,21 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             b = m - 1 - (n_prompt - 1)
             row = drafts[b]  # (D, K): slot j's ranked predictions
             nodes = range(tree.nodes_within(k))  # the tree cut at the depth the length limit leaves
+            joint = tree.joint_probs(top_probs[b, 1:].tolist()) if top_probs is not None else None
             if draft_threshold > 0:  # and only the nodes likely enough, as the decoder offers them
-                nodes = [i for i in tree.likely_nodes(top_probs[b, 1:].tolist(), draft_threshold) if i < len(nodes)]
+                nodes = [i for i in nodes if joint[i] > draft_threshold]
             every = tree.node_tokens([row[j].tolist() for j in range(1, D)])
             toks = [every[i] for i in nodes]
             # node at depth j drafts position m + j; the greedy target after the root (position m) and
             # after a node at depth j is the answer's token one further on (-1 past its end)
             targets = [seq[m + 1 + d] if m + 1 + d < len(seq) else -1 for d in [0] + [tree.depths[i] for i in nodes]]
-            a = len(tree_accept(tree.parents_of(nodes), toks, targets))
+            path = tree_accept(tree.parents_of(nodes), toks, targets)
+            a = len(path)
+            ends = (tree.likely_ends(nodes, [joint[i] for i in nodes], block_threshold) if block_threshold > 0
+                    else range(len(nodes) + 1))  # the anchors whose candidate block the step carries
+            carried.append(len(ends))
+            has_block = (path[-1] + 1 if path else 0) in ends
             k = len(nodes)
-            carried.append(k + 1)
         offered.append(k)
         new = min(a + 1, N - gen)
         gen, m, forwards = gen + new, m + new, forwards + 1
@@ -219,7 +222,7 @@ def tokens_per_forward(
         drafts = block_drafts(sdlm, seq, first, block_size)
     else:
         K = max(max(tree.widths, default=1), 1)
-        if draft_threshold > 0:
+        if draft_threshold > 0 or block_threshold > 0:
             drafts, probs = block_topk_and_probs(sdlm, seq, first, block_size, K)
         else:
             drafts = block_topk(sdlm, seq, first, block_size, K)

@@ -172,15 +172,31 @@ class DraftTree:
         """The draft token of every node; ``ranked[j-1]`` lists slot ``j``'s predictions, best first."""
         return [int(ranked[len(p) - 1][p[-1]]) for p in self.paths]
 
-    def likely_nodes(self, ranked_probs: Sequence[Sequence[float]], threshold: float) -> list[int]:
-        """The nodes (indices, breadth-first) whose joint probability stays strictly above ``threshold``:
-        the product, along the node's rank path, of the probability of slot ``j``'s rank ``r_j`` prediction
-        (``ranked_probs[j-1][r]``, as :meth:`node_tokens` reads the tokens). A node is never likelier than
-        its parent, so the nodes kept are closed under parents."""
+    def joint_probs(self, ranked_probs: Sequence[Sequence[float]]) -> list[float]:
+        """Every node's joint probability: the product, along its rank path, of the probability of slot
+        ``j``'s rank ``r_j`` prediction (``ranked_probs[j-1][r]``, as :meth:`node_tokens` reads the tokens)."""
         joint: list[float] = []
         for p, parent in zip(self.paths, self.parents):
             joint.append((joint[parent] if parent >= 0 else 1.0) * float(ranked_probs[len(p) - 1][p[-1]]))
-        return [i for i, q in enumerate(joint) if q > threshold]
+        return joint
+
+    def likely_nodes(self, ranked_probs: Sequence[Sequence[float]], threshold: float) -> list[int]:
+        """The nodes (indices, breadth-first) whose joint probability (:meth:`joint_probs`) stays strictly
+        above ``threshold``. A node is never likelier than its parent, so the nodes kept are closed under
+        parents."""
+        return [i for i, q in enumerate(self.joint_probs(ranked_probs)) if q > threshold]
+
+    def likely_ends(self, nodes: Sequence[int], joint: Sequence[float], threshold: float) -> list[int]:
+        """Which candidate blocks a step offering ``nodes`` (closed under parents, with their joint
+        probabilities ``joint``) carries under a block threshold: 0 is the root's block, ``i + 1`` the block
+        of the ``i``-th node offered. A block is carried where the walk ends at its node with a chance of at
+        least ``threshold``: the node's joint probability less those of its offered children (the root's:
+        1 less those of the nodes at depth 1). The chain's :func:`sdlm.decode.likely_accept_lengths` is the
+        case of one child per node."""
+        end = [1.0] + [float(q) for q in joint]
+        for i, parent in enumerate(self.parents_of(nodes)):
+            end[parent + 1] -= float(joint[i])
+        return [a for a, chance in enumerate(end) if chance >= threshold]
 
     def parents_of(self, nodes: Sequence[int]) -> list[int]:
         """The parents of a subtree's nodes (indices into this tree, breadth-first, closed under parents)
@@ -195,17 +211,20 @@ class DraftTree:
 class TreeDrafts(list):
     """A tree step's draft tokens (a list, one per node offered) and which nodes of the step's
     :class:`DraftTree` they are (:attr:`nodes`, breadth-first): all of them, or those a draft threshold
-    kept. A slice keeps the nodes of its tokens."""
+    kept; with a block threshold, also their joint probabilities (:attr:`joint`). A slice keeps the nodes
+    (and probabilities) of its tokens."""
 
-    def __init__(self, tokens: Iterable[int] = (), nodes: Iterable[int] = ()):
+    def __init__(self, tokens: Iterable[int] = (), nodes: Iterable[int] = (), joint: Iterable[float] | None = None):
         super().__init__(tokens)
         self.nodes = list(nodes)
-        if len(self.nodes) != len(self):
-            raise ValueError(f"{len(self)} draft tokens need {len(self)} nodes, got {len(self.nodes)}")
+        self.joint = None if joint is None else [float(q) for q in joint]
+        if len(self.nodes) != len(self) or (self.joint is not None and len(self.joint) != len(self)):
+            raise ValueError(f"{len(self)} draft tokens need {len(self)} nodes (and probabilities), got "
+                             f"{len(self.nodes)}")
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return TreeDrafts(list.__getitem__(self, i), self.nodes[i])
+            return TreeDrafts(list.__getitem__(self, i), self.nodes[i], None if self.joint is None else self.joint[i])
         return list.__getitem__(self, i)
 
 

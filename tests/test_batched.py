@@ -126,7 +126,8 @@ def test_batched_cache_drops_the_columns_no_row_keeps(trained, tree, monkeypatch
         return forward(input_ids, position_ids, mask4d, gate, cache, *args, **kwargs)
 
     monkeypatch.setattr(trained, "forward", spy)
-    cfg = GenerationConfig(mode="speculative", block_size=4, max_new_tokens=30, tree=tree, draft_threshold=0.0)
+    cfg = GenerationConfig(mode="speculative", block_size=4, max_new_tokens=30, tree=tree, draft_threshold=0.0,
+                           block_threshold=0.0)
     alone = [Decoder(trained, cfg).generate(p) for p in prompts]
     seen.clear()
     _same(generate_batch(Decoder(trained, cfg), prompts, batch_size=4), alone)

@@ -89,7 +89,6 @@ def test_retrofit_then_confidence(capsys, tmp_path):
          "modes with drafts"),
         (["generate", "hi", "--model", "random:llama", "--block-threshold", "1.5"], "block threshold must be in"),
         (["generate", "hi", "--model", "random:llama", "--mode", "ar", "--block-threshold", "0.5"], "modes with drafts"),
-        (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--block-threshold", "0.5"], "chain of drafts"),
         (["generate", "hi", "--model", "random:llama", "--tree", "2,2", "--mode", "ar"], "mode speculative"),
         (["generate", "hi", "--model", "random:llama", "--tree", "auto"], "no calibrated draft tree"),
         (["generate", "hi", "--model", "random:llama", "--tree", "wide"], "neither"),

@@ -440,18 +440,20 @@ def test_scripted_block_threshold_carries_only_likely_blocks(llama, monkeypatch,
 
 
 def test_block_threshold_defaults_and_rule(llama):
-    """None: 0.8 for speculative's chain on a CPU; 0 (every block) for trees, other devices and the other
-    modes; a value given is kept. The chances of the accept lengths come from the drafts' top probabilities."""
+    """None: 0.8 for speculative on a CPU (chain and trees); 0 (every block) on other devices and for the
+    other modes; a value given is kept. The chances of the accept lengths come from the drafts' top probabilities."""
     from sdlm.decode import CPU_BLOCK_THRESHOLD, block_threshold_for, likely_accept_lengths
 
     spec = GenerationConfig(mode="speculative", block_size=4)
     assert block_threshold_for(spec, "cpu") == Decoder(llama, spec).block_threshold == CPU_BLOCK_THRESHOLD == 0.8
     assert block_threshold_for(spec, "cuda") == 0.0
-    assert block_threshold_for(GenerationConfig(mode="speculative", tree="2,1"), "cpu") == 0.0
+    assert block_threshold_for(GenerationConfig(mode="speculative", tree="2,1"), "cpu") == CPU_BLOCK_THRESHOLD
+    assert block_threshold_for(GenerationConfig(mode="speculative", tree="2,1"), "cuda") == 0.0
     assert block_threshold_for(GenerationConfig(mode="confidence", verify=True), "cpu") == 0.0
     assert block_threshold_for(GenerationConfig(mode="confidence", verify=True, block_threshold=0.6), "cpu") == 0.6
     assert block_threshold_for(GenerationConfig(mode="speculative", block_threshold=0.3), "cuda") == 0.3
     assert block_threshold_for(GenerationConfig(mode="ar"), "cpu") == 0.0
+    assert block_threshold_for(GenerationConfig(mode="speculative", tree="2,1", block_threshold=0.5), "cpu") == 0.5
     # drafts 0.9, 0.5: accept 0 with 0.1, 1 with 0.45, 2 with 0.45
     assert likely_accept_lengths([0.9, 0.5], 0.0) == [0, 1, 2]
     assert likely_accept_lengths([0.9, 0.5], 0.4) == [1, 2] and likely_accept_lengths([0.9, 0.5], 0.5) == []
@@ -462,8 +464,6 @@ def test_block_threshold_defaults_and_rule(llama):
             GenerationConfig(mode="speculative", block_threshold=bad).validate()
     with pytest.raises(SDLMError, match="modes with drafts"):
         GenerationConfig(mode="ar", block_threshold=0.5).validate()
-    with pytest.raises(SDLMError, match="chain of drafts"):
-        GenerationConfig(mode="speculative", tree="2,1", block_threshold=0.5).validate()
 
 
 def test_draft_threshold_defaults_by_device(llama):

@@ -147,7 +147,7 @@ def _plain_and_own(fn):
     dict(mode="ar"),
     dict(mode="speculative", block_size=4, draft_threshold=0.0, block_threshold=0.0),
     dict(mode="speculative", block_size=4, draft_threshold=0.0, block_threshold=0.5),
-    dict(mode="speculative", block_size=4, tree="3,2,1", draft_threshold=0.0),
+    dict(mode="speculative", block_size=4, tree="3,2,1", draft_threshold=0.0, block_threshold=0.0),
     dict(mode="confidence", block_size=4, threshold=0.5),
     dict(mode="confidence", block_size=4, threshold=0.9, verify=True),
 ], ids=["ar", "speculative", "speculative-some-blocks", "tree", "confidence", "verify"])

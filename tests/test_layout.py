@@ -143,8 +143,13 @@ def test_speculative_step_with_some_blocks():
     for bad in ([3], [1, 0], [1, 1], [-1]):
         with pytest.raises(ValueError, match="increasing accept lengths"):
             speculative_step([15], 5, [20, 21], 3, M, blocks=bad)
-    with pytest.raises(ValueError, match="draft tree"):
-        speculative_step([15], 5, [20, 21], 3, M, parents=[-1, -1], blocks=[0])
+    # a tree step (two siblings) carrying the root's block and the second node's
+    s = speculative_step([15], 5, [20, 21], 3, M, parents=[-1, -1], blocks=[0, 2])
+    assert s.input_ids.tolist() == [15, 20, 21, 15, M, M, 21, M, M] and s.n_logits == 3 + 2 * 3
+    assert s.info.pos.tolist() == [5, 6, 6, 5, 6, 7, 6, 7, 8] and s.visible.shape == (9, 9)
+    assert not s.visible[6:, 1].any() and s.visible[6:, 2].all()  # node 1's block sees node 1, not node 0
+    with pytest.raises(ValueError, match="increasing accept lengths"):
+        speculative_step([15], 5, [20, 21], 3, M, parents=[-1, -1], blocks=[3])
 
 
 def test_speculative_first_step_has_no_drafts():

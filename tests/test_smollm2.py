@@ -103,14 +103,14 @@ def test_shipped_confidence_causal_first_token(shipped, reference):
         assert tok / fw == 1.0 if tau == 1.0 else tok / fw > 1.2
 
 
-@pytest.mark.parametrize("threshold", [0.0, None])  # every node; the CPU's default, the likely nodes
+@pytest.mark.parametrize("threshold", [0.0, None])  # every node and block; the CPU's defaults
 @pytest.mark.parametrize("block_size", [4, 8])
 def test_shipped_draft_tree_keeps_the_base_output(shipped, reference, block_size, threshold):
     """--tree auto (the shipped calibrated trees): the bare base's generate; with every node, in fewer
     forwards than the chain with every draft; the one-forward count of SPEC §3.4 matches the decoder's."""
     from sdlm.tpf import tokens_per_forward
 
-    cfg = dict(block_size=block_size, max_new_tokens=MAX_NEW, draft_threshold=threshold)
+    cfg = dict(block_size=block_size, max_new_tokens=MAX_NEW, draft_threshold=threshold, block_threshold=threshold)
     tree = Decoder(shipped, GenerationConfig(tree="auto", **cfg))
     chain = Decoder(shipped, GenerationConfig(**cfg))
     assert tree.tree is not None and len(tree.tree) >= block_size - 1
@@ -119,7 +119,7 @@ def test_shipped_draft_tree_keeps_the_base_output(shipped, reference, block_size
         got = tree.generate(ids)
         assert got.tokens == expected, (p, shipped.tokenizer.decode(got.tokens))
         t = tokens_per_forward(shipped, ids, expected, block_size, max_new_tokens=MAX_NEW, tree=tree.tree,
-                               draft_threshold=tree.draft_threshold)
+                               draft_threshold=tree.draft_threshold, block_threshold=tree.block_threshold)
         assert t.forwards == got.forwards
         fw_tree, fw_chain = fw_tree + got.forwards, fw_chain + chain.generate(ids).forwards
     if threshold == 0.0:

@@ -181,6 +181,37 @@ def test_nodes_of_other_branches_are_invisible(arch):
     assert not torch.allclose(a[1], b[1])  # node 0's own prediction did change
 
 
+def test_a_tree_step_with_some_blocks_computes_what_the_whole_step_does(arch):
+    # a block threshold leaves some candidate blocks out: the causal rows and the blocks carried must be
+    # what the step with every block computes (blocks see no other block; nodes see no block)
+    sdlm = make_sdlm(arch)
+    prompt, mask_id, D = random_prompt(5, 8), sdlm.config.mask_token_id, 3
+    parents = [-1, -1, 1, 0]
+    full = sdlm.step_logits(speculative_step(prompt, 0, [10, 20, 30, 40], D, mask_id, parents))
+    for blocks in ([0, 2], [3], [1, 4], []):
+        step = speculative_step(prompt, 0, [10, 20, 30, 40], D, mask_id, parents, blocks=blocks)
+        assert step.n_logits == 5 + len(blocks) * D and step.visible.shape == (len(step.input_ids),) * 2
+        rows = list(range(5)) + [5 + b * D + j for b in blocks for j in range(D)]
+        torch.testing.assert_close(sdlm.step_logits(step), full[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_tree_likely_ends():
+    """The chance that the walk ends at each anchor: its joint probability less its offered children's."""
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0), (1, 0)])  # parents -1, -1, 0, 1
+    joint = [0.6, 0.3, 0.5, 0.1]  # ends: root 0.1, node 0 0.1, node 1 0.2, node 2 0.5, node 3 0.1
+    assert tree.likely_ends(range(4), joint, 0.0) == [0, 1, 2, 3, 4]
+    assert tree.likely_ends(range(4), joint, 0.15) == [2, 3] and tree.likely_ends(range(4), joint, 0.6) == []
+    assert tree.likely_ends([0, 2], [0.6, 0.5], 0.4) == [0, 2]  # root 0.4, node 0 0.1, node 2 (anchor 2) 0.5
+    assert tree.likely_ends([0, 2], [0.6, 0.5], 0.45) == [2]
+    assert tree.likely_ends([], [], 1.0) == [0]
+    # the chain as a tree: the chain's rule
+    from sdlm.decode import likely_accept_lengths
+
+    chain, p = DraftTree.chain(3), [0.9, 0.5, 0.8]
+    for thr in (0.0, 0.05, 0.3, 0.4, 0.5):
+        assert chain.likely_ends(range(3), chain.joint_probs([[x] for x in p]), thr) == likely_accept_lengths(p, thr)
+
+
 # ---------------------------------------------------------------- 3. decoding
 
 PROMPTS = ["qwe qwe qwe", "abcd abcd ab", "zz zz zz zz", "hello hello", "mno", "x", "abab abab abab abab",
@@ -201,25 +232,30 @@ def test_tree_decoding_is_lossless_and_accepts_more(trained, monkeypatch, D, tre
     kept = []
     real_keep = SDLM.keep_tail
     monkeypatch.setattr(SDLM, "keep_tail", staticmethod(lambda c, s, idx: (kept.append(list(idx)), real_keep(c, s, idx))))
-    cfg = GenerationConfig(block_size=D, max_new_tokens=30, tree=tree, draft_threshold=0.0)  # every node
+    cfg = GenerationConfig(block_size=D, max_new_tokens=30, tree=tree, draft_threshold=0.0, block_threshold=0.0)  # every node
     gens = [Decoder(trained, cfg).generate(p) for p in prompts]
     for p, g in zip(prompts, gens):
         assert g.tokens == hf_greedy(trained, p, 30)
     assert kept, "no step accepted a node other than the first ones: the KV gather went untested"
-    chain = [Decoder(trained, GenerationConfig(block_size=D, max_new_tokens=30, draft_threshold=0.0)).generate(p)
+    chain = [Decoder(trained, GenerationConfig(block_size=D, max_new_tokens=30, draft_threshold=0.0,
+                                               block_threshold=0.0)).generate(p)
              for p in prompts]
     assert sum(g.forwards for g in gens) < sum(g.forwards for g in chain)
     assert all(g.forwards <= c.forwards for g, c in zip(gens, chain))
     assert _tpf(gens) > _tpf(chain)
 
 
-@pytest.mark.parametrize("threshold", [0.0, None, 0.05])  # every node, the CPU's default, a low one
+# every node, the CPU's default, a low one; with blocks only where the walk may well end, or after no drafts
+@pytest.mark.parametrize("threshold,block_threshold", [(0.0, None), (None, None), (0.05, None), (0.05, 0.3), (0.1, 1.0)])
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_tree_cached_reference_and_batched_agree(trained, use_cache, threshold):
+def test_tree_cached_reference_and_batched_agree(trained, use_cache, threshold, block_threshold):
     prompts = _ids(trained)
     cfg = GenerationConfig(block_size=4, max_new_tokens=30, tree="3,2,1", use_cache=use_cache,
-                           draft_threshold=threshold)
+                           draft_threshold=threshold, block_threshold=block_threshold)
     alone = [Decoder(trained, cfg).generate(p) for p in prompts]
+    if block_threshold:
+        assert [g.tokens for g in alone] == [hf_greedy(trained, p, 30) for p in prompts]
+        assert _tpf(alone) > 1.3  # nodes were still accepted
     for p, g in zip(prompts, alone):
         ref = reference_decode(trained, p, cfg)
         assert (g.tokens, g.forwards, g.accept_histogram) == (ref.tokens, ref.forwards, ref.accept_histogram)
@@ -229,22 +265,36 @@ def test_tree_cached_reference_and_batched_agree(trained, use_cache, threshold):
             a.tokens, a.forwards, a.accept_histogram, a.finish_reason)
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.2])
+@pytest.mark.parametrize("threshold,block_threshold", [(0.0, 0.0), (0.05, 0.0), (0.2, 0.0), (0.0, 0.3), (0.1, 0.2),
+                                                       (0.05, 1.0)])
 @pytest.mark.parametrize("D,tree", [(2, "2"), (4, "3,2,1"), (8, "2,2,2,1,1,1,1")])
-def test_tree_replay_counts_the_decoders_forwards(trained, monkeypatch, D, tree, threshold):
-    cfg = GenerationConfig(block_size=D, max_new_tokens=24, tree=tree, draft_threshold=threshold)
+def test_tree_replay_counts_the_decoders_forwards(trained, monkeypatch, D, tree, threshold, block_threshold):
+    cfg = GenerationConfig(block_size=D, max_new_tokens=24, tree=tree, draft_threshold=threshold,
+                           block_threshold=block_threshold)
     dec = Decoder(trained, cfg)
     offered: list[int] = []
+    carried: list[int] = []
     real_layout = Decoder._layout
-    monkeypatch.setattr(Decoder, "_layout",
-                        lambda self, u, f, d, q=None: (offered.append(len(d)), real_layout(self, u, f, d, q))[1])
+
+    def layout(self, u, f, d, q=None):
+        st = real_layout(self, u, f, d, q)
+        offered.append(len(d))
+        carried.append((st.n_logits - len(d) - 1) // D)
+        return st
+
+    monkeypatch.setattr(Decoder, "_layout", layout)
     for p in _ids(trained):
         offered.clear()
+        carried.clear()
         g = dec.generate(p)
-        r = tokens_per_forward(trained, p, g.tokens, D, max_new_tokens=24, tree=dec.tree, draft_threshold=threshold)
+        r = tokens_per_forward(trained, p, g.tokens, D, max_new_tokens=24, tree=dec.tree, draft_threshold=threshold,
+                               block_threshold=block_threshold)
         assert (r.forwards, r.new_tokens, r.accept_histogram) == (g.forwards, g.new_tokens, g.accept_histogram)
         assert r.offered == offered[1:]  # the nodes of every step after the prefill
-        if threshold == 0.0:
+        assert r.blocks == carried[1:]  # and the candidate blocks
+        if not block_threshold:
+            assert r.blocks == [k + 1 for k in r.offered]
+        if threshold == 0.0 and not block_threshold:
             assert all(k == len(dec.tree) for k in r.offered[:-D])  # far from the length limit: every node
 
 
@@ -297,7 +347,8 @@ def test_auto_tree_from_calibration(trained, tmp_path):
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.8, seed=3), dict(temperature=1.2, top_k=5, top_p=0.9, seed=11),
-                                      dict(temperature=0.8, seed=5, draft_threshold=0.1)])
+                                      dict(temperature=0.8, seed=5, draft_threshold=0.1),
+                                      dict(temperature=0.8, seed=7, draft_threshold=0.1, block_threshold=0.3)])
 def test_sampled_tree_draws_what_ar_draws(trained, sampling):
     """Sampling over a tree draws the model's own token at each node the walk reaches, one draw per
     committed token as ``ar`` does: with the same seed, the same tokens as ``ar`` sampling (cached,
@@ -305,9 +356,10 @@ def test_sampled_tree_draws_what_ar_draws(trained, sampling):
     prompts = _ids(trained)
     sampling = dict(sampling)
     threshold = sampling.pop("draft_threshold", 0.0)
+    block_threshold = sampling.pop("block_threshold", 0.0)
     base = dict(max_new_tokens=30, **sampling)
     ar = [Decoder(trained, GenerationConfig(mode="ar", **base)).generate(p) for p in prompts]
-    cfg = GenerationConfig(block_size=4, tree="3,2,1", draft_threshold=threshold, **base)
+    cfg = GenerationConfig(block_size=4, tree="3,2,1", draft_threshold=threshold, block_threshold=block_threshold, **base)
     tree = [Decoder(trained, cfg).generate(p) for p in prompts]
     assert [g.tokens for g in tree] == [g.tokens for g in ar]
     assert sum(g.forwards for g in tree) < 0.75 * sum(g.forwards for g in ar)
