@@ -523,9 +523,9 @@ class Decoder:
             if self.draft_threshold > 0 or self.block_threshold > 0:  # the nodes' joint probabilities are read
                 ranked, probs = self.sampler.ranked_with_probs(logits, max(widths))
                 joint = tree.joint_probs(probs.tolist())
-                # offer only the nodes likely enough to be accepted
-                nodes = [i for i, q in enumerate(joint) if q > self.draft_threshold] if self.draft_threshold > 0 \
-                    else range(len(tree))
+                nodes = range(len(tree))
+                if self.draft_threshold > 0:  # offer only the nodes likely enough to be accepted
+                    nodes = [i for i in nodes if joint[i] > self.draft_threshold]
             else:  # every node: no softmax needed
                 ranked, nodes = self.sampler.ranked(logits, max(widths)), range(len(tree))
             tokens = tree.node_tokens(ranked.tolist())

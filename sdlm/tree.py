@@ -38,6 +38,10 @@ likely and a short chain or nothing where even the top predictions are not. A
 node is never likelier than its parent, so the offered nodes are a tree too
 (:class:`TreeDrafts` carries which ones). Pruning reads only the block's
 probabilities, never the model's own tokens, so the output is unchanged.
+
+With a block threshold (:attr:`sdlm.decode.GenerationConfig.block_threshold`) a step carries the
+candidate block of a node (or of the root) only where the walk is likely to end there
+(:meth:`DraftTree.likely_ends`); the next step offers no nodes where it ended elsewhere.
 """
 
 from __future__ import annotations
