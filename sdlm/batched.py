@@ -180,7 +180,7 @@ def _run(decoder: Decoder, prompts: Sequence[Sequence[int]]) -> list[Generation]
         for b, r in enumerate(active):
             first = r.first if cfg.use_cache else 0
             lg = logits[b, torch.searchsorted(need, read[b]).to(dev)]
-            out = decoder._accept(lg, uncached[b], first, r.drafts, r.draft_q, r.generator)
+            out = decoder._accept(lg, uncached[b], first, r.drafts, r.draft_q, r.generator, steps[b].blocks)
             if out.kept_drafts is None:
                 alive_now[b, : out.keep - first] = True  # the committed and accepted draft tokens of this step
             else:  # a draft tree: the step's uncached tokens and the accepted nodes (the rest stays dead)

@@ -369,7 +369,7 @@ class Decoder:
                 logits = _LazyLogits(self.sdlm, self.sdlm.step_hidden(step, cache, cached))
             else:
                 logits = self.sdlm.step_logits(step, cache, cached)
-            out = self._accept(logits, uncached, first, drafts, draft_q, generator)
+            out = self._accept(logits, uncached, first, drafts, draft_q, generator, step.blocks)
             new, proposed, keep, drafts, draft_q = out.tokens, out.proposed, out.keep, out.drafts, out.draft_q
             if cache is not None:
                 if out.kept_drafts is not None:  # a tree accepted nodes other than its first ones: keep their KV
@@ -424,8 +424,9 @@ class Decoder:
         return speculative_step(uncached, first, drafts, self.block_size, self.mask_token_id, parents,
                                 self._carried_blocks(drafts, draft_q))
 
-    def _accept(self, logits, uncached, first, drafts, draft_q, generator) -> "_Accepted":
-        """What one step commits, from its ``n_logits`` logits (see the step layouts)."""
+    def _accept(self, logits, uncached, first, drafts, draft_q, generator, blocks=None) -> "_Accepted":
+        """What one step commits, from its ``n_logits`` logits (see the step layouts); ``blocks``: the candidate
+        blocks the step carries (:attr:`StepLayout.blocks`)."""
         n = first + len(uncached)
         if self.config.mode == "ar":  # one causal token; every committed token's KV stays
             tok, _ = self.sampler.choose(logits, generator)
@@ -448,12 +449,10 @@ class Decoder:
         causal = rows(0, k + 1)  # t_i: the AR prediction at x_{n-1}, d_0, .., d_{k-1}
         # then the candidate blocks the step carries (B_0 .. B_k, or those of the block threshold), D rows
         # each: the b-th carried block's slot j is row k + 1 + b * D + j
-        carried = self._carried_blocks(drafts, draft_q)
-        slot_of = {i: b for b, i in enumerate(carried)} if carried is not None else None
+        slot_of = {i: b for b, i in enumerate(blocks if blocks is not None else range(k + 1))}
 
         def block(i: int, j0: int, j1: int) -> torch.Tensor:
-            b = slot_of[i] if slot_of is not None else i
-            return rows(k + 1 + b * D + j0, k + 1 + b * D + j1)
+            return rows(k + 1 + slot_of[i] * D + j0, k + 1 + slot_of[i] * D + j1)
 
         if self.tree is not None:
             return self._accept_tree(causal, block, drafts, n, generator, slot_of)
@@ -467,7 +466,7 @@ class Decoder:
         # keep x_0..x_{n-1} and the accepted drafts (exact causal KV). B_a starts at position n+a-1;
         # its slot j predicts n+a+j. Slot 0 is replaced by the bonus token, slots 1..D-1 are the
         # drafts for n+a+1 .. n+a+D-1.
-        has_block = D > 1 and (slot_of is None or a in slot_of)  # else the next step verifies no drafts
+        has_block = D > 1 and a in slot_of  # else the next step verifies no drafts
         sure, next_drafts, next_q = self._next_drafts(block, a, bonus, generator) if has_block else ([], [], None)
         proposed = k + (D - 1 if self.config.verify and has_block else 0)
         return _Accepted(list(drafts[:a]) + [bonus] + sure, proposed, n + a, next_drafts, next_q)
@@ -488,7 +487,7 @@ class Decoder:
             drafts, q = drafts[:keep], q[:keep]
         return sure, drafts, q
 
-    def _accept_tree(self, causal, block, drafts, n, generator=None, slot_of=None) -> "_Accepted":
+    def _accept_tree(self, causal, block, drafts, n, generator, slot_of) -> "_Accepted":
         """Acceptance over a draft tree (:mod:`sdlm.tree`): walk down while a child holds the model's own
         next token; the bonus is that token at the deepest accepted node, and the next drafts (the
         best-ranked block tokens) come from that node's block (block 0 is the root's).
@@ -515,17 +514,17 @@ class Decoder:
         last = path[-1] if path else -1
         bonus = int(target(last + 1))
         widths = tree.widths
-        if slot_of is not None and last + 1 not in slot_of:  # the block threshold left its block out
+        if last + 1 not in slot_of:  # the block threshold left its block out
             next_drafts = TreeDrafts()
         else:
             logits = block(last + 1, 1, 1 + len(widths))
             joint = None
-            if self.draft_threshold > 0 or self.block_threshold > 0:  # the nodes' joint probabilities are read
+            if self.draft_threshold > 0 or self.block_threshold > 0:  # the nodes' probabilities are read
                 ranked, probs = self.sampler.ranked_with_probs(logits, max(widths))
-                joint = tree.joint_probs(probs.tolist())
-                nodes = range(len(tree))
-                if self.draft_threshold > 0:  # offer only the nodes likely enough to be accepted
-                    nodes = [i for i in nodes if joint[i] > self.draft_threshold]
+                probs = probs.tolist()
+                # offer only the nodes likely enough to be accepted
+                nodes = tree.likely_nodes(probs, self.draft_threshold) if self.draft_threshold > 0 else range(len(tree))
+                joint = tree.joint_probs(probs) if self.block_threshold > 0 else None  # what the next layout reads
             else:  # every node: no softmax needed
                 ranked, nodes = self.sampler.ranked(logits, max(widths)), range(len(tree))
             tokens = tree.node_tokens(ranked.tolist())

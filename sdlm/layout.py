@@ -123,6 +123,9 @@ class StepLayout:
     visible: torch.Tensor | None = None
     """(T, T) bool over the step's own tokens, AND-ed with the block rule: draft trees hide the
     nodes of other branches (:func:`sdlm.tree.tree_visibility`). None: no restriction."""
+    blocks: list[int] | None = None
+    """A speculative step: the candidate blocks it carries, in order (accept lengths; a tree's anchors, 0 the
+    root and ``i + 1`` draft ``i``). None for the other steps."""
 
 
 def ar_step(uncached: Sequence[int], first_pos: int) -> StepLayout:
@@ -178,7 +181,8 @@ def speculative_step(
         bids, binfo = block(first, n + i - 1, block_size, mask_token_id, i)
         parts_ids.append(bids)
         parts_info.append(binfo)
-    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + len(blocks) * block_size)
+    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + len(blocks) * block_size,
+                      blocks=blocks)
 
 
 def _carried(blocks: Sequence[int] | None, k: int) -> list[int]:
@@ -216,4 +220,5 @@ def _tree_step(uncached, first_pos, drafts, block_size, mask_token_id, parents, 
     if len(blocks) < k + 1:  # the rows and columns of the blocks carried
         keep = list(range(u + k)) + [u + k + b * block_size + j for b in blocks for j in range(block_size)]
         vis = vis[keep][:, keep]
-    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + len(blocks) * block_size, vis)
+    return StepLayout(torch.cat(parts_ids), TokenInfo.cat(parts_info), (k + 1) + len(blocks) * block_size, vis,
+                      blocks)

@@ -179,9 +179,8 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             b = m - 1 - (n_prompt - 1)
             row = drafts[b]  # (D, K): slot j's ranked predictions
             nodes = range(tree.nodes_within(k))  # the tree cut at the depth the length limit leaves
-            joint = tree.joint_probs(top_probs[b, 1:].tolist()) if top_probs is not None else None
             if draft_threshold > 0:  # and only the nodes likely enough, as the decoder offers them
-                nodes = [i for i in nodes if joint[i] > draft_threshold]
+                nodes = [i for i in tree.likely_nodes(top_probs[b, 1:].tolist(), draft_threshold) if i < len(nodes)]
             every = tree.node_tokens([row[j].tolist() for j in range(1, D)])
             toks = [every[i] for i in nodes]
             # node at depth j drafts position m + j; the greedy target after the root (position m) and
@@ -189,8 +188,11 @@ def replay(drafts: torch.Tensor, seq: Sequence[int], n_prompt: int, max_new_toke
             targets = [seq[m + 1 + d] if m + 1 + d < len(seq) else -1 for d in [0] + [tree.depths[i] for i in nodes]]
             path = tree_accept(tree.parents_of(nodes), toks, targets)
             a = len(path)
-            ends = (tree.likely_ends(nodes, [joint[i] for i in nodes], block_threshold) if block_threshold > 0
-                    else range(len(nodes) + 1))  # the anchors whose candidate block the step carries
+            if block_threshold > 0:  # the anchors whose candidate block the step carries
+                joint = tree.joint_probs(top_probs[b, 1:].tolist())
+                ends = tree.likely_ends(nodes, [joint[i] for i in nodes], block_threshold)
+            else:
+                ends = range(len(nodes) + 1)
             carried.append(len(ends))
             has_block = (path[-1] + 1 if path else 0) in ends
             k = len(nodes)
