@@ -16,6 +16,9 @@ puts K worked GSM8K-train examples before each prompt: long prompts, where the c
 ``--also-unfused`` runs every mode again with the gated LoRA layers on ``peft``'s own forward instead of
 their shorter inference path (``sdlm.adapter.fuse_gated_inference``; rows ``MODE unfused``).
 
+``--also-lowp-lora`` runs every mode again with a bf16 (or fp16) model's LoRA products on a CPU in that dtype,
+as ``peft``'s are, instead of in float32 (``sdlm.adapter.cpu_lora_in_low_precision``; rows ``MODE lowp-lora``).
+
 ``--also-checked`` runs every mode again with every linear layer call checking for itself whether it may
 take the packed product (``sdlm.cpu.checked_calls``) instead of the decoder's forward vouching for all of
 them once (``sdlm.cpu.plain_inference``; rows ``MODE checked``).
@@ -80,6 +83,9 @@ def main() -> int:
     ap.add_argument("--also-unfused", action="store_true",
                     help="run every mode twice, with the gated LoRA layers' inference path and with peft's own "
                          "forward (rows 'MODE unfused'), in one run")
+    ap.add_argument("--also-lowp-lora", action="store_true",
+                    help="also run every mode with a bf16/fp16 model's LoRA products on a CPU in that dtype instead of "
+                         "float32 (rows 'MODE lowp-lora')")
     ap.add_argument("--also-checked", action="store_true",
                     help="run every mode twice, with the decoder's forwards vouching once for their layer calls and "
                          "with every call checking for itself (rows 'MODE checked'), in one run")
@@ -103,7 +109,7 @@ def main() -> int:
 
     import torch
 
-    from sdlm.adapter import unfused_lora
+    from sdlm.adapter import cpu_lora_in_low_precision, unfused_lora
     from sdlm.attention import plain_sdpa
     from sdlm.kvcache import plain_cache
     from sdlm.cpu import checked_calls, describe as describe_cpu, describe_host, packed_layers, packing_off
@@ -135,7 +141,8 @@ def main() -> int:
 
     results, outputs = {}, {}
     variants = [None] + (["unpacked"] if args.also_unpacked else []) + (["unfused"] if args.also_unfused else []) \
-        + (["plain"] if args.also_plain else []) + (["checked"] if args.also_checked else [])
+        + (["lowp-lora"] if args.also_lowp_lora else []) + (["plain"] if args.also_plain else []) \
+        + (["checked"] if args.also_checked else [])
     runs = [(spec, v) for spec in args.modes for v in variants if not (spec == "hf" and v)]
 
     @contextlib.contextmanager
@@ -143,8 +150,8 @@ def main() -> int:
         with plain_cache(), plain_sdpa():
             yield
 
-    switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora, "plain": plain_internals,
-              "checked": checked_calls}
+    switch = {None: contextlib.nullcontext, "unpacked": packing_off, "unfused": unfused_lora,
+              "lowp-lora": cpu_lora_in_low_precision, "plain": plain_internals, "checked": checked_calls}
     label = lambda spec, variant: f"{spec} {variant}" if variant else spec  # noqa: E731
     configs = {}
     for spec, variant in runs:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlm.adapter import AdapterConfig, attach, plain_lora_layers, unfused_lora
+from sdlm.adapter import AdapterConfig, attach, cpu_lora_in_low_precision, plain_lora_layers, unfused_lora
 from sdlm.decode import Decoder, GenerationConfig
 from sdlm.layout import sample_block_starts, training_layout
 from sdlm.model import SDLM
@@ -161,6 +161,40 @@ def test_fused_gated_inference_gives_peft_outputs(arch, alpha):
         with unfused_lora():
             expect = s.forward(ids, pos, None, g)
     assert torch.allclose(again, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_lora_products_run_in_float32_on_a_cpu():
+    """In a bf16 model on a CPU the fused layers' LoRA products run in float32 (on float32 copies of the LoRA
+    weights, made again when a weight changes): clean tokens still get exactly the base model's output, and
+    block tokens are closer to the float32 model's than ``peft``'s bf16 products get them."""
+    s, ad = adapted("llama")
+    ids = torch.tensor([[5, 17, 99, 3, 42, 42, 8, 11, 4, 9]])
+    pos = torch.arange(10)[None]
+    gate = torch.zeros(1, 10, dtype=torch.bool)
+    gate[:, 4:] = True
+    with torch.no_grad():
+        want = s.forward(ids, pos, None, gate).float()
+        s.model.to(torch.bfloat16)
+        got = s.forward(ids, pos, None, gate)
+        with cpu_lora_in_low_precision():
+            low = s.forward(ids, pos, None, gate)
+        with unfused_lora():
+            ref = s.forward(ids, pos, None, gate)
+        base = s.forward(ids, pos, None, torch.zeros_like(gate))
+    layers = [mod for mod, _ in plain_lora_layers(s.model)]
+    assert all(set(mod.__dict__.get("_sdlm_fp32_lora", {})) == {"lora_A", "lora_B"} for mod in layers)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got[:, :4], base[:, :4]) and torch.equal(ref[:, :4], base[:, :4])
+    assert torch.allclose(low, ref, atol=0.05, rtol=0.02)  # the bf16 route is peft's, up to summation order
+    err = lambda x: (x[:, 4:].float() - want[:, 4:]).abs().mean().item()  # noqa: E731
+    assert err(got) < err(ref)
+    with torch.no_grad():  # a LoRA weight changed in place: its float32 copy is made again
+        layers[0].lora_B["default"].weight.mul_(3)
+        changed = s.forward(ids, pos, None, gate)
+        with unfused_lora():
+            expect = s.forward(ids, pos, None, gate)
+    gap = lambda x, y: (x.float() - y.float()).abs().mean().item()  # noqa: E731
+    assert gap(changed, expect) < gap(changed, got) / 4
 
 
 @pytest.mark.parametrize("prepack", [False, True])
