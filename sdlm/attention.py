@@ -631,19 +631,111 @@ _SDPA_KWARGS = {"position_ids", "cache_position", "sliding_window", "is_causal",
 its own path (the mask already carries any sliding window); with any other it hands over to ``transformers``."""
 
 
+@dataclass
+class RowSplit:
+    """How a decoding step's attention gives each causal row the numbers a one-token step would give it.
+
+    A CPU's low-precision attention kernel sums a row's keys in an order that depends on how many keys the
+    call holds, masked ones included, and on whether it holds one query or several: in bfloat16 the same
+    row then differs by a rounding step or more between an ``ar`` step and a speculative step, enough to
+    change a greedy choice now and then. With a split, each causal row of the step (not a block token)
+    runs alone over exactly the keys an ``ar`` step at its position holds: the cache, then the step's
+    tokens it sees, in order (a draft tree's node: its ancestors); the block tokens run together over
+    every key, as before. In a step that fills an empty cache (``first``, a prompt's prefill) the causal
+    rows run together instead, as one call over the keys up to the last of them, as an ``ar`` decoder's
+    prefill does. :meth:`sdlm.model.SDLM.step_hidden` enters one for low-precision models on a CPU
+    (:func:`row_split`), where the linear layers already give each row the same numbers at any row count.
+    ``is_block`` (T,) marks the step's block tokens, ``visible`` (T, T) the step's tokens each one sees
+    (None: the block rule alone, under which a causal row sees the step's rows up to itself)."""
+
+    is_block: list[bool]
+    visible: torch.Tensor | None = None
+    first: bool = False
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    def leading_causal(self) -> int:
+        """How many causal rows the step starts with (a prompt's, in a step that fills an empty cache)."""
+        return next((r for r, b in enumerate(self.is_block) if b), len(self.is_block))
+
+    def part(self, start: int, stop: int) -> "RowSplit":
+        """The split of rows ``start:stop`` of the step run as a forward of their own after rows ``:start``
+        (in the cache by then)."""
+        vis = None if self.visible is None else self.visible[start:stop, start:stop]
+        return RowSplit(self.is_block[start:stop], vis, first=self.first and start == 0)
+
+    def plan(self, keys: int, device) -> list[tuple[slice | torch.Tensor, slice | torch.Tensor]]:
+        """(query rows, key columns) of each call, over ``keys`` key columns (a layer's cache, then the
+        step's T tokens); slices where the rows or columns run on."""
+        if keys in self._plans:
+            return self._plans[keys]
+        T = len(self.is_block)
+        cached = keys - T
+        causal = [r for r in range(T) if not self.is_block[r]]
+        blocks = [r for r in range(T) if self.is_block[r]]
+        calls: list[tuple[slice | torch.Tensor, slice | torch.Tensor]] = []
+        if self.first and causal and causal == list(range(len(causal))):
+            calls.append((slice(0, len(causal)), slice(0, cached + len(causal))))
+            causal = []
+        for r in causal:
+            seen = [j for j in range(r + 1) if self.visible is None or bool(self.visible[r, j])]
+            if seen == list(range(r + 1)):
+                cols: slice | torch.Tensor = slice(0, cached + r + 1)
+            else:
+                cols = torch.cat([torch.arange(cached), cached + torch.tensor(seen, dtype=torch.long)]).to(device)
+            calls.append((slice(r, r + 1), cols))
+        if blocks:
+            run = blocks == list(range(blocks[0], T))
+            calls.append((slice(blocks[0], T) if run else torch.tensor(blocks, device=device), slice(None)))
+        self._plans[keys] = calls
+        return calls
+
+
+_row_split: contextvars.ContextVar["RowSplit | None"] = contextvars.ContextVar("sdlm_row_split", default=None)
+
+
+def row_split(split: "RowSplit | None"):
+    """Inside, :func:`sdpa_attention` runs a forward of ``split``'s step row by row (:class:`RowSplit`);
+    None: as outside."""
+    return setting(_row_split, split)
+
+
+def _split_attention(query, key, value, mask, split: RowSplit, dropout, scaling, gqa: bool) -> torch.Tensor:
+    """:class:`RowSplit`'s calls, their outputs put back in row order: (B, T, H, d)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    outs, rows = [], []
+    for r, c in split.plan(key.shape[2], query.device):
+        k, v, m = (key[:, :, c], value[:, :, c], mask[:, :, r][..., c]) if isinstance(c, torch.Tensor) else \
+            (key[:, :, c], value[:, :, c], mask[:, :, r, c])
+        outs.append(sdpa(query[:, :, r], k, v, attn_mask=m, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+        rows.append(r)
+    if all(isinstance(r, slice) for r in rows) and [r.start for r in rows] == \
+            [0] + [r.stop for r in rows[:-1]]:  # the calls' rows run on in order: join them
+        out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    else:
+        out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
+        for r, o in zip(rows, outs):
+            out[:, :, r] = o
+    return out.transpose(1, 2).contiguous()
+
+
 def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """``transformers``' sdpa attention, except for one case: on a CPU, with a 4D mask and grouped-query
-    heads. There ``transformers`` copies the keys and values once per query head of a group (it lets sdpa
+    """``transformers``' sdpa attention, except for two cases on a CPU with a 4D mask. With grouped-query
+    heads, ``transformers`` copies the keys and values once per query head of a group (it lets sdpa
     share them only without a mask, where its GPU kernels need that); a decoding forward with the block
     rule's mask does this in every layer, over the whole cache. Here sdpa shares them instead
     (``enable_gqa``): the same attention (the same numbers, on the PyTorch builds tested), without the
-    copies. Everything else runs ``transformers``' function."""
+    copies. And inside :func:`row_split`, one sequence's step runs as :class:`RowSplit` says. Everything
+    else runs ``transformers``' function."""
     groups = getattr(module, "num_key_value_groups", 1)
-    own = (not _plain_sdpa.get() and query.device.type == "cpu" and isinstance(attention_mask, torch.Tensor)
-           and attention_mask.dim() == 4 and groups > 1 and query.shape[1] == key.shape[1] * groups
-           and key.shape[-1] == value.shape[-1] and not kwargs.get("output_attentions")
-           and all(k in _SDPA_KWARGS for k, v in kwargs.items() if v is not None))
-    if not own:
+    plain = (not _plain_sdpa.get() and query.device.type == "cpu" and isinstance(attention_mask, torch.Tensor)
+             and attention_mask.dim() == 4 and query.shape[1] == key.shape[1] * groups
+             and key.shape[-1] == value.shape[-1] and not kwargs.get("output_attentions")
+             and all(k in _SDPA_KWARGS for k, v in kwargs.items() if v is not None))
+    split = _row_split.get() if plain else None
+    if split is not None and query.shape[0] == 1 and query.shape[2] == len(split.is_block) == attention_mask.shape[2] \
+            and attention_mask.shape[3] == key.shape[2]:
+        return _split_attention(query, key, value, attention_mask, split, dropout, scaling, groups > 1), None
+    if not (plain and groups > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from .attention import (BlockLayout, CausalSegments, Gathered, active, install_attention, sdpa_attention,
-                        use_decoding_attention)
+from .attention import (BlockLayout, CausalSegments, Gathered, RowSplit, active, install_attention, row_split,
+                        sdpa_attention, use_decoding_attention)
 from .cpu import native, plain_inference, plain_inference_here
 from .errors import SDLMError
 from .io import atomic_dir
@@ -281,6 +281,9 @@ class SDLM:
         # (B, T) bool, True on block tokens, or True: every token is one; read by gated adapters
         self.gate: torch.Tensor | bool | None = None
         self.gate_columns: dict = {}  # values derived from the gate, kept for one forward (sdlm.adapter)
+        # bf16 / fp16 on a CPU: decoding steps run their causal rows' attention as one-token steps would
+        # (_row_split); False: every step's attention in one call (faster, and only close to ar's numbers)
+        self.row_exact = True
         check_supported(model)
         check_positions(model)
         head = model.get_output_embeddings()  # checked here, before a trainer shards or transforms the model:
@@ -445,26 +448,51 @@ class SDLM:
         With a cache, the new tokens' KV is appended to it: the caller crops what
         must not stay.
         """
-        logits = self.forward(
-            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache),
-            step.info.is_block[None], cache, step.n_logits
-        )
+        with row_split(self._row_split(step, cached_len)):
+            logits = self.forward(
+                step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache),
+                step.info.is_block[None], cache, step.n_logits
+            )
         return logits[0, -step.n_logits :].float()
 
     @torch.inference_mode()
     def step_hidden(self, step: StepLayout, cache=None, cached_len: int = 0) -> torch.Tensor:
         """:meth:`step_logits` without the LM head: the last ``n_logits`` final hidden states (n_logits, H),
         for a decoder that needs the logits of only some of them (:meth:`head_logits`)."""
-        hidden = self.forward(
-            step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache),
-            step.info.is_block[None], cache, hidden=True
-        )
+        split = self._row_split(step, cached_len)
+        mask = self._step_mask(step, cached_len, cache)
+        T = len(step.input_ids)
+        lead = split.leading_causal() if split is not None and split.first and cache is not None else 0
+        if 0 < lead < T:  # a prompt and its block: the prompt first, as an ar decoder's prefill, then the block
+            cut = lambda m, rows, drop: m[..., rows, : m.shape[-1] - drop]  # noqa: E731
+            parts = []
+            for rows, drop, sub in ((slice(0, lead), T - lead, split.part(0, lead)),
+                                    (slice(lead, T), 0, split.part(lead, T))):
+                part_mask = {k: cut(m, rows, drop) for k, m in mask.items()} if isinstance(mask, dict) else \
+                    cut(mask, rows, drop)
+                with row_split(sub):
+                    parts.append(self.forward(step.input_ids[None, rows], step.info.pos[None, rows], part_mask,
+                                              step.info.is_block[None, rows], cache, hidden=True))
+            hidden = torch.cat(parts, 1)
+        else:
+            with row_split(split):
+                hidden = self.forward(step.input_ids[None], step.info.pos[None], mask, step.info.is_block[None], cache,
+                                      hidden=True)
         return hidden[0, -step.n_logits :]
 
     @torch.inference_mode()
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits (N, V) float32 of final hidden states (N, H) from :meth:`step_hidden`."""
         return self.lm_head()(hidden).float()
+
+    def _row_split(self, step: StepLayout, cached_len: int) -> RowSplit | None:
+        """For a bf16 or fp16 model on a CPU, how ``step``'s attention runs row by row (:class:`RowSplit`),
+        so that its causal rows get the numbers a one-token step gives them, as the linear layers already
+        do there; and a speculative step commits exactly ``ar``'s tokens. None elsewhere (float32, whose
+        products differ in their last bits by row count, or another device) and with :attr:`row_exact` off."""
+        if not self.row_exact or self.device.type != "cpu" or self.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return RowSplit(step.info.is_block.tolist(), step.visible, first=cached_len == 0)
 
     def _step_mask(self, step: StepLayout, cached_len: int, cache=None) -> torch.Tensor:
         cached = TokenInfo.clean(torch.arange(cached_len))

@@ -394,3 +394,99 @@ def test_block_attention_over_a_shared_prefix_equals_dense_sdpa(chunk):
     assert outs[0][2][:, :, :7].abs().max() > 0  # the prefix's keys get gradients from both samples
     for a, c in zip(*outs):
         assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_row_split_plans_each_causal_row_over_the_keys_an_ar_step_holds():
+    """A chain step (a token, 2 drafts, 2 candidate blocks of 3): each causal row alone over the cache and the
+    step's rows up to itself, the blocks together over every key; a draft tree's node over the cache and its
+    ancestors; a step that fills an empty cache: its leading causal rows together, as a prefill."""
+    from sdlm.attention import RowSplit
+
+    chain = RowSplit([False, False, False, True, True, True, True, True, True])
+    calls = chain.plan(12 + 9, "cpu")
+    assert calls[:3] == [(slice(0, 1), slice(0, 13)), (slice(1, 2), slice(0, 14)), (slice(2, 3), slice(0, 15))]
+    assert calls[3] == (slice(3, 9), slice(None))
+    vis = torch.ones(4, 4, dtype=torch.bool).tril()
+    vis[2, 1] = False  # node 2 is a sibling of node 1: both children of the root
+    tree = RowSplit([False, False, False, True], vis)
+    rows, cols = tree.plan(5 + 4, "cpu")[2]
+    assert rows == slice(2, 3) and cols.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    first = RowSplit([False] * 6 + [True] * 4, first=True)
+    assert first.plan(10, "cpu") == [(slice(0, 6), slice(0, 6)), (slice(6, 10), slice(None))]
+    assert first.leading_causal() == 6 and first.part(6, 10).is_block == [True] * 4 and not first.part(6, 10).first
+
+
+def _rows_exact_in_bf16(model) -> bool:
+    """Whether this CPU's bf16 products give every row of ``model``'s linear layers the same numbers at 1 to
+    16 rows (oneDNN's do on the CPUs measured; a CPU whose kernels change with the row count cannot be exact)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                x = torch.randn(16, mod.in_features, generator=g).to(mod.weight.dtype)
+                full = mod(x)
+                if any(not torch.equal(mod(x[:m]), full[:m]) for m in (1, 2, 5, 8)):
+                    return False
+    return True
+
+
+def test_bf16_speculative_decoding_writes_ar_tokens_on_a_cpu(trained):
+    """In bfloat16 on a CPU, a speculative step runs its causal rows' attention as one-token steps would
+    (sdlm.attention.RowSplit), so that the lossless modes write exactly bf16 ``ar``'s tokens, chain and tree,
+    with drafts really accepted; a prompt and its first block run as a prefill, then the block."""
+    from sdlm.model import SDLM
+
+    s = SDLM.load(trained.name, dtype=torch.bfloat16)
+    assert s.dtype == torch.bfloat16 and s.row_exact
+    if not _rows_exact_in_bf16(s.model):
+        pytest.skip("this CPU's bf16 products give a row different numbers by the rows beside it")
+    prompts = [list(b"abcabcabcab"), list(b"xyzxyzxy"), list(b"hello hello hel")]
+    for prompt in prompts:
+        ar = Decoder(s, GenerationConfig(mode="ar", max_new_tokens=40)).generate(prompt).tokens
+        for kw in ({}, {"draft_threshold": 0, "block_threshold": 0}, {"tree": "2,1"}):
+            got = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=40, **kw)).generate(prompt)
+            assert got.tokens == ar, (prompt, kw)
+            assert got.tokens_per_forward > 1.3
+
+
+def test_bf16_steps_give_causal_rows_the_numbers_of_one_token_steps(trained, monkeypatch):
+    """Bitwise, in bfloat16 on a CPU: the causal rows of a speculative step (drafts, one or every candidate
+    block) get the final hidden states that one-token ``ar`` steps give them, and a first step (a prompt and
+    its block) gives the prompt's rows those of an ``ar`` prefill. The step runs one attention call per
+    causal row and one for its blocks in each layer; with ``row_exact`` off, one call (whether that changes
+    the numbers depends on the kernel's sizes: at SmolLM2's it does, at this tiny model's it may not)."""
+    from sdlm.kvcache import new_cache
+    from sdlm.layout import ar_step, speculative_step
+    from sdlm.model import SDLM
+
+    torch.set_num_threads(2)  # as decoding runs (the autouse fixture restores one thread)
+    s = SDLM.load(trained.name, dtype=torch.bfloat16)
+    if not _rows_exact_in_bf16(s.model):
+        pytest.skip("this CPU's bf16 products give a row different numbers by the rows beside it")
+    seq, n, mask = list(b"the cat sat on the mat and the dog sat on the log; " * 4), 150, s.config.mask_token_id
+    cache = new_cache(s.device)
+    pre = s.step_hidden(ar_step(seq[:n], 0), cache, 0)
+    ar = [s.step_hidden(ar_step([seq[n + i]], n + i), cache, n + i)[0] for i in range(4)]
+    s.crop(cache, 4)
+    for blocks in (range(1), None):
+        st = speculative_step([seq[n]], n, seq[n + 1:n + 4], 4, mask, None, blocks=blocks)
+        h = s.step_hidden(st, cache, n)
+        assert all(torch.equal(h[i], ar[i]) for i in range(4)), blocks
+        s.crop(cache, len(st.input_ids))
+    first = speculative_step(seq[:n], 0, [], 4, mask, None)
+    h = s.step_hidden(first.__class__(first.input_ids, first.info, n + 4), new_cache(s.device), 0)  # every row
+    assert torch.equal(h[n - 1], pre[-1])
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k))
+    layers = s.model.config.num_hidden_layers
+    st = speculative_step([seq[n]], n, seq[n + 1:n + 3], 4, mask, None)  # 3 causal rows, 3 blocks of 4
+    s.step_hidden(st, cache, n)
+    s.crop(cache, len(st.input_ids))
+    assert calls == [1, 1, 1, 12] * layers
+    calls.clear()
+    s.row_exact = False
+    s.step_hidden(st, cache, n)
+    assert calls == [15] * layers
