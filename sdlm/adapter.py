@@ -414,15 +414,16 @@ def fuse_gated_inference(sdlm: SDLM) -> int:
             y = call_packed(base, x)
             if y.dtype != b.dtype or not y.is_contiguous():
                 return own(x, *args, **kwargs)
-            if x.device.type == "cpu" and x.dtype in _LOW_PRECISION and _cpu_lora_in_fp32.get():
-                a, b = _float32_copy(mod, "lora_A", a), _float32_copy(mod, "lora_B", b)
-                h = F.linear(x.float(), a)
-                h.mul_(scaling if gate is True else gate_column(gate, h.dtype, scaling))
-                y.view(-1, y.shape[-1]).add_(torch.mm(h.view(-1, h.shape[-1]), b.t()))
-                return y
+            low = x.device.type == "cpu" and x.dtype in _LOW_PRECISION and _cpu_lora_in_fp32.get()
+            if low:  # a CPU's bf16 routines are slow at products this thin: run these two in float32
+                a, b, x = _float32_copy(mod, "lora_A", a), _float32_copy(mod, "lora_B", b), x.float()
             h = F.linear(x, a)
             h.mul_(scaling if gate is True else gate_column(gate, h.dtype, scaling))
-            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())
+            y2, h2 = y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1])
+            if low:
+                y2.add_(torch.mm(h2, b.t()))  # one rounding into the base output's dtype
+            else:
+                y2.addmm_(h2, b.t())
             return y
 
         mod.forward = forward

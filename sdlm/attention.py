@@ -663,9 +663,10 @@ class RowSplit:
         vis = None if self.visible is None else self.visible[start:stop, start:stop]
         return RowSplit(self.is_block[start:stop], vis, first=self.first and start == 0)
 
-    def plan(self, keys: int, device) -> list[tuple[slice | torch.Tensor, slice | torch.Tensor]]:
+    def plan(self, keys: int, device) -> tuple[list[tuple[slice | torch.Tensor, slice | torch.Tensor]], bool]:
         """(query rows, key columns) of each call, over ``keys`` key columns (a layer's cache, then the
-        step's T tokens); slices where the rows or columns run on."""
+        step's T tokens), slices where the rows or columns run on; and whether the calls' rows follow one
+        another in order (their outputs then join as they are)."""
         if keys in self._plans:
             return self._plans[keys]
         T = len(self.is_block)
@@ -686,8 +687,10 @@ class RowSplit:
         if blocks:
             run = blocks == list(range(blocks[0], T))
             calls.append((slice(blocks[0], T) if run else torch.tensor(blocks, device=device), slice(None)))
-        self._plans[keys] = calls
-        return calls
+        starts = [r.start if isinstance(r, slice) else None for r, _ in calls]
+        in_order = starts == [0] + [r.stop if isinstance(r, slice) else -1 for r, _ in calls[:-1]]
+        self._plans[keys] = calls, in_order
+        return calls, in_order
 
 
 _row_split: contextvars.ContextVar["RowSplit | None"] = contextvars.ContextVar("sdlm_row_split", default=None)
@@ -702,18 +705,14 @@ def row_split(split: "RowSplit | None"):
 def _split_attention(query, key, value, mask, split: RowSplit, dropout, scaling, gqa: bool) -> torch.Tensor:
     """:class:`RowSplit`'s calls, their outputs put back in row order: (B, T, H, d)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    outs, rows = [], []
-    for r, c in split.plan(key.shape[2], query.device):
-        k, v, m = (key[:, :, c], value[:, :, c], mask[:, :, r][..., c]) if isinstance(c, torch.Tensor) else \
-            (key[:, :, c], value[:, :, c], mask[:, :, r, c])
-        outs.append(sdpa(query[:, :, r], k, v, attn_mask=m, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
-        rows.append(r)
-    if all(isinstance(r, slice) for r in rows) and [r.start for r in rows] == \
-            [0] + [r.stop for r in rows[:-1]]:  # the calls' rows run on in order: join them
+    calls, in_order = split.plan(key.shape[2], query.device)
+    outs = [sdpa(query[:, :, r], key[:, :, c], value[:, :, c], attn_mask=mask[:, :, r, c], dropout_p=dropout,
+                 scale=scaling, enable_gqa=gqa) for r, c in calls]
+    if in_order:
         out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
     else:
         out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
-        for r, o in zip(rows, outs):
+        for (r, _), o in zip(calls, outs):
             out[:, :, r] = o
     return out.transpose(1, 2).contiguous()
 

@@ -403,16 +403,17 @@ def test_row_split_plans_each_causal_row_over_the_keys_an_ar_step_holds():
     from sdlm.attention import RowSplit
 
     chain = RowSplit([False, False, False, True, True, True, True, True, True])
-    calls = chain.plan(12 + 9, "cpu")
+    calls, in_order = chain.plan(12 + 9, "cpu")
+    assert in_order
     assert calls[:3] == [(slice(0, 1), slice(0, 13)), (slice(1, 2), slice(0, 14)), (slice(2, 3), slice(0, 15))]
     assert calls[3] == (slice(3, 9), slice(None))
     vis = torch.ones(4, 4, dtype=torch.bool).tril()
     vis[2, 1] = False  # node 2 is a sibling of node 1: both children of the root
     tree = RowSplit([False, False, False, True], vis)
-    rows, cols = tree.plan(5 + 4, "cpu")[2]
+    rows, cols = tree.plan(5 + 4, "cpu")[0][2]
     assert rows == slice(2, 3) and cols.tolist() == [0, 1, 2, 3, 4, 5, 7]
     first = RowSplit([False] * 6 + [True] * 4, first=True)
-    assert first.plan(10, "cpu") == [(slice(0, 6), slice(0, 6)), (slice(6, 10), slice(None))]
+    assert first.plan(10, "cpu") == ([(slice(0, 6), slice(0, 6)), (slice(6, 10), slice(None))], True)
     assert first.leading_causal() == 6 and first.part(6, 10).is_block == [True] * 4 and not first.part(6, 10).first
 
 
