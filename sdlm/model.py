@@ -677,12 +677,18 @@ def add_mask_token(model, tokenizer, token: str = MASK_TOKEN) -> int:
         mask_id = tokenizer.convert_tokens_to_ids(token)
     emb = model.get_input_embeddings()
     n_old = emb.weight.shape[0]
+    sizes = {name: m.num_embeddings for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     if mask_id >= n_old:
         model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
     with torch.no_grad():
         rows = min(n_old, mask_id) if mask_id < n_old else n_old
         inp = model.get_input_embeddings().weight
         inp[mask_id] = inp[:rows].mean(0)
+        # Other tables the resize grew (Gemma 3n/4's per-layer input embeddings): their new rows would
+        # otherwise be drawn from the global random state, so a retrofit would not be reproducible.
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Embedding) and m.weight is not inp and m.num_embeddings > sizes.get(name, 1 << 62):
+                m.weight[sizes[name]:] = m.weight[: sizes[name]].mean(0)
         out = model.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != inp.data_ptr():
             out.weight[mask_id] = out.weight[:rows].mean(0)

@@ -65,6 +65,24 @@ def test_lossless_decoding_equals_generate(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_retrofit_does_not_depend_on_the_global_random_state(arch):
+    # Every table the new mask token grows gets a computed row (the mean of the old ones), including
+    # tables besides the input embeddings (Gemma 3n/4's per-layer inputs), never a random one.
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        s = retrofitted(arch)
+        states.append(s.model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    changed = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
+    assert not changed
+    mask = s.config.mask_token_id
+    for m in s.model.modules():
+        if isinstance(m, torch.nn.Embedding) and m.num_embeddings == mask + 1:
+            torch.testing.assert_close(m.weight[mask], m.weight[:mask].mean(0))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_block_adapter_keeps_the_model_and_trains_exactly(arch):
     s = retrofitted(arch)
     prompts = [random_prompt(seed, n) for seed, n in PROMPTS]
