@@ -27,8 +27,10 @@ def _dtype(name: str):
 
 def _add_model_args(p: argparse.ArgumentParser, prepack: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="adapter folder, local HF folder, built-in name (smollm2-135m-instruct), random:<arch> "
-                        "(llama, qwen2, qwen3, mistral) or Hub id (default: %(default)s)")
+                   help="adapter folder, local HF folder, built-in name (smollm2-135m-instruct-sdlm: the base with its "
+                        "trained adapter; smollm2-135m-instruct: the bare base), random:<arch>[:<seed>] (a tiny "
+                        "random model: llama, qwen2, gemma3_text, gpt2, mixtral and the other tested architectures; an unknown "
+                        "name lists them) or Hub id (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     if prepack:
