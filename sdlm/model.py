@@ -448,37 +448,45 @@ class SDLM:
         With a cache, the new tokens' KV is appended to it: the caller crops what
         must not stay.
         """
-        with row_split(self._row_split(step, cached_len)):
-            logits = self.forward(
-                step.input_ids[None], step.info.pos[None], self._step_mask(step, cached_len, cache),
-                step.info.is_block[None], cache, step.n_logits
-            )
-        return logits[0, -step.n_logits :].float()
+        T, n, outs = len(step.input_ids), step.n_logits, []
+        for rows, mask, split in self._step_calls(step, cached_len, cache):
+            need = max(0, rows.stop - max(rows.start, T - n))  # of the last n rows, those in this call
+            with row_split(split):
+                logits = self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
+                                      step.info.is_block[None, rows], cache, max(need, 1))
+            if need:
+                outs.append(logits[0, -need:])
+        return (torch.cat(outs) if len(outs) > 1 else outs[0]).float()
 
     @torch.inference_mode()
     def step_hidden(self, step: StepLayout, cache=None, cached_len: int = 0) -> torch.Tensor:
         """:meth:`step_logits` without the LM head: the last ``n_logits`` final hidden states (n_logits, H),
         for a decoder that needs the logits of only some of them (:meth:`head_logits`)."""
+        parts = []
+        for rows, mask, split in self._step_calls(step, cached_len, cache):
+            with row_split(split):
+                parts.append(self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
+                                          step.info.is_block[None, rows], cache, hidden=True))
+        hidden = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        return hidden[0, -step.n_logits :]
+
+    def _step_calls(self, step: StepLayout, cached_len: int, cache=None) -> list[tuple[slice, object, RowSplit | None]]:
+        """The model calls that run ``step``: (its rows, their mask, their row split), in order. One call over
+        every row, except where a row split (:meth:`_row_split`) meets a step that fills an empty cache with a
+        prompt and its block: the prompt first, as an ``ar`` decoder's prefill, then the block, so that the
+        prompt's rows go through the linear layers in a call of their own too."""
         split = self._row_split(step, cached_len)
         mask = self._step_mask(step, cached_len, cache)
         T = len(step.input_ids)
         lead = split.leading_causal() if split is not None and split.first and cache is not None else 0
-        if 0 < lead < T:  # a prompt and its block: the prompt first, as an ar decoder's prefill, then the block
-            cut = lambda m, rows, drop: m[..., rows, : m.shape[-1] - drop]  # noqa: E731
-            parts = []
-            for rows, drop, sub in ((slice(0, lead), T - lead, split.part(0, lead)),
-                                    (slice(lead, T), 0, split.part(lead, T))):
-                part_mask = {k: cut(m, rows, drop) for k, m in mask.items()} if isinstance(mask, dict) else \
-                    cut(mask, rows, drop)
-                with row_split(sub):
-                    parts.append(self.forward(step.input_ids[None, rows], step.info.pos[None, rows], part_mask,
-                                              step.info.is_block[None, rows], cache, hidden=True))
-            hidden = torch.cat(parts, 1)
-        else:
-            with row_split(split):
-                hidden = self.forward(step.input_ids[None], step.info.pos[None], mask, step.info.is_block[None], cache,
-                                      hidden=True)
-        return hidden[0, -step.n_logits :]
+        if not 0 < lead < T:
+            return [(slice(0, T), mask, split)]
+        calls = []
+        for rows, drop in ((slice(0, lead), T - lead), (slice(lead, T), 0)):
+            cut = lambda m: m[..., rows, : m.shape[-1] - drop]  # noqa: E731  (keys: the cache, then the rows so far)
+            calls.append((rows, {k: cut(m) for k, m in mask.items()} if isinstance(mask, dict) else cut(mask),
+                          split.part(rows.start, rows.stop)))
+        return calls
 
     @torch.inference_mode()
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:

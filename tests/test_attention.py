@@ -477,6 +477,16 @@ def test_bf16_steps_give_causal_rows_the_numbers_of_one_token_steps(trained, mon
     first = speculative_step(seq[:n], 0, [], 4, mask, None)
     h = s.step_hidden(first.__class__(first.input_ids, first.info, n + 4), new_cache(s.device), 0)  # every row
     assert torch.equal(h[n - 1], pre[-1])
+    # the same through step_logits (the path of models whose head is not plain): the prompt's last row is the
+    # prefill's, from a call of its own
+    forwards = []
+    real_forward = s.forward
+    monkeypatch.setattr(s, "forward", lambda *a, **k: forwards.append(a[0].shape[1]) or real_forward(*a, **k))
+    prefill = s.step_logits(ar_step(seq[:n], 0), new_cache(s.device), 0)
+    logits = s.step_logits(first, new_cache(s.device), 0)
+    assert logits.shape[0] == first.n_logits == 5 and torch.equal(logits[0], prefill[0])
+    assert forwards == [n, n, 4]
+    monkeypatch.setattr(s, "forward", real_forward)
 
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
