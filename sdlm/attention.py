@@ -644,7 +644,9 @@ class RowSplit:
     every key, as before. In a step that fills an empty cache (``first``, a prompt's prefill) the causal
     rows run together instead, as one call over the keys up to the last of them, as an ``ar`` decoder's
     prefill does. :meth:`sdlm.model.SDLM.step_hidden` enters one for low-precision models on a CPU
-    (:func:`row_split`), where the linear layers already give each row the same numbers at any row count.
+    (:func:`row_split`), where the packed linear layers give each row the same numbers in calls of up to
+    :data:`sdlm.cpu.PACK_HINT` rows, and run a larger step's causal rows as a call of their own
+    (:func:`sdlm.cpu.exact_rows`).
     ``is_block`` (T,) marks the step's block tokens, ``visible`` (T, T) the step's tokens each one sees
     (None: the block rule alone, under which a causal row sees the step's rows up to itself)."""
 

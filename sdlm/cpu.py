@@ -276,7 +276,27 @@ def room_to_prepack(model: torch.nn.Module) -> bool:
     return False
 
 
+_exact_rows: contextvars.ContextVar[int] = contextvars.ContextVar("sdlm_exact_rows", default=0)
+
+
+def exact_rows(n: int):
+    """Inside, a packed product of one sequence's rows that holds more than :data:`PACK_HINT` of them runs
+    its first ``n`` as a call of their own (when ``n`` is at most that many), then the rest. oneDNN gives a row
+    the same numbers in any call of up to :data:`PACK_HINT` rows on weights packed for that count (measured
+    bitwise on the default model's bf16 weights, 1 to 32 rows; 33 rows and more change them), so a decoding
+    step's ``n`` causal rows keep the numbers of one-token steps in a step of any size. ``n`` 0: as outside."""
+    return setting(_exact_rows, int(n))
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n = _exact_rows.get()
+    if n and x.dim() >= 2 and n <= PACK_HINT < x.shape[-2] and x.numel() == x.shape[-2] * x.shape[-1]:
+        return torch.cat([_onednn_linear(x[..., :n, :], packed, bias), _onednn_linear(x[..., n:, :], packed, bias)],
+                         -2)
+    return _onednn_linear(x, packed, bias)
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .attention import (BlockLayout, CausalSegments, Gathered, RowSplit, active, install_attention, row_split,
                         sdpa_attention, use_decoding_attention)
-from .cpu import native, plain_inference, plain_inference_here
+from .cpu import exact_rows, native, plain_inference, plain_inference_here
 from .errors import SDLMError
 from .io import atomic_dir
 from .kvcache import GrowingLayer, drop_front, dropped_of, layer_offset
@@ -451,7 +451,7 @@ class SDLM:
         T, n, outs = len(step.input_ids), step.n_logits, []
         for rows, mask, split in self._step_calls(step, cached_len, cache):
             need = max(0, rows.stop - max(rows.start, T - n))  # of the last n rows, those in this call
-            with row_split(split):
+            with row_split(split), exact_rows(_leading_causal(split)):
                 logits = self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
                                       step.info.is_block[None, rows], cache, max(need, 1))
             if need:
@@ -464,7 +464,7 @@ class SDLM:
         for a decoder that needs the logits of only some of them (:meth:`head_logits`)."""
         parts = []
         for rows, mask, split in self._step_calls(step, cached_len, cache):
-            with row_split(split):
+            with row_split(split), exact_rows(_leading_causal(split)):
                 parts.append(self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
                                           step.info.is_block[None, rows], cache, hidden=True))
         hidden = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
@@ -495,9 +495,11 @@ class SDLM:
 
     def _row_split(self, step: StepLayout, cached_len: int) -> RowSplit | None:
         """For a bf16 or fp16 model on a CPU, how ``step``'s attention runs row by row (:class:`RowSplit`),
-        so that its causal rows get the numbers a one-token step gives them, as the linear layers already
-        do there; and a speculative step commits exactly ``ar``'s tokens. None elsewhere (float32, whose
-        products differ in their last bits by row count, or another device) and with :attr:`row_exact` off."""
+        so that its causal rows get the numbers a one-token step gives them, as the packed linear layers
+        already do in calls of up to :data:`sdlm.cpu.PACK_HINT` rows (in a larger step the causal rows run
+        as a call of their own: :func:`sdlm.cpu.exact_rows`); and a speculative step commits exactly
+        ``ar``'s tokens. None elsewhere (float32, whose products differ in their last bits by row count, or
+        another device) and with :attr:`row_exact` off."""
         if not self.row_exact or self.device.type != "cpu" or self.dtype not in (torch.bfloat16, torch.float16):
             return None
         return RowSplit(step.info.is_block.tolist(), step.visible, first=cached_len == 0)
@@ -669,6 +671,12 @@ def _flex(device: torch.device):
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
+
+
+def _leading_causal(split: RowSplit | None) -> int:
+    """The causal rows a row-split step starts with, which its packed products keep exact (:func:`exact_rows`);
+    0 without a split."""
+    return 0 if split is None else split.leading_causal()
 
 
 def add_mask_token(model, tokenizer, token: str = MASK_TOKEN) -> int:

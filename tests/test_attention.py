@@ -444,8 +444,10 @@ def test_bf16_speculative_decoding_writes_ar_tokens_on_a_cpu(trained):
     prompts = [list(b"abcabcabcab"), list(b"xyzxyzxy"), list(b"hello hello hel")]
     for prompt in prompts:
         ar = Decoder(s, GenerationConfig(mode="ar", max_new_tokens=40)).generate(prompt).tokens
-        for kw in ({}, {"draft_threshold": 0, "block_threshold": 0}, {"tree": "2,1"}):
-            got = Decoder(s, GenerationConfig(mode="speculative", block_size=4, max_new_tokens=40, **kw)).generate(prompt)
+        for kw in ({}, {"draft_threshold": 0, "block_threshold": 0}, {"tree": "2,1"},
+                   {"block_size": 8, "draft_threshold": 0, "block_threshold": 0}):  # 72-row steps (exact_rows)
+            kw = {"block_size": 4, **kw}
+            got = Decoder(s, GenerationConfig(mode="speculative", max_new_tokens=40, **kw)).generate(prompt)
             assert got.tokens == ar, (prompt, kw)
             assert got.tokens_per_forward > 1.3
 

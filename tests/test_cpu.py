@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hf_greedy, random_prompt
-from sdlm.cpu import (can_prepack, checked_calls, in_plain_inference, packed_call, packed_layers, packing_off, plain_inference,
-                      prepack_linears, unpack_linears)
+from sdlm.cpu import (PACK_HINT, can_prepack, checked_calls, exact_rows, in_plain_inference, packed_call, packed_layers,
+                      packing_off, plain_inference, prepack_linears, unpack_linears)
 from sdlm.decode import Decoder, GenerationConfig
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch build has no oneDNN linear")
@@ -47,6 +47,38 @@ def test_packed_linear_matches_f_linear(dtype, bias, packed_calls):
         assert got.shape == want.shape and got.dtype == dtype
         assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
     assert len(packed_calls) == len(inputs)  # every call above ran the packed product
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_rows_runs_a_large_product_s_leading_rows_as_a_call_of_their_own(dtype, monkeypatch):
+    """Under exact_rows(n), a product of one sequence's rows that holds more than PACK_HINT of them gives its
+    first n rows the numbers of a call of those n alone (oneDNN's numbers for a row hold in calls of up to
+    PACK_HINT rows only), and the rest those of a call of the rest; every other call is one product."""
+    import sdlm.cpu as cpu
+
+    packed_calls, real = [], cpu._onednn_linear  # one entry per oneDNN product
+    monkeypatch.setattr(cpu, "_onednn_linear", lambda *a: packed_calls.append(1) or real(*a))
+    lin = _layer(dtype)
+    assert prepack_linears(lin) == 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(PACK_HINT + 8, 96, generator=g).to(dtype)
+    with torch.inference_mode():
+        alone = [lin(x[:5]), lin(x[5:])]
+        whole = lin(x)
+        packed_calls.clear()
+        with exact_rows(5):
+            got = lin(x)
+            got3 = lin(x[None])  # (1, T, in): one sequence too
+            assert len(packed_calls) == 4
+            for other in (x[:PACK_HINT], torch.stack([x, x]), x[:, None]):  # few rows; two sequences; a row each
+                packed_calls.clear()
+                lin(other)
+                assert len(packed_calls) == 1
+        with exact_rows(PACK_HINT + 1):  # more leading rows than a call keeps exact: nothing to gain
+            packed_calls.clear()
+            assert torch.equal(lin(x), whole) and len(packed_calls) == 1
+    assert torch.equal(got[:5], alone[0]) and torch.equal(got[5:], alone[1])
+    assert torch.equal(got3[0], got)
 
 
 def test_calls_that_need_the_layers_own_forward_get_it(packed_calls):
