@@ -448,27 +448,26 @@ class SDLM:
         With a cache, the new tokens' KV is appended to it: the caller crops what
         must not stay.
         """
-        T, n, outs = len(step.input_ids), step.n_logits, []
-        for rows, mask, split in self._step_calls(step, cached_len, cache):
-            need = max(0, rows.stop - max(rows.start, T - n))  # of the last n rows, those in this call
-            with row_split(split), exact_rows(_leading_causal(split)):
-                logits = self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
-                                      step.info.is_block[None, rows], cache, max(need, 1))
-            if need:
-                outs.append(logits[0, -need:])
-        return (torch.cat(outs) if len(outs) > 1 else outs[0]).float()
+        return self._run_step(step, cache, cached_len).float()
 
     @torch.inference_mode()
     def step_hidden(self, step: StepLayout, cache=None, cached_len: int = 0) -> torch.Tensor:
         """:meth:`step_logits` without the LM head: the last ``n_logits`` final hidden states (n_logits, H),
         for a decoder that needs the logits of only some of them (:meth:`head_logits`)."""
-        parts = []
+        return self._run_step(step, cache, cached_len, hidden=True)
+
+    def _run_step(self, step: StepLayout, cache, cached_len: int, hidden: bool = False) -> torch.Tensor:
+        """The last ``n_logits`` rows of ``step``'s logits (or final hidden states), run as :meth:`_step_calls`
+        says, each call under its row split."""
+        T, n, outs = len(step.input_ids), step.n_logits, []
         for rows, mask, split in self._step_calls(step, cached_len, cache):
+            need = max(0, rows.stop - max(rows.start, T - n))  # of the last n rows, those in this call
             with row_split(split), exact_rows(_leading_causal(split)):
-                parts.append(self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
-                                          step.info.is_block[None, rows], cache, hidden=True))
-        hidden = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        return hidden[0, -step.n_logits :]
+                out = self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
+                                   step.info.is_block[None, rows], cache, max(need, 1), hidden=hidden)
+            if need:
+                outs.append(out[0, -need:])
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _step_calls(self, step: StepLayout, cached_len: int, cache=None) -> list[tuple[slice, object, RowSplit | None]]:
         """The model calls that run ``step``: (its rows, their mask, their row split), in order. One call over
@@ -481,12 +480,12 @@ class SDLM:
         lead = split.leading_causal() if split is not None and split.first and cache is not None else 0
         if not 0 < lead < T:
             return [(slice(0, T), mask, split)]
-        calls = []
-        for rows, drop in ((slice(0, lead), T - lead), (slice(lead, T), 0)):
-            cut = lambda m: m[..., rows, : m.shape[-1] - drop]  # noqa: E731  (keys: the cache, then the rows so far)
-            calls.append((rows, {k: cut(m) for k, m in mask.items()} if isinstance(mask, dict) else cut(mask),
-                          split.part(rows.start, rows.stop)))
-        return calls
+
+        def cut(m: torch.Tensor, rows: slice) -> torch.Tensor:  # a call's keys: the cache, then the rows up to its last
+            return m[..., rows, : m.shape[-1] - (T - rows.stop)]
+
+        return [(rows, {k: cut(m, rows) for k, m in mask.items()} if isinstance(mask, dict) else cut(mask, rows),
+                 split.part(rows.start, rows.stop)) for rows in (slice(0, lead), slice(lead, T))]
 
     @torch.inference_mode()
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -700,10 +699,10 @@ def add_mask_token(model, tokenizer, token: str = MASK_TOKEN) -> int:
         rows = min(n_old, mask_id) if mask_id < n_old else n_old
         inp = model.get_input_embeddings().weight
         inp[mask_id] = inp[:rows].mean(0)
-        # Other tables the resize grew (Gemma 3n/4's per-layer input embeddings): their new rows would
+        # Every table the resize grew (also Gemma 3n/4's per-layer input embeddings): its new rows would
         # otherwise be drawn from the global random state, so a retrofit would not be reproducible.
         for name, m in model.named_modules():
-            if isinstance(m, torch.nn.Embedding) and m.weight is not inp and m.num_embeddings > sizes.get(name, 1 << 62):
+            if isinstance(m, torch.nn.Embedding) and name in sizes and m.num_embeddings > sizes[name]:
                 m.weight[sizes[name]:] = m.weight[: sizes[name]].mean(0)
         out = model.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != inp.data_ptr():
