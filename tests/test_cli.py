@@ -182,6 +182,19 @@ def test_generate_packs_as_told_and_writes_the_same_tokens(capsys, monkeypatch, 
     assert bool(cpu.packed_layers(loaded[-1].model)) is packed
 
 
+def test_no_row_exact_turns_the_row_split_off(capsys, monkeypatch):
+    from sdlm.model import SDLM
+
+    loaded = []
+    real = SDLM._prepack_if
+    monkeypatch.setattr(SDLM, "_prepack_if", lambda self, p: loaded.append(self) or real(self, p))
+    args = ["generate", "abc", "--model", "random:llama", "--dtype", "bfloat16", "--max-new-tokens", "4", "--json"]
+    for extra, exact in (([], True), (["--no-row-exact"], False)):
+        assert main(args + extra) == 0
+        assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
+        assert loaded[-1].row_exact is exact
+
+
 def test_prepack_and_no_prepack_together_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hi", "--prepack", "--no-prepack"])
