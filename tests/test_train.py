@@ -270,7 +270,7 @@ def final_state(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("retrofit", ["full", "block-adapter"])
-def test_killed_run_resumes_to_the_same_end(tmp_path, retrofit):
+def test_killed_run_resumes_to_the_same_end(tmp_path, retrofit, caplog):
     straight = Trainer(tiny(tmp_path / "a", retrofit=retrofit))
     summary = straight.run(progress=False)
     # "killed" after step 8: a run that stopped at its step-8 checkpoint, then the full run again
@@ -278,7 +278,9 @@ def test_killed_run_resumes_to_the_same_end(tmp_path, retrofit):
     first.cfg.steps = 8
     first.run(progress=False)
     resumed = Trainer(tiny(tmp_path / "b", retrofit=retrofit, steps=12))
-    out = resumed.run(progress=False)
+    with caplog.at_level("WARNING", logger="sdlm.train.trainer"):
+        out = resumed.run(progress=False)
+    assert "resuming from the checkpoint" in caplog.text and "at step 8 of 12" in caplog.text  # said by default
     assert resumed.step == 12 and out["steps_run"] == 4  # the summary's speed covers the steps this call ran
     a, b = final_state(tmp_path / "a" / "run" / "final"), final_state(tmp_path / "b" / "run" / "final")
     assert a.keys() == b.keys()

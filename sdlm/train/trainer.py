@@ -738,7 +738,9 @@ class Trainer:
             raise SDLMError(f"cannot resume from {self.ckpt}: {type(e).__name__}: {e}; delete it to start over") from None
         self.step, self.block_tokens = state["step"], state["block_tokens"]
         self.train_seconds = state.get("train_seconds", 0.0)
-        logger.info("resumed from %s at step %d", self.ckpt, self.step)
+        if self.dist.rank == 0:  # said by default: a run that goes on from where it was is not a fresh one
+            logger.warning("resuming from the checkpoint in %s at step %d of %d (to start over, delete it or give "
+                           "another out_dir)", self.ckpt, self.step, self.cfg.steps)
 
     def _init_adapter(self, folder: str) -> None:
         from safetensors.torch import load_file
