@@ -462,7 +462,7 @@ class SDLM:
         T, n, outs = len(step.input_ids), step.n_logits, []
         for rows, mask, split in self._step_calls(step, cached_len, cache):
             need = max(0, rows.stop - max(rows.start, T - n))  # of the last n rows, those in this call
-            with row_split(split), exact_rows(_leading_causal(split)):
+            with row_split(split), exact_rows(split.leading_causal() if split is not None else 0):
                 out = self.forward(step.input_ids[None, rows], step.info.pos[None, rows], mask,
                                    step.info.is_block[None, rows], cache, max(need, 1), hidden=hidden)
             if need:
@@ -670,12 +670,6 @@ def _flex(device: torch.device):
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
-
-
-def _leading_causal(split: RowSplit | None) -> int:
-    """The causal rows a row-split step starts with, which its packed products keep exact (:func:`exact_rows`);
-    0 without a split."""
-    return 0 if split is None else split.leading_causal()
 
 
 def add_mask_token(model, tokenizer, token: str = MASK_TOKEN) -> int:
